@@ -1,0 +1,34 @@
+# eddy: `make demo` and `make test` are the two commands; both run `make setup` first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test unit demo bench lint lock clean
+
+setup:
+	@bash deploy/setup.sh
+
+test: setup
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: setup
+	@$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+demo: setup
+	@$(VENV)/bin/eddy demo
+
+bench: setup
+	@$(VENV)/bin/eddy bench
+
+lint: setup
+	@$(VENV)/bin/ruff check streams features models lakehouse deploy tests
+
+# Re-resolve the pinned set after changing pyproject.toml's dependencies.
+lock:
+	@$(PY) -m pip install -q -e ".[dev]" && $(PY) -m pip freeze | grep -v -E '^(-e |eddy)' > constraints.txt.new \
+	  && (sed -n '1,3p' constraints.txt; cat constraints.txt.new) > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt \
+	  && rm -f constraints.txt.new
+
+clean:
+	@rm -rf .eddy .pytest_cache .ruff_cache .hypothesis

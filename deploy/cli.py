@@ -1,0 +1,102 @@
+"""The `eddy` command line: flags and EDDY_* variables become Settings here, then each command runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from deploy.logs import setup_logging
+from deploy.settings import Settings, load_settings
+from features.errors import EddyError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="eddy: event-driven streaming ML (Kafka -> features -> PyTorch scoring -> Delta).")
+out = Console()
+err = Console(stderr=True)
+
+HomeOpt = Annotated[str | None, typer.Option("--home", help="state directory (EDDY_HOME)")]
+PipelineOpt = Annotated[str | None, typer.Option("--pipeline", help="pipeline spec (EDDY_PIPELINE)")]
+
+
+def settings_from(process: str, **flags: Any) -> Settings:
+    settings = load_settings(flags)
+    setup_logging(settings.logs_dir, process)
+    return settings
+
+
+@app.command()
+def up(
+    engine: Annotated[str | None, typer.Option("--engine", help="feature engine: faust or flink")] = None,
+    partitions: Annotated[int | None, typer.Option("--partitions", help="partitions per topic (default 3)")] = None,
+    home: HomeOpt = None,
+    pipeline: PipelineOpt = None,
+) -> None:
+    """Start the stack (broker, Redis, topics); waits until healthy."""
+    from deploy import stack
+
+    settings = settings_from("up", engine=engine, partitions=partitions, home=home, pipeline=pipeline)
+    with err.status("starting the stack..."):
+        report = stack.up(settings)
+    for name, part in report.parts.items():
+        how = f"started in {part['start_s']}s" if part["start_s"] else ("running" if part["managed"] else "external")
+        out.print(f"[green]up[/green]  {name:<8} {part['address']:<28} {how:<18} log: {part['log']}")
+    if report.topics_created:
+        out.print(f"created topics: {', '.join(report.topics_created)}")
+
+
+@app.command()
+def down(home: HomeOpt = None) -> None:
+    """Stop everything `up` started, by recorded process id; data stays in EDDY_HOME."""
+    from deploy import stack
+
+    settings = settings_from("down", home=home)
+    stopped = stack.down(settings)
+    out.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    home: HomeOpt = None,
+    pipeline: PipelineOpt = None,
+) -> None:
+    """Each part: up or down, where it listens, memory, consumer lag."""
+    from deploy import stack
+
+    settings = settings_from("status", home=home, pipeline=pipeline)
+    report = stack.status(settings)
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+        return
+    table = Table(title=f"eddy status ({report['home']})")
+    for column in ("part", "state", "address", "pid", "rss MB", "detail"):
+        table.add_column(column)
+    for name, part in report["parts"].items():
+        detail = ", ".join(f"{k}={v}" for k, v in part.items()
+                           if k not in ("state", "managed", "address", "pid", "rss_mb", "log") and v is not None)
+        colour = "green" if part["state"] == "up" else "red"
+        table.add_row(name, f"[{colour}]{part['state']}[/{colour}]", part["address"], str(part["pid"] or "-"),
+                      str(part["rss_mb"] or "-"), detail)
+    out.print(table)
+    for group, topics in sorted(report.get("lag", {}).items()):
+        out.print(f"lag {group}: " + ", ".join(f"{t}={n}" for t, n in sorted(topics.items())))
+
+
+def main() -> None:
+    """Console entry point: EddyError becomes one line on stderr and exit status 1."""
+    try:
+        app()
+    except EddyError as exc:
+        err.print(f"eddy: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The one place eddy reads its environment: EDDY_* variables and flags become a frozen Settings."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from features.errors import ConfigError
+from streams.kafka import KafkaConfig, parse_properties
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEVICES = ("auto", "cpu", "cuda")
+ENGINES = ("faust", "flink")
+
+
+class Secret:
+    """A value that prints as *** everywhere; .reveal() is the only way to read it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes) -> None:
+        self._value = value
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "***"
+
+    __str__ = __repr__
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a process of eddy needs to know about where it runs; built once, passed down."""
+
+    home: Path
+    kafka: KafkaConfig
+    redis_url: str
+    lakehouse: str
+    pipeline: Path
+    device: str
+    engine: str
+    partitions: int
+    jars_dir: Path
+    model_key: Secret = field(repr=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"Settings(home={str(self.home)!r}, kafka={self.kafka!r}, redis_url={redact_url(self.redis_url)!r}, "
+            f"lakehouse={self.lakehouse!r}, pipeline={str(self.pipeline)!r}, device={self.device!r}, "
+            f"engine={self.engine!r}, partitions={self.partitions}, model_key=***)"
+        )
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _model_key(home: Path, value: str | None) -> Secret:
+    """EDDY_MODEL_KEY, or a key generated once into EDDY_HOME (readable by the owner only)."""
+    if value:
+        return Secret(value.encode())
+    path = home / "model.key"
+    if path.exists():
+        return Secret(path.read_bytes().strip())
+    home.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key)
+    return Secret(key)
+
+
+def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from flags (which win) over EDDY_* variables over defaults. ConfigError names the fix."""
+    env = os.environ if environ is None else environ
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+
+    home = Path(flags.get("home") or env.get("EDDY_HOME") or ".eddy").expanduser().resolve()
+    properties: dict[str, str] = {}
+    config_path = flags.get("kafka_config") or env.get("EDDY_KAFKA_CONFIG")
+    if config_path:
+        try:
+            text = Path(config_path).expanduser().read_text()
+        except OSError as exc:
+            raise ConfigError(f"EDDY_KAFKA_CONFIG: cannot read {config_path} ({exc.strerror}); point it at a properties file") from None
+        properties = parse_properties(text, source=str(config_path))
+    kafka = KafkaConfig(flags.get("bootstrap") or env.get("EDDY_KAFKA_BOOTSTRAP") or "127.0.0.1:9092", properties)
+    kafka.hosts  # validates the form early
+
+    redis_url = flags.get("redis_url") or env.get("EDDY_REDIS_URL") or "redis://127.0.0.1:6379/0"
+    if urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"EDDY_REDIS_URL: {redact_url(redis_url)!r} is not a redis:// URL; set it like redis://127.0.0.1:6379/0")
+
+    pipeline = Path(flags.get("pipeline") or env.get("EDDY_PIPELINE") or "pipelines/fraud.yaml")
+    if not pipeline.is_absolute() and not pipeline.exists() and (REPO_ROOT / pipeline).exists():
+        pipeline = REPO_ROOT / pipeline
+
+    device = (flags.get("device") or env.get("EDDY_DEVICE") or "auto").lower()
+    if device not in DEVICES:
+        raise ConfigError(f"EDDY_DEVICE: {device!r} is not one of {', '.join(DEVICES)}")
+    engine = (flags.get("engine") or env.get("EDDY_ENGINE") or "faust").lower()
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
+    partitions_raw = flags.get("partitions") or env.get("EDDY_PARTITIONS") or 3
+    try:
+        partitions = int(partitions_raw)
+        if partitions < 1:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"EDDY_PARTITIONS: {partitions_raw!r} is not a positive integer") from None
+
+    return Settings(
+        home=home,
+        kafka=kafka,
+        redis_url=redis_url,
+        lakehouse=flags.get("lakehouse") or env.get("EDDY_LAKEHOUSE") or str(home / "lakehouse"),
+        pipeline=pipeline,
+        device=device,
+        engine=engine,
+        partitions=partitions,
+        jars_dir=Path(env.get("EDDY_JARS") or REPO_ROOT / ".jars"),
+        model_key=_model_key(home, flags.get("model_key") or env.get("EDDY_MODEL_KEY")),
+    )
+
+
+def child_environment(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a process eddy starts: the caller's, with the settings made explicit."""
+    env = dict(os.environ)
+    env.update(
+        EDDY_HOME=str(settings.home),
+        EDDY_KAFKA_BOOTSTRAP=settings.kafka.bootstrap,
+        EDDY_REDIS_URL=settings.redis_url,
+        EDDY_LAKEHOUSE=settings.lakehouse,
+        EDDY_PIPELINE=str(settings.pipeline),
+        EDDY_DEVICE=settings.device,
+        EDDY_ENGINE=settings.engine,
+        EDDY_PARTITIONS=str(settings.partitions),
+        SPARK_LOCAL_IP="127.0.0.1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra or {})
+    return env

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# `make setup`: the virtualenv with the pinned Python set, the JVM jars through Maven, redis-server.
+# Idempotent: each step keeps a stamp of what it installed and is skipped when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+step() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+fail() { printf 'setup: %s\n' "$*" >&2; exit 1; }
+hash_of() { cat "$@" | sha256sum | cut -c1-16; }
+
+# 1. Python packages into .venv
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || fail "Python >= 3.11 is needed (found $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11"
+[ -x .venv/bin/python ] || { step "creating .venv"; "$PY" -m venv .venv; }
+want=$(hash_of constraints.txt pyproject.toml)
+if [ "$(cat .venv/.eddy-installed 2>/dev/null)" != "$want" ]; then
+  step "installing Python packages (first time: torch, pyspark, flink, feast; several GB, minutes)"
+  .venv/bin/python -m pip install -q --upgrade pip wheel setuptools
+  .venv/bin/python -m pip install --progress-bar on -c constraints.txt -e ".[dev]"
+  echo "$want" > .venv/.eddy-installed
+else
+  step "Python packages up to date"
+fi
+
+# 2. JVM jars (Kafka broker, Flink Kafka connector, Spark Kafka + Delta) from Maven Central
+command -v java >/dev/null || fail "Java 17+ is needed: apt-get install openjdk-17-jre-headless"
+command -v mvn >/dev/null || fail "Maven is needed to fetch the pinned jars: apt-get install maven"
+want=$(hash_of deploy/jvm/pom.xml deploy/jvm/*/pom.xml)
+if [ "$(cat .jars/.eddy-installed 2>/dev/null)" != "$want" ]; then
+  step "fetching jars with Maven into .jars/"
+  rm -rf .jars
+  mvn -q -B -f deploy/jvm/pom.xml dependency:copy-dependencies -Djars.dir="$ROOT/.jars"
+  echo "$want" > .jars/.eddy-installed
+else
+  step "jars up to date"
+fi
+
+# 3. redis-server from the OS packages
+if ! command -v redis-server >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    step "installing redis-server (apt)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null; }
+    # The package starts a system service on 6379; eddy runs its own, so stop that one.
+    (service redis-server stop || systemctl stop redis-server) >/dev/null 2>&1 || true
+  else
+    fail "redis-server is missing: install it (sudo apt-get install redis-server) and run make setup again"
+  fi
+else
+  step "redis-server present ($(redis-server --version | cut -d' ' -f3))"
+fi
+step "ready: .venv/bin/eddy"

@@ -1,0 +1,120 @@
+"""The local stack as a whole: `eddy up` brings the parts up in order, `down` stops them, `status` reports."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deploy import broker, redis_local
+from deploy.processes import ProcessTable
+from deploy.settings import Settings, redact_url
+from features.errors import EddyError
+from features.spec import PipelineSpec, load_spec
+from streams.kafka import ensure_topics, group_lag, wait_for_broker
+
+# Parts stop in the reverse of this order, so consumers go before the broker they read.
+START_ORDER = ("broker", "redis")
+
+
+@dataclass
+class UpReport:
+    parts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    topics_created: list[str] = field(default_factory=list)
+
+
+def process_table(settings: Settings) -> ProcessTable:
+    return ProcessTable(settings.run_dir, settings.logs_dir)
+
+
+def up(settings: Settings, spec: PipelineSpec | None = None) -> UpReport:
+    """Start what is missing, wait for health, create the spec's topics. Safe to run again."""
+    spec = spec or load_spec(settings.pipeline)
+    table = process_table(settings)
+    report = UpReport()
+    b = broker.ensure_broker(settings, table)
+    report.parts["broker"] = {"managed": b.managed, "address": b.address, "pid": b.pid,
+                              "start_s": round(b.start_s, 2), "log": str(table.log_path("broker"))}
+    r = redis_local.ensure_redis(settings, table)
+    report.parts["redis"] = {"managed": r.managed, "address": r.address, "pid": r.pid,
+                             "start_s": round(r.start_s, 2), "log": str(table.log_path("redis"))}
+    report.topics_created = ensure_topics(
+        settings.kafka, spec.topics.all(), settings.partitions, single_partition=[spec.topics.model_updates]
+    )
+    return report
+
+
+def down(settings: Settings, timeout_s: float = 20.0) -> list[str]:
+    """Stop every process this EDDY_HOME started, consumers first; returns the names stopped."""
+    table = process_table(settings)
+    records = table.all()
+    rank = {name: i for i, name in enumerate(START_ORDER)}
+    records.sort(key=lambda r: rank.get(r.name, len(rank)), reverse=True)
+    return [r.name for r in records if table.stop(r.name, timeout_s)]
+
+
+def _rss_mb(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    """The truth about each part, probed now: up or down, where, memory, topics and consumer lag."""
+    table = process_table(settings)
+    report: dict[str, Any] = {"home": str(settings.home), "pipeline": str(settings.pipeline), "parts": {}}
+    started = {r.name: r for r in table.all()}
+
+    broker_up = True
+    try:
+        brokers = wait_for_broker(settings.kafka, timeout_s=3)
+    except EddyError:
+        broker_up, brokers = False, 0
+    report["parts"]["broker"] = _part(started.get("broker"), broker_up, settings.kafka.bootstrap,
+                                      brokers=brokers)
+    redis_up = redis_local.ping(settings.redis_url)
+    report["parts"]["redis"] = _part(started.get("redis"), redis_up, redact_url(settings.redis_url),
+                                     **_redis_memory(settings.redis_url, redis_up))
+    for name, record in started.items():
+        if name not in report["parts"]:
+            report["parts"][name] = _part(record, record.alive(), record.address)
+
+    if broker_up:
+        try:
+            report["lag"] = group_lag(settings.kafka, timeout_s=5)
+        except Exception as exc:  # noqa: BLE001 - status reports what it can, never dies on one probe
+            report["lag"] = {"error": str(exc)}
+    report["checked_at"] = time.time()
+    return report
+
+
+def _part(record, up: bool, address: str, **extra: Any) -> dict[str, Any]:
+    alive = record is not None and record.alive()
+    part = {
+        "state": "up" if up and (record is None or alive) else "down",
+        "managed": record is not None,
+        "address": address,
+        "pid": record.pid if alive else None,
+        "rss_mb": _rss_mb(record.pid) if alive else None,
+        "log": record.log if record is not None else None,
+    }
+    if record is not None and not alive:
+        part["note"] = "recorded process is gone"
+    part.update(extra)
+    return part
+
+
+def _redis_memory(url: str, up: bool) -> dict[str, Any]:
+    if not up:
+        return {}
+    import redis
+
+    info = redis.Redis.from_url(url, socket_timeout=2).info("memory")
+    return {"used_memory_mb": round(info["used_memory"] / 2**20, 2)}

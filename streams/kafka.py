@@ -1,0 +1,136 @@
+"""Kafka client configuration and the small helpers every eddy process shares: clients, topics, lag."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from features.errors import ConfigError, ServiceError
+
+_SECRET_MARKERS = ("password", "secret", "jaas", "token", "key.password", "sasl.oauthbearer")
+
+
+def is_secret_key(name: str) -> bool:
+    """True for client settings whose values must never be printed or logged."""
+    lowered = name.lower()
+    return any(marker in lowered for marker in _SECRET_MARKERS)
+
+
+def parse_properties(text: str, source: str = "<properties>") -> dict[str, str]:
+    """Parse a Java-style properties file (key=value or key: value, # and ! comments)."""
+    props: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line[0] in "#!":
+            continue
+        sep = min((i for i in (line.find("="), line.find(":")) if i > 0), default=-1)
+        if sep < 0:
+            raise ConfigError(f"{source}:{number}: expected 'key=value', got {line[:40]!r}")
+        props[line[:sep].strip()] = line[sep + 1 :].strip()
+    return props
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """Where the brokers are and the client settings (security.protocol, sasl.*, ssl.*) for every client."""
+
+    bootstrap: str
+    properties: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "properties", MappingProxyType(dict(self.properties)))
+
+    def __repr__(self) -> str:
+        shown = {k: ("***" if is_secret_key(k) else v) for k, v in self.properties.items()}
+        return f"KafkaConfig(bootstrap={self.bootstrap!r}, properties={shown})"
+
+    def client(self, **overrides: Any) -> dict[str, Any]:
+        """librdkafka settings for confluent-kafka: the shared ones plus this client's own."""
+        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap, **self.properties}
+        conf.update(overrides)
+        return conf
+
+    @property
+    def hosts(self) -> list[tuple[str, int]]:
+        out = []
+        for part in self.bootstrap.split(","):
+            host, _, port = part.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError(
+                    f"EDDY_KAFKA_BOOTSTRAP: {part!r} is not host:port; set it like 127.0.0.1:9092"
+                )
+            out.append((host.strip("[]"), int(port)))
+        return out
+
+
+def admin(config: KafkaConfig):  # -> confluent_kafka.admin.AdminClient
+    from confluent_kafka.admin import AdminClient
+
+    return AdminClient(config.client())
+
+
+def wait_for_broker(config: KafkaConfig, timeout_s: float) -> int:
+    """Block until the cluster answers a metadata request; returns the broker count."""
+    from confluent_kafka import KafkaException
+
+    client = admin(config)
+    try:
+        metadata = client.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        raise ServiceError(
+            f"no Kafka broker answered at {config.bootstrap} within {timeout_s:.0f}s ({exc.args[0]})"
+        ) from None
+    return len(metadata.brokers)
+
+
+def ensure_topics(
+    config: KafkaConfig, names: Iterable[str], partitions: int, single_partition: Iterable[str] = ()
+) -> list[str]:
+    """Create the topics that do not exist yet; returns the ones created. Idempotent."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import NewTopic
+
+    client = admin(config)
+    existing = set(client.list_topics(timeout=15).topics)
+    single = set(single_partition)
+    wanted = [n for n in dict.fromkeys(names) if n not in existing]
+    if not wanted:
+        return []
+    new = [NewTopic(n, num_partitions=1 if n in single else partitions, replication_factor=-1) for n in wanted]
+    created = []
+    for name, future in client.create_topics(new, operation_timeout=30).items():
+        try:
+            future.result()
+            created.append(name)
+        except KafkaException as exc:
+            if exc.args[0].code() != exc.args[0].TOPIC_ALREADY_EXISTS:
+                raise ServiceError(f"could not create topic {name!r}: {exc.args[0].str()}") from None
+    return created
+
+
+def group_lag(config: KafkaConfig, timeout_s: float = 10.0) -> dict[str, dict[str, int]]:
+    """Lag per consumer group and topic: end offset minus committed offset, summed over partitions."""
+    from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+
+    client = admin(config)
+    groups = [g.group_id for g in client.list_consumer_groups(request_timeout=timeout_s).result(timeout_s).valid]
+    if not groups:
+        return {}
+    watermarks = Consumer(config.client(**{"group.id": "eddy-status", "enable.auto.commit": False}))
+    lags: dict[str, dict[str, int]] = {}
+    try:
+        for group in sorted(groups):
+            futures = client.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])
+            result = next(iter(futures.values())).result(timeout_s)
+            per_topic: dict[str, int] = {}
+            for tp in result.topic_partitions:
+                if tp.offset < 0:
+                    continue
+                _, high = watermarks.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=timeout_s)
+                per_topic[tp.topic] = per_topic.get(tp.topic, 0) + max(0, high - tp.offset)
+            lags[group] = per_topic
+    finally:
+        watermarks.close()
+    return lags

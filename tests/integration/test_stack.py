@@ -1,0 +1,136 @@
+"""The local stack on real services: the broker carries records in order, up/down/status tell the truth."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_eddy, stack_environment
+
+pytestmark = pytest.mark.kafka
+
+
+def test_10k_records_all_come_back_in_per_key_order(settings, fresh_topic):
+    from confluent_kafka import Consumer, Producer
+
+    producer = Producer(settings.kafka.client(**{"linger.ms": 5, "enable.idempotence": True}))
+    keys = [f"k-{i}" for i in range(37)]
+    for n in range(10_000):
+        key = keys[n % len(keys)]
+        producer.produce(fresh_topic, key=key.encode(), value=f"{key}:{n}".encode())
+        if n % 1000 == 0:
+            producer.poll(0)
+    assert producer.flush(30) == 0
+
+    consumer = Consumer(settings.kafka.client(**{
+        "group.id": f"g-{fresh_topic}", "auto.offset.reset": "earliest", "enable.auto.commit": False}))
+    consumer.subscribe([fresh_topic])
+    seen: dict[str, list[int]] = {}
+    deadline = time.monotonic() + 60
+    total = 0
+    while total < 10_000 and time.monotonic() < deadline:
+        for msg in consumer.consume(num_messages=1000, timeout=1.0):
+            assert msg.error() is None
+            key, _, n = msg.value().decode().partition(":")
+            assert msg.key().decode() == key
+            seen.setdefault(key, []).append(int(n))
+            total += 1
+    consumer.close()
+
+    assert total == 10_000
+    assert sorted(seen) == sorted(keys)
+    for key, numbers in seen.items():
+        assert numbers == sorted(numbers), f"order broken for {key}"
+        assert len(numbers) == len(range(keys.index(key), 10_000, len(keys)))
+
+
+def test_spec_topics_exist_with_configured_partitions(settings):
+    from features.spec import load_spec
+    from streams.kafka import admin
+
+    spec = load_spec(settings.pipeline)
+    topics = admin(settings.kafka).list_topics(timeout=10).topics
+    for name in spec.topics.all():
+        assert name in topics
+    assert len(topics[spec.topics.source].partitions) == settings.partitions
+    assert len(topics[spec.topics.model_updates].partitions) == 1
+
+
+def test_up_again_is_idempotent_and_status_names_each_part(stack_env):
+    before = json.loads(run_eddy(["status", "--json"], stack_env).stdout)
+    again = run_eddy(["up"], stack_env)
+    assert again.returncode == 0, again.stderr
+    assert "running" in again.stdout and "started in" not in again.stdout
+    after = json.loads(run_eddy(["status", "--json"], stack_env).stdout)
+    for part in ("broker", "redis"):
+        assert after["parts"][part]["state"] == "up"
+        assert after["parts"][part]["managed"] is True
+        assert after["parts"][part]["pid"] == before["parts"][part]["pid"]
+        assert after["parts"][part]["rss_mb"] > 0
+        assert Path(after["parts"][part]["log"]).exists()
+
+
+def test_up_then_down_frees_ports_and_leaves_no_process(tmp_path):
+    env = stack_environment(tmp_path / "home")
+    up = run_eddy(["up"], env)
+    assert up.returncode == 0, up.stderr
+    status = json.loads(run_eddy(["status", "--json"], env).stdout)
+    pids = [status["parts"][p]["pid"] for p in ("broker", "redis")]
+    assert all(pids)
+
+    down = run_eddy(["down"], env)
+    assert down.returncode == 0, down.stderr
+    assert "broker" in down.stdout and "redis" in down.stdout
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    for address in (env["EDDY_KAFKA_BOOTSTRAP"], env["EDDY_REDIS_URL"].split("//")[1].split("/")[0]):
+        host, port = address.rsplit(":", 1)
+        with socket.socket() as sock:
+            sock.bind((host, int(port)))  # raises if anything still holds the port
+    status = json.loads(run_eddy(["status", "--json"], env).stdout)
+    assert status["parts"]["broker"]["state"] == "down"
+    assert status["parts"]["redis"]["state"] == "down"
+    assert run_eddy(["down"], env).stdout.strip() == "nothing was running"
+
+
+def test_foreign_listener_on_the_broker_port_gives_one_clear_line(tmp_path):
+    env = stack_environment(tmp_path / "home")
+    host, port = env["EDDY_KAFKA_BOOTSTRAP"].rsplit(":", 1)
+    with socket.socket() as squatter:
+        squatter.bind((host, int(port)))
+        squatter.listen()
+        result = run_eddy(["up"], env)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"{host}:{port} is held by pid" in lines[0]
+    assert "does not answer as a Kafka broker" in lines[0] and "EDDY_KAFKA_BOOTSTRAP" in lines[0]
+
+
+def test_missing_java_gives_one_clear_line(tmp_path):
+    env = stack_environment(tmp_path / "home")
+    env["PATH"] = "/nonexistent"
+    result = run_eddy(["up"], env)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("eddy: error: Java 17+ is needed")
+
+
+def test_broker_that_dies_at_start_names_the_cause_and_the_log(tmp_path):
+    env = stack_environment(tmp_path / "home")
+    data = Path(env["EDDY_HOME"]) / "kafka" / "data"
+    data.mkdir(parents=True)
+    # Storage formatted for another node: the broker refuses to start on it.
+    (data / "meta.properties").write_text("version=1\nnode.id=7\ncluster.id=AAAAAAAAAAAAAAAAAAAAAA\ndirectory.id=AAAAAAAAAAAAAAAAAAAAAA\n")
+    result = run_eddy(["up"], env)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip()
+    assert "the Kafka broker exited during start" in line
+    assert str(Path(env["EDDY_HOME"]) / "logs" / "broker.log") in line
+    run_eddy(["down"], env)

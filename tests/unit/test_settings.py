@@ -1,0 +1,74 @@
+"""Settings: flags over variables over defaults, clear errors, secrets never printed."""
+
+from __future__ import annotations
+
+import pytest
+
+from deploy.settings import load_settings, redact_url
+from features.errors import ConfigError
+from streams.kafka import KafkaConfig, parse_properties
+
+
+def test_defaults(tmp_path):
+    s = load_settings(environ={"EDDY_HOME": str(tmp_path)})
+    assert s.kafka.bootstrap == "127.0.0.1:9092"
+    assert s.redis_url == "redis://127.0.0.1:6379/0"
+    assert s.lakehouse == str(tmp_path / "lakehouse")
+    assert s.device == "auto" and s.engine == "faust" and s.partitions == 3
+    assert s.pipeline.name == "fraud.yaml" and s.pipeline.exists()
+
+
+def test_flag_wins_over_variable(tmp_path):
+    env = {"EDDY_HOME": str(tmp_path), "EDDY_DEVICE": "cpu", "EDDY_KAFKA_BOOTSTRAP": "10.0.0.1:9092"}
+    s = load_settings({"device": "cuda", "bootstrap": "127.0.0.1:1234"}, environ=env)
+    assert s.device == "cuda" and s.kafka.bootstrap == "127.0.0.1:1234"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"EDDY_DEVICE": "tpu"}, "EDDY_DEVICE: 'tpu' is not one of auto, cpu, cuda"),
+        ({"EDDY_KAFKA_BOOTSTRAP": "nohostport"}, "is not host:port"),
+        ({"EDDY_REDIS_URL": "http://x"}, "is not a redis:// URL"),
+        ({"EDDY_PARTITIONS": "zero"}, "is not a positive integer"),
+        ({"EDDY_KAFKA_CONFIG": "/nonexistent.properties"}, "cannot read /nonexistent.properties"),
+    ],
+)
+def test_bad_values_name_the_fix(tmp_path, env, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_settings(environ={"EDDY_HOME": str(tmp_path), **env})
+
+
+def test_kafka_config_file_reaches_every_client_and_secrets_are_redacted(tmp_path):
+    props = tmp_path / "client.properties"
+    props.write_text(
+        "# comment\nsecurity.protocol=SASL_SSL\nsasl.mechanism: PLAIN\n"
+        "sasl.username=alice\nsasl.password=hunter2\nssl.key.password=s3cr3t\n"
+    )
+    s = load_settings(environ={"EDDY_HOME": str(tmp_path), "EDDY_KAFKA_CONFIG": str(props),
+                               "EDDY_REDIS_URL": "redis://:topsecret@cache:6379/0", "EDDY_MODEL_KEY": "k3y"})
+    conf = s.kafka.client(**{"group.id": "g"})
+    assert conf["security.protocol"] == "SASL_SSL" and conf["sasl.password"] == "hunter2" and conf["group.id"] == "g"
+    shown = repr(s) + str(s)
+    for secret in ("hunter2", "s3cr3t", "topsecret", "k3y"):
+        assert secret not in shown
+    assert "sasl.username': 'alice'" in shown and "***" in shown
+    assert s.model_key.reveal() == b"k3y"
+
+
+def test_model_key_generated_once_and_private(tmp_path):
+    first = load_settings(environ={"EDDY_HOME": str(tmp_path)}).model_key.reveal()
+    second = load_settings(environ={"EDDY_HOME": str(tmp_path)}).model_key.reveal()
+    assert first == second and len(first) == 64
+    assert (tmp_path / "model.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_properties_parse_errors_name_the_line():
+    with pytest.raises(ConfigError, match="f.properties:2: expected 'key=value'"):
+        parse_properties("a=1\njunk\n", "f.properties")
+
+
+def test_redact_url_and_kafka_repr():
+    assert redact_url("redis://user:pw@h:1/0") == "redis://user:***@h:1/0"
+    assert redact_url("redis://h:1/0") == "redis://h:1/0"
+    assert "pw" not in repr(KafkaConfig("h:1", {"sasl.jaas.config": "pw"}))
