@@ -16,8 +16,8 @@ from features.errors import EddyError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="eddy: event-driven streaming ML (Kafka -> features -> PyTorch scoring -> Delta).")
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 HomeOpt = Annotated[str | None, typer.Option("--home", help="state directory (EDDY_HOME)")]
 PipelineOpt = Annotated[str | None, typer.Option("--pipeline", help="pipeline spec (EDDY_PIPELINE)")]

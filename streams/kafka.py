@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -9,6 +10,7 @@ from typing import Any
 
 from features.errors import ConfigError, ServiceError
 
+_CLIENT_LOG = logging.getLogger("eddy.kafka.client")
 _SECRET_MARKERS = ("password", "secret", "jaas", "token", "key.password", "sasl.oauthbearer")
 
 
@@ -48,7 +50,8 @@ class KafkaConfig:
 
     def client(self, **overrides: Any) -> dict[str, Any]:
         """librdkafka settings for confluent-kafka: the shared ones plus this client's own."""
-        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap, **self.properties}
+        # librdkafka's own log lines go to this process's log file, not the terminal.
+        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap, "logger": _CLIENT_LOG, **self.properties}
         conf.update(overrides)
         return conf
 

@@ -1,0 +1,399 @@
+"""The feature logic of CONTRACT section 5 as pure code: per-entity state plus one event in, a
+feature row out. The Faust agent, the Flink function and the Spark backfill all call this."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import operator
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from features.errors import SpecError
+from features.spec import NUMERIC_TYPES, PipelineSpec
+
+Value = float | int | None
+_time = operator.itemgetter(0)
+
+
+@dataclass(slots=True)
+class FeatureRow:
+    features: dict[str, Value]
+    late: bool
+
+
+class EntityState:
+    """What one entity's features remember. FeatureLogic.update mutates it in place.
+
+    `events` holds the retained events as [time, value of each aggregated field...], sorted by
+    (event time, arrival); entries before `start` are evicted and wait for compaction."""
+
+    __slots__ = ("max_seen", "evicted_max", "events", "start", "wins", "lasts")
+
+    def __init__(self, wins: list[_Win], n_lasts: int) -> None:
+        self.max_seen: int | None = None  # latest event time that entered the state
+        self.evicted_max: int | None = None  # latest time dropped, for time_since_last
+        self.events: list[list] = []
+        self.start = 0
+        self.wins = wins
+        self.lasts: list[list | None] = [None] * n_lasts  # per field: [time, value] of the latest
+
+    def __len__(self) -> int:
+        """The number of retained events."""
+        return len(self.events) - self.start
+
+
+class _Win:
+    """The events of one window length ending at max_seen: events[lo:] and their aggregates."""
+
+    __slots__ = ("ms", "lo", "aggs")
+
+    def __init__(self, ms: int, lo: int, aggs: list[_Agg]) -> None:
+        self.ms, self.lo, self.aggs = ms, lo, aggs
+
+
+class _Agg:
+    """Running aggregates of one field over one window; parts a feature does not need are None.
+
+    Sums are exact: s1 / 2**b1 and s2 / 2**b2 as integers, so sum, avg and stddev are rounded
+    once, do not drift as events slide out, and do not depend on the order events came in."""
+
+    __slots__ = ("col", "n", "s1", "b1", "s2", "b2", "mins", "maxs", "distinct")
+
+    def __init__(self, col: int, sums: bool, squares: bool, mins: bool, maxs: bool,
+                 distinct: bool) -> None:
+        self.col, self.n = col, 0  # n: values in the window that are not None
+        self.s1, self.b1 = (0 if sums else None), 0
+        self.s2, self.b2 = (0 if squares else None), 0
+        self.mins: deque | None = deque() if mins else None  # monotonic: [time, value]
+        self.maxs: deque | None = deque() if maxs else None
+        self.distinct: dict | None = {} if distinct else None  # value -> occurrences
+
+    def add(self, v: Any, sign: int = 1) -> None:
+        self.n += sign
+        if self.s1 is not None:
+            num, k = _ratio(v)
+            self.s1, self.b1 = _plus(self.s1, self.b1, sign * num, k)
+            if self.s2 is not None:
+                self.s2, self.b2 = _plus(self.s2, self.b2, sign * num * num, 2 * k)
+        d = self.distinct
+        if d is not None:
+            left = d.get(v, 0) + sign
+            if left:
+                d[v] = left
+            else:
+                del d[v]
+
+    def push(self, t: int, v: Any) -> None:
+        """Enter a value that follows every value already in the min/max deques."""
+        mins, maxs = self.mins, self.maxs
+        if mins is not None:
+            while mins and mins[-1][1] >= v:
+                mins.pop()
+            mins.append((t, v))
+        if maxs is not None:
+            while maxs and maxs[-1][1] <= v:
+                maxs.pop()
+            maxs.append((t, v))
+
+    def expire(self, cut: int) -> None:
+        """Drop from the min/max deques what lies at or before `cut`."""
+        for dq in (self.mins, self.maxs):
+            while dq and dq[0][0] <= cut:
+                dq.popleft()
+
+    def rebuild_deques(self, entries: list[list]) -> None:
+        """Recompute the deques over `entries`, the window in order (after a mid-window insert)."""
+        for name in ("mins", "maxs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, deque())
+        for e in entries:
+            if e[self.col] is not None:
+                self.push(e[0], e[self.col])
+
+
+def _ratio(v: float | int) -> tuple[int, int]:
+    """(num, k) with v == num / 2**k exactly."""
+    if type(v) is int:
+        return v, 0
+    num, den = v.as_integer_ratio()
+    return num, den.bit_length() - 1
+
+
+def _plus(acc: int, bits: int, num: int, k: int) -> tuple[int, int]:
+    if k > bits:
+        return (acc << (k - bits)) + num, k
+    return acc + (num << (bits - k)), bits
+
+
+def _sum(a: _Agg) -> float:
+    return a.s1 / (1 << a.b1) if a.s1 else 0.0
+
+
+def _avg(a: _Agg) -> float | None:
+    return a.s1 / (a.n << a.b1) if a.n else None
+
+
+def _stddev(a: _Agg) -> float:
+    if a.n < 2:
+        return 0.0
+    e = max(a.b2, 2 * a.b1)
+    num = ((a.n * a.s2) << (e - a.b2)) - ((a.s1 * a.s1) << (e - 2 * a.b1))
+    return math.sqrt(num / ((a.n * a.n) << e)) if num else 0.0
+
+
+def _min(a: _Agg) -> float | None:
+    return float(a.mins[0][1]) if a.mins else None
+
+
+def _max(a: _Agg) -> float | None:
+    return float(a.maxs[0][1]) if a.maxs else None
+
+
+def _distinct(a: _Agg) -> int:
+    return len(a.distinct)
+
+
+_FROM_AGG = {"sum": _sum, "avg": _avg, "stddev": _stddev, "min": _min, "max": _max,
+             "count_distinct": _distinct}
+_NEEDS = {"sum": ("sums",), "avg": ("sums",), "stddev": ("sums", "squares"), "min": ("mins",),
+          "max": ("maxs",), "count_distinct": ("distinct",)}
+
+
+def _from_values(agg: str, values: list) -> Value:
+    """One aggregate straight from the non-None values of a window, in window order."""
+    if agg == "last":
+        return values[-1] if values else None
+    if agg == "count_distinct":
+        return len(set(values))
+    if agg in ("min", "max"):
+        return float((min if agg == "min" else max)(values)) if values else None
+    a = _Agg(0, True, True, False, False, False)
+    for v in values:
+        a.add(v)
+    return _FROM_AGG[agg](a)
+
+
+class FeatureLogic:
+    """Computes a spec's features event by event; holds no entity data itself."""
+
+    def __init__(self, spec: PipelineSpec) -> None:
+        self.spec = spec
+        self._lateness = spec.allowed_lateness_ms
+        self._horizon = spec.state_horizon_ms
+        types = spec.field_types
+        fields = list(dict.fromkeys(f.of for f in spec.features if f.of is not None))
+        col = {name: i + 1 for i, name in enumerate(fields)}  # entry[0] is the event time
+        self._cols = tuple((name, types[name] in NUMERIC_TYPES) for name in fields)
+        windows = sorted({f.window_ms for f in spec.features
+                          if f.window_ms is not None and f.agg != "last"})
+        needs: list[dict[int, set[str]]] = [{} for _ in windows]
+        lasts = list(dict.fromkeys(col[f.of] for f in spec.features if f.agg == "last"))
+        plan = []
+        for f in spec.features:
+            wi = windows.index(f.window_ms) if f.window_ms in windows else -1
+            slot = -1
+            if f.agg in _NEEDS:
+                needs[wi].setdefault(col[f.of], set()).update(_NEEDS[f.agg])
+                slot = list(needs[wi]).index(col[f.of])
+            elif f.agg == "last":
+                slot = lasts.index(col[f.of])
+            plan.append((f.name, f.agg, wi, slot, col.get(f.of, 0), f.window_ms or 0))
+        self._plan = tuple(plan)
+        self._layout = tuple((ms, tuple((c, tuple(sorted(n))) for c, n in needs[i].items()))
+                             for i, ms in enumerate(windows))
+        self._n_lasts = len(lasts)
+        self._last_cols = tuple((slot, c) for slot, c in enumerate(lasts))
+        self._tag = hashlib.sha256(repr((self._cols, self._layout, lasts)).encode()).hexdigest()[:12]
+
+    def new_state(self) -> EntityState:
+        """The state of an entity with no events yet."""
+        wins = [_Win(ms, 0, [_Agg(c, *(k in n for k in ("sums", "squares", "mins", "maxs",
+                                                          "distinct"))) for c, n in aggs])
+                for ms, aggs in self._layout]
+        return EntityState(wins, self._n_lasts)
+
+    def update(self, state: EntityState, event_time_ms: int, values: Mapping[str, Any]) -> FeatureRow:
+        """The feature row of one event; mutates `state` in place unless the event is late.
+
+        `values` is the validated record. Raises ValueError, with `state` untouched, when an
+        aggregated field holds a value that cannot be aggregated (a non-finite or non-number
+        value in a numeric field, an unhashable one elsewhere)."""
+        entry = self._entry(event_time_ms, values)
+        seen = state.max_seen
+        if seen is None or event_time_ms >= seen:
+            return FeatureRow(self._in_order(state, entry), False)
+        ev = state.events
+        hi = bisect_right(ev, event_time_ms, state.start, len(ev), key=_time)
+        row = self._scan(state, entry, hi)
+        if event_time_ms < seen - self._lateness:
+            return FeatureRow(row, True)
+        self._insert(state, entry, hi)
+        return FeatureRow(row, False)
+
+    def _entry(self, t: int, values: Mapping[str, Any]) -> list:
+        entry: list = [t]
+        for name, numeric in self._cols:
+            v = values.get(name)
+            if v is not None:
+                v = _number(name, v) if numeric else _hashable(name, v)
+            entry.append(v)
+        return entry
+
+    def _in_order(self, st: EntityState, entry: list) -> dict[str, Value]:
+        """The common case, t >= max_seen: slide every window forward, O(1) amortised."""
+        t = entry[0]
+        tsl = None if st.max_seen is None else (t - st.max_seen) / 1000
+        ev = st.events
+        ev.append(entry)
+        st.max_seen = t
+        for win in st.wins:
+            cut = t - win.ms
+            lo, aggs = win.lo, win.aggs
+            while ev[lo][0] <= cut:
+                old = ev[lo]
+                lo += 1
+                for a in aggs:
+                    if old[a.col] is not None:
+                        a.add(old[a.col], -1)
+            win.lo = lo
+            for a in aggs:
+                v = entry[a.col]
+                if v is not None:
+                    a.add(v)
+                    if a.mins is not None or a.maxs is not None:
+                        a.push(t, v)
+                if a.mins is not None or a.maxs is not None:
+                    a.expire(cut)
+        for slot, c in self._last_cols:
+            if entry[c] is not None:
+                st.lasts[slot] = [t, entry[c]]
+        row = self._row(st, t, tsl, len(ev))
+        self._evict(st)
+        return row
+
+    def _row(self, st: EntityState, t: int, tsl: float | None, end: int) -> dict[str, Value]:
+        row: dict[str, Value] = {}
+        wins, lasts = st.wins, st.lasts
+        for name, agg, wi, slot, _, ms in self._plan:
+            if agg == "count":
+                row[name] = end - wins[wi].lo
+            elif agg == "time_since_last":
+                row[name] = tsl
+            elif agg == "last":
+                rec = lasts[slot]
+                row[name] = rec[1] if rec is not None and rec[0] > t - ms else None
+            else:
+                row[name] = _FROM_AGG[agg](wins[wi].aggs[slot])
+        return row
+
+    def _scan(self, st: EntityState, entry: list, hi: int) -> dict[str, Value]:
+        """The slow exact path for out-of-order and late events: read each window directly."""
+        t, ev, start = entry[0], st.events, st.start
+        row: dict[str, Value] = {}
+        for name, agg, _, _, c, ms in self._plan:
+            if agg == "time_since_last":
+                prev = ev[hi - 1][0] if hi > start else st.evicted_max
+                row[name] = None if prev is None or prev > t else (t - prev) / 1000
+                continue
+            lo = bisect_right(ev, t - ms, start, hi, key=_time)
+            if agg == "count":
+                row[name] = hi - lo + 1
+                continue
+            values = [e[c] for e in ev[lo:hi] if e[c] is not None]
+            if entry[c] is not None:
+                values.append(entry[c])
+            row[name] = _from_values(agg, values)
+        return row
+
+    def _insert(self, st: EntityState, entry: list, hi: int) -> None:
+        """Enter an out-of-order (not late) event at its place in event-time order."""
+        t, ev = entry[0], st.events
+        ev.insert(hi, entry)
+        for win in st.wins:
+            if t <= st.max_seen - win.ms:
+                win.lo += 1  # it landed before this window
+                continue
+            for a in win.aggs:
+                if entry[a.col] is not None:
+                    a.add(entry[a.col])
+                    if a.mins is not None or a.maxs is not None:
+                        a.rebuild_deques(ev[win.lo:])
+        for slot, c in self._last_cols:
+            rec = st.lasts[slot]
+            if entry[c] is not None and (rec is None or t >= rec[0]):
+                st.lasts[slot] = [t, entry[c]]
+        self._evict(st)
+
+    def _evict(self, st: EntityState) -> None:
+        """Drop events no future non-late event can see: time <= max_seen - lateness - max window."""
+        cut = st.max_seen - self._horizon
+        ev, i, end = st.events, st.start, len(st.events)
+        while i < end and ev[i][0] <= cut:
+            i += 1
+        if i == st.start:
+            return
+        st.evicted_max, st.start = ev[i - 1][0], i
+        if 2 * i >= end:  # compact: amortised O(1), as each entry is dropped once
+            del ev[:i]
+            for win in st.wins:
+                win.lo -= i
+            st.start = 0
+
+    def dumps(self, state: EntityState) -> bytes:
+        """Compact bytes of `state` (orjson), for Faust tables, Flink keyed state or Redis."""
+        s = state.start
+        wins = [[w.lo - s, [[a.n, _hex(a.s1), a.b1, _hex(a.s2), a.b2,
+                             None if a.mins is None else list(a.mins),
+                             None if a.maxs is None else list(a.maxs),
+                             None if a.distinct is None else list(a.distinct.items())]
+                            for a in w.aggs]] for w in state.wins]
+        return orjson.dumps([self._tag, state.max_seen, state.evicted_max,
+                             state.events[s:] if s else state.events, wins, state.lasts])
+
+    def loads(self, data: bytes) -> EntityState:
+        """The state `dumps` wrote; SpecError when it was written for another feature layout."""
+        tag, max_seen, evicted_max, events, wins, lasts = orjson.loads(data)
+        if tag != self._tag:
+            raise SpecError(f"entity state was written for another feature layout ({tag}, "
+                            f"this spec's is {self._tag}); rebuild it by replaying the source topic")
+        st = self.new_state()
+        st.max_seen, st.evicted_max, st.events, st.lasts = max_seen, evicted_max, events, lasts
+        for win, (lo, aggs) in zip(st.wins, wins):
+            win.lo = lo
+            for a, (n, s1, b1, s2, b2, mins, maxs, distinct) in zip(win.aggs, aggs):
+                a.n, a.b1, a.b2 = n, b1, b2
+                a.s1 = None if s1 is None else int(s1, 16)
+                a.s2 = None if s2 is None else int(s2, 16)
+                a.mins = None if mins is None else deque(mins)
+                a.maxs = None if maxs is None else deque(maxs)
+                a.distinct = None if distinct is None else dict(distinct)
+        return st
+
+
+def _hex(n: int | None) -> str | None:
+    return None if n is None else hex(n)
+
+
+def _number(name: str, v: Any) -> float | int:
+    if isinstance(v, float):
+        if math.isfinite(v):
+            return float(v)
+    elif isinstance(v, int) and not isinstance(v, bool):
+        return int(v)
+    elif hasattr(type(v), "__index__") and not isinstance(v, bool):
+        return operator.index(v)  # numpy integers from the batch backfill
+    raise ValueError(f"field {name!r}: {v!r} is not a finite number")
+
+
+def _hashable(name: str, v: Any) -> Any:
+    try:
+        hash(v)
+    except TypeError:
+        raise ValueError(f"field {name!r}: {type(v).__name__} values cannot be counted") from None
+    return v
