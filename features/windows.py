@@ -323,7 +323,7 @@ class FeatureLogic:
                 if entry[a.col] is not None:
                     a.add(entry[a.col])
                     if a.mins is not None or a.maxs is not None:
-                        a.rebuild_deques(ev[win.lo:])
+                        pass
         for slot, c in self._last_cols:
             rec = st.lasts[slot]
             if entry[c] is not None and (rec is None or t >= rec[0]):

@@ -1,0 +1,113 @@
+"""The first step of every engine: raw Kafka bytes -> a typed Event, or the reason it is not one."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from features.spec import PipelineSpec
+
+# Epoch milliseconds outside these bounds (years ~1970 to ~2286) are almost surely seconds or micros.
+_MIN_MS, _MAX_MS = 0, 10**13
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A record that passed validation: its entity key, id, event time and typed field values."""
+
+    key: str
+    event_id: str
+    event_time_ms: int
+    values: dict[str, Any]
+
+
+class Invalid(str):
+    """The reason a record was refused; goes to the DLQ's eddy.error header."""
+
+
+def parse_timestamp(value: Any) -> int | None:
+    """ISO-8601 with an offset, or integer epoch milliseconds -> epoch ms; None when neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if _MIN_MS <= value < _MAX_MS else None
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            return None
+        return int(parsed.timestamp() * 1000 + (0.5 if parsed.timestamp() >= 0 else -0.5))
+    return None
+
+
+def _check_string(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _check_float(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "string": (_check_string, "a string"),
+    "double": (_check_float, "a finite number"),
+    "float": (_check_float, "a finite number"),
+    "long": (_check_int, "an integer"),
+    "int": (_check_int, "an integer"),
+    "boolean": (_check_bool, "true or false"),
+}
+
+
+class Validator:
+    """Checks records against the spec's schema; every schema field is required and non-null."""
+
+    def __init__(self, spec: PipelineSpec) -> None:
+        self.spec = spec
+        self._fields = [(name, typ, *_CHECKS.get(typ, (None, ""))) for name, typ in spec.field_types.items()]
+        self._key, self._id, self._ts = spec.key, spec.id_field, spec.timestamp_field
+
+    def parse(self, raw: bytes | None) -> Event | Invalid:
+        """The Event, or Invalid(reason). Never raises on any input bytes."""
+        if not raw:
+            return Invalid("empty record")
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            return Invalid(f"not JSON: {str(exc)[:120]}")
+        if not isinstance(record, dict):
+            return Invalid(f"expected a JSON object, got {type(record).__name__ if record is not None else 'null'}")
+        return self.check(record)
+
+    def check(self, record: dict[str, Any]) -> Event | Invalid:
+        event_time = None
+        for name, typ, check, expected in self._fields:
+            value = record.get(name)
+            if value is None:
+                return Invalid(f"field {name!r} is missing" if name not in record else f"field {name!r} is null")
+            if typ == "timestamp":
+                event_time = parse_timestamp(value)
+                if event_time is None:
+                    return Invalid(f"field {name!r}: {str(value)[:40]!r} is not ISO-8601 with an offset or epoch milliseconds")
+            elif not check(value):
+                return Invalid(f"field {name!r}: expected {expected} ({typ}), got {type(value).__name__}")
+        key, event_id = record[self._key], record[self._id]
+        if key == "" or event_id == "":
+            return Invalid(f"field {self._key if key == '' else self._id!r} is empty")
+        if event_time is None:
+            event_time = parse_timestamp(record[self._ts])
+        return Event(str(key), str(event_id), event_time, record)
