@@ -136,7 +136,7 @@ def ensure_broker(settings: Settings, table: ProcessTable) -> BrokerInfo:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         fmt = subprocess.run(
             [java, *jvm, "-cp", classpath, "kafka.tools.StorageTool", "format",
-             "-t", cluster_id, "-c", str(config), "--ignore-formatted"],
+             f"--cluster-id={cluster_id}", f"--config={config}", "--ignore-formatted"],  # an id may start with '-'
             capture_output=True, text=True, env=env, timeout=120,
         )
         if fmt.returncode != 0:

@@ -87,12 +87,60 @@ def status(
         out.print(f"lag {group}: " + ", ".join(f"{t}={n}" for t, n in sorted(topics.items())))
 
 
+@app.command()
+def produce(
+    rate: Annotated[float | None, typer.Option("--rate", help="events/s with wall-clock event times (default: as fast as possible)")] = None,
+    count: Annotated[int, typer.Option("--count", help="number of events")] = 10_000,
+    seed: Annotated[int, typer.Option("--seed", help="random seed; same seed and start give the same events")] = 0,
+    fraud_rate: Annotated[float, typer.Option("--fraud-rate", help="fraction of fraudulent events")] = 0.01,
+    label_delay: Annotated[float, typer.Option("--label-delay", help="seconds from an event to its label")] = 5.0,
+    backfill: Annotated[str | None, typer.Option("--backfill", help="historical event times over this duration, e.g. 24h")] = None,
+    start: Annotated[str | None, typer.Option("--start", help="ISO-8601 time of the first backfilled event (default: now - backfill)")] = None,
+    cards: Annotated[int, typer.Option("--cards", help="number of distinct cards")] = 10_000,
+    home: HomeOpt = None,
+    pipeline: PipelineOpt = None,
+) -> None:
+    """Synthetic card transactions (and delayed labels) with a progress bar."""
+    from deploy.produce import run_produce
+
+    settings = settings_from("produce", home=home, pipeline=pipeline)
+    report = run_produce(settings, out, rate=rate, count=count, seed=seed, fraud_rate=fraud_rate,
+                         label_delay_s=label_delay, backfill=backfill, start=start, cards=cards)
+    out.print(f"produced {report.events} events ({report.frauds} fraudulent) and {report.labels} labels "
+              f"in {report.seconds:.1f}s: {report.events_per_s:,.0f} events/s")
+
+
+@app.command()
+def consume(
+    topic: Annotated[str, typer.Argument(help="topic to read")],
+    from_beginning: Annotated[bool, typer.Option("--from-beginning", help="start at the oldest record")] = False,
+    count: Annotated[int | None, typer.Option("--count", help="stop after N records")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per record")] = False,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="stop after this many idle seconds")] = None,
+    home: HomeOpt = None,
+) -> None:
+    """Print the records of a topic (read_committed)."""
+    from streams.consume import print_records
+
+    settings = settings_from("consume", home=home)
+    print_records(settings.kafka, topic, from_beginning=from_beginning, count=count, as_json=as_json,
+                  idle_timeout_s=timeout, write=lambda line: print(line, flush=True))
+
+
 def main() -> None:
     """Console entry point: EddyError becomes one line on stderr and exit status 1."""
     try:
         app()
     except EddyError as exc:
         err.print(f"eddy: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except Exception as exc:
+        from confluent_kafka import KafkaException
+
+        if not isinstance(exc, KafkaException):
+            raise
+        err.print(f"eddy: error: Kafka: {exc.args[0].str()}; is the broker up (`eddy up`, `eddy status`)?",
+                  markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
