@@ -147,7 +147,7 @@ def load_spec(path: str | os.PathLike) -> PipelineSpec:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise SpecError(f"{where}: cannot read the pipeline spec: {reason}") from None
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: builds plain data only
     except yaml.YAMLError as exc:
         raise SpecError(f"{where}: not valid YAML: {_yaml_reason(exc)}") from None
     return parse_spec(data, source=where)

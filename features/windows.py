@@ -8,17 +8,18 @@ import math
 import operator
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from features.errors import SpecError
-from features.spec import NUMERIC_TYPES, PipelineSpec
+from features.spec import PipelineSpec
 
 Value = float | int | None
 _time = operator.itemgetter(0)
+_PY_TYPES = {"double": float, "float": float, "long": int, "int": int, "string": str, "boolean": bool}
 
 
 @dataclass(slots=True)
@@ -63,24 +64,42 @@ class _Agg:
     Sums are exact: s1 / 2**b1 and s2 / 2**b2 as integers, so sum, avg and stddev are rounded
     once, do not drift as events slide out, and do not depend on the order events came in."""
 
-    __slots__ = ("col", "n", "s1", "b1", "s2", "b2", "mins", "maxs", "distinct")
+    __slots__ = ("col", "n", "s1", "b1", "s2", "b2", "mins", "maxs", "distinct", "ranked")
 
-    def __init__(self, col: int, sums: bool, squares: bool, mins: bool, maxs: bool,
-                 distinct: bool) -> None:
+    def __init__(self, col: int, parts: Collection[str]) -> None:
         self.col, self.n = col, 0  # n: values in the window that are not None
-        self.s1, self.b1 = (0 if sums else None), 0
-        self.s2, self.b2 = (0 if squares else None), 0
-        self.mins: deque | None = deque() if mins else None  # monotonic: [time, value]
-        self.maxs: deque | None = deque() if maxs else None
-        self.distinct: dict | None = {} if distinct else None  # value -> occurrences
+        self.s1, self.b1 = (0 if "sums" in parts else None), 0
+        self.s2, self.b2 = (0 if "squares" in parts else None), 0
+        self.mins: deque | None = deque() if "mins" in parts else None  # monotonic: (time, value)
+        self.maxs: deque | None = deque() if "maxs" in parts else None
+        self.distinct: dict | None = {} if "distinct" in parts else None  # value -> occurrences
+        self.ranked = self.mins is not None or self.maxs is not None
 
     def add(self, v: Any, sign: int = 1) -> None:
+        """Count `v` in (sign 1) or out of (sign -1) the window; the hot path, so inlined."""
         self.n += sign
-        if self.s1 is not None:
-            num, k = _ratio(v)
-            self.s1, self.b1 = _plus(self.s1, self.b1, sign * num, k)
-            if self.s2 is not None:
-                self.s2, self.b2 = _plus(self.s2, self.b2, sign * num * num, 2 * k)
+        s1 = self.s1
+        if s1 is not None:
+            if type(v) is int:
+                num, k = v, 0
+            else:
+                num, den = v.as_integer_ratio()  # v == num / 2**k exactly
+                k = den.bit_length() - 1
+            square = num * num
+            if sign < 0:
+                num, square = -num, -square
+            b1 = self.b1
+            if k > b1:
+                s1 <<= k - b1
+                self.b1 = b1 = k
+            self.s1 = s1 + (num << (b1 - k))
+            s2 = self.s2
+            if s2 is not None:
+                b2, k2 = self.b2, 2 * k
+                if k2 > b2:
+                    s2 <<= k2 - b2
+                    self.b2 = b2 = k2
+                self.s2 = s2 + (square << (b2 - k2))
         d = self.distinct
         if d is not None:
             left = d.get(v, 0) + sign
@@ -115,20 +134,6 @@ class _Agg:
         for e in entries:
             if e[self.col] is not None:
                 self.push(e[0], e[self.col])
-
-
-def _ratio(v: float | int) -> tuple[int, int]:
-    """(num, k) with v == num / 2**k exactly."""
-    if type(v) is int:
-        return v, 0
-    num, den = v.as_integer_ratio()
-    return num, den.bit_length() - 1
-
-
-def _plus(acc: int, bits: int, num: int, k: int) -> tuple[int, int]:
-    if k > bits:
-        return (acc << (k - bits)) + num, k
-    return acc + (num << (bits - k)), bits
 
 
 def _sum(a: _Agg) -> float:
@@ -173,7 +178,7 @@ def _from_values(agg: str, values: list) -> Value:
         return len(set(values))
     if agg in ("min", "max"):
         return float((min if agg == "min" else max)(values)) if values else None
-    a = _Agg(0, True, True, False, False, False)
+    a = _Agg(0, ("sums", "squares"))
     for v in values:
         a.add(v)
     return _FROM_AGG[agg](a)
@@ -189,7 +194,7 @@ class FeatureLogic:
         types = spec.field_types
         fields = list(dict.fromkeys(f.of for f in spec.features if f.of is not None))
         col = {name: i + 1 for i, name in enumerate(fields)}  # entry[0] is the event time
-        self._cols = tuple((name, types[name] in NUMERIC_TYPES) for name in fields)
+        self._cols = tuple((name, _PY_TYPES.get(types[name])) for name in fields)
         windows = sorted({f.window_ms for f in spec.features
                           if f.window_ms is not None and f.agg != "last"})
         needs: list[dict[int, set[str]]] = [{} for _ in windows]
@@ -213,9 +218,7 @@ class FeatureLogic:
 
     def new_state(self) -> EntityState:
         """The state of an entity with no events yet."""
-        wins = [_Win(ms, 0, [_Agg(c, *(k in n for k in ("sums", "squares", "mins", "maxs",
-                                                          "distinct"))) for c, n in aggs])
-                for ms, aggs in self._layout]
+        wins = [_Win(ms, 0, [_Agg(c, parts) for c, parts in aggs]) for ms, aggs in self._layout]
         return EntityState(wins, self._n_lasts)
 
     def update(self, state: EntityState, event_time_ms: int, values: Mapping[str, Any]) -> FeatureRow:
@@ -238,10 +241,13 @@ class FeatureLogic:
 
     def _entry(self, t: int, values: Mapping[str, Any]) -> list:
         entry: list = [t]
-        for name, numeric in self._cols:
+        for name, kind in self._cols:
             v = values.get(name)
             if v is not None:
-                v = _number(name, v) if numeric else _hashable(name, v)
+                if type(v) is not kind:
+                    v = _coerce(name, kind, v)
+                elif kind is float and v - v != 0.0:  # inf or nan
+                    raise ValueError(f"field {name!r}: {v!r} is not a finite number")
             entry.append(v)
         return entry
 
@@ -266,9 +272,9 @@ class FeatureLogic:
                 v = entry[a.col]
                 if v is not None:
                     a.add(v)
-                    if a.mins is not None or a.maxs is not None:
+                    if a.ranked:
                         a.push(t, v)
-                if a.mins is not None or a.maxs is not None:
+                if a.ranked:
                     a.expire(cut)
         for slot, c in self._last_cols:
             if entry[c] is not None:
@@ -322,8 +328,8 @@ class FeatureLogic:
             for a in win.aggs:
                 if entry[a.col] is not None:
                     a.add(entry[a.col])
-                    if a.mins is not None or a.maxs is not None:
-                        pass
+                    if a.ranked:
+                        a.rebuild_deques(ev[win.lo:])
         for slot, c in self._last_cols:
             rec = st.lasts[slot]
             if entry[c] is not None and (rec is None or t >= rec[0]):
@@ -364,9 +370,9 @@ class FeatureLogic:
                             f"this spec's is {self._tag}); rebuild it by replaying the source topic")
         st = self.new_state()
         st.max_seen, st.evicted_max, st.events, st.lasts = max_seen, evicted_max, events, lasts
-        for win, (lo, aggs) in zip(st.wins, wins):
+        for win, (lo, aggs) in zip(st.wins, wins, strict=True):
             win.lo = lo
-            for a, (n, s1, b1, s2, b2, mins, maxs, distinct) in zip(win.aggs, aggs):
+            for a, (n, s1, b1, s2, b2, mins, maxs, distinct) in zip(win.aggs, aggs, strict=True):
                 a.n, a.b1, a.b2 = n, b1, b2
                 a.s1 = None if s1 is None else int(s1, 16)
                 a.s2 = None if s2 is None else int(s2, 16)
@@ -380,18 +386,14 @@ def _hex(n: int | None) -> str | None:
     return None if n is None else hex(n)
 
 
-def _number(name: str, v: Any) -> float | int:
-    if isinstance(v, float):
-        if math.isfinite(v):
-            return float(v)
-    elif isinstance(v, int) and not isinstance(v, bool):
-        return int(v)
-    elif hasattr(type(v), "__index__") and not isinstance(v, bool):
-        return operator.index(v)  # numpy integers from the batch backfill
-    raise ValueError(f"field {name!r}: {v!r} is not a finite number")
-
-
-def _hashable(name: str, v: Any) -> Any:
+def _coerce(name: str, kind: type | None, v: Any) -> Any:
+    """`v` as the Python type of its schema type; ValueError when it cannot be aggregated."""
+    if kind is float or kind is int:
+        if isinstance(v, float) and math.isfinite(v) and (kind is float or v.is_integer()):
+            return kind(v)
+        if not isinstance(v, bool) and hasattr(type(v), "__index__"):
+            return kind(operator.index(v))  # int, or numpy integers from the batch backfill
+        raise ValueError(f"field {name!r}: {v!r} is not a finite {'integer' if kind is int else 'number'}")
     try:
         hash(v)
     except TypeError:
