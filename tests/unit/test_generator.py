@@ -100,7 +100,7 @@ def test_every_event_has_exactly_the_eight_fields_with_their_types() -> None:
     assert len(set(b.event_ids)) == len(b.event_ids)
     assert b.event_ids[:2] == ["t-1", "t-2"]
     assert b.event_time_ms.dtype == np.int64 and b.is_fraud.dtype == bool
-    assert sum(e["currency"] == gen.profile(e["card_id"]).currency for e in events) == len(events)
+    assert all(e["currency"] == gen.profile(e["card_id"]).currency for e in events[:10_000])
 
 
 def test_event_times_start_at_start_ms_never_decrease_and_keep_the_mean_gap() -> None:
@@ -194,6 +194,47 @@ def test_cards_follow_their_daily_rhythm() -> None:
     assert np.mean(weight) * 24 > 1.5
 
 
+def test_fraud_share_is_right_from_the_first_event_at_a_live_rate() -> None:
+    # 50k events at 10k/s are 5 s of event time, far shorter than a takeover; the episodes
+    # already in flight when the stream starts make up the share.
+    b = TransactionGenerator(GeneratorConfig(seed=8, fraud_rate=0.05, mean_gap_ms=0.1)).batch(50_000)
+    assert b.is_fraud.mean() == pytest.approx(0.05, rel=0.2)
+    assert Counter(p for p in b.patterns if p)["account_takeover"] > 0.1 * b.is_fraud.sum()
+
+
+def test_fraud_share_holds_when_set_clock_changes_the_rate() -> None:
+    gen = TransactionGenerator(GeneratorConfig(seed=9, fraud_rate=0.02, mean_gap_ms=DAY_MS / 50_000))
+    backfill = concat([gen.batch(10_000) for _ in range(5)])
+    assert backfill.is_fraud.mean() == pytest.approx(0.02, rel=0.25)
+    end = int(backfill.event_time_ms[-1])
+    gen.set_clock(end + 1_000, 0.1)
+    faster = gen.batch(50_000)
+    assert faster.is_fraud.mean() == pytest.approx(0.02, rel=0.25)
+    gen.set_clock(end + 3_600_000, 20.0)
+    slower = gen.batch(50_000)
+    assert slower.is_fraud.mean() == pytest.approx(0.02, rel=0.25)
+
+
+def test_live_mode_with_set_clock_before_every_batch_keeps_share_and_bursts() -> None:
+    # As a producer drives it: wall clock and measured pace (1.5 ms, jittery) before each batch.
+    gen = TransactionGenerator(GeneratorConfig(seed=12, fraud_rate=0.05, start_ms=BACKFILL.start_ms))
+    now, batches = BACKFILL.start_ms, []
+    jitter = np.random.default_rng(0).uniform(-50, 50, 300).round().astype(int)
+    for dt in jitter.tolist():
+        gen.set_clock(now, (300 + dt) / 200)
+        batches.append(gen.batch(200))
+        now += 300 + dt
+    b = concat(batches)
+    assert np.all(np.diff(b.event_time_ms) >= 0)
+    assert b.is_fraud.mean() == pytest.approx(0.05, rel=0.25)
+    events = [orjson.loads(v) for v in b.values]
+    ct = [i for i, p in enumerate(b.patterns) if p == "card_testing"]
+    by_card: dict[str, list[int]] = {}
+    for i in ct:
+        by_card.setdefault(events[i]["card_id"], []).append(int(b.event_time_ms[i]))
+    assert max(max(ts) - min(ts) for ts in by_card.values()) <= 101_000
+
+
 def test_set_clock_continues_from_now_with_the_new_gap() -> None:
     gen = TransactionGenerator(GeneratorConfig(seed=2, fraud_rate=0.05))
     first = gen.batch(1_000)
@@ -223,9 +264,13 @@ def test_profiles_describe_the_card() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad",
-    [{"cards": 0}, {"merchants": 5}, {"fraud_rate": 0.9}, {"mean_gap_ms": 0.0}, {"epoch_ms_fraction": 1.5}],
+    ("bad", "says"),
+    [
+        ({"cards": 0}, "cards"), ({"merchants": 5}, "merchants"), ({"fraud_rate": 0.9}, "fraud_rate"),
+        ({"mean_gap_ms": 0.0}, "mean_gap_ms"), ({"epoch_ms_fraction": 1.5}, "epoch_ms_fraction"),
+        ({"id_prefix": "t},{"}, "id_prefix"), ({"start_ms": 10**13}, "epoch ms"),
+    ],
 )
-def test_an_invalid_config_says_what_to_fix(bad: dict) -> None:
-    with pytest.raises(ConfigError, match=next(iter(bad))):
+def test_an_invalid_config_says_what_to_fix(bad: dict, says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
         TransactionGenerator(replace(GeneratorConfig(), **bad))
