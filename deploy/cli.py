@@ -127,6 +127,18 @@ def consume(
                   idle_timeout_s=timeout, write=lambda line: print(line, flush=True))
 
 
+@app.command(hidden=True)
+def run(component: Annotated[str, typer.Argument(help="component to run in this process")]) -> None:
+    """Run one component of the stack in the foreground (what `eddy up` starts)."""
+    from deploy.components import COMPONENTS
+    from features.spec import load_spec
+
+    if component not in COMPONENTS:
+        raise typer.BadParameter(f"unknown component {component!r}; one of {', '.join(COMPONENTS)}")
+    settings = settings_from(component)
+    COMPONENTS[component].run(settings, load_spec(settings.pipeline))
+
+
 def main() -> None:
     """Console entry point: EddyError becomes one line on stderr and exit status 1."""
     try:

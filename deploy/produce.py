@@ -14,7 +14,6 @@ from features.spec import load_spec, parse_duration
 from streams.generator import GeneratorConfig, TransactionGenerator
 from streams.producer import ProduceReport, SyntheticProducer
 
-
 # The fields every generated event carries (CONTRACT section 4); a spec needing others cannot use it.
 EVENT_FIELDS = ("event_id", "event_time", "card_id", "merchant_id", "amount", "currency", "country", "channel")
 
@@ -44,7 +43,9 @@ def run_produce(settings: Settings, console: Console, *, rate: float | None, cou
             f"produce your own events to topic {spec.topics.source!r}"
         )
     now_ms = int(time.time() * 1000)
-    config = GeneratorConfig(seed=seed, fraud_rate=fraud_rate, cards=cards, start_ms=now_ms)
+    # Event ids are unique per run unless --start pins the run, which then replays byte for byte.
+    prefix = "t" if start is not None else f"t{now_ms}"
+    config = GeneratorConfig(seed=seed, fraud_rate=fraud_rate, cards=cards, start_ms=now_ms, id_prefix=prefix)
     if backfill is not None or start is not None:
         span_ms = parse_duration(backfill) if backfill is not None else 0
         if start is not None:
@@ -55,7 +56,7 @@ def run_produce(settings: Settings, console: Console, *, rate: float | None, cou
         else:
             start_ms = now_ms - span_ms
         config = GeneratorConfig(seed=seed, fraud_rate=fraud_rate, cards=cards, start_ms=start_ms,
-                                 mean_gap_ms=max(span_ms, 1) / count)
+                                 mean_gap_ms=max(span_ms, 1) / count, id_prefix=prefix)
     generator = TransactionGenerator(config)
     producer = SyntheticProducer(settings.kafka, spec.topics.source, spec.labels.topic if spec.labels else None,
                                  generator, label_delay_ms=int(label_delay_s * 1000))

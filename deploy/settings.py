@@ -110,7 +110,6 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
             raise ConfigError(f"EDDY_KAFKA_CONFIG: cannot read {config_path} ({exc.strerror}); point it at a properties file") from None
         properties = parse_properties(text, source=str(config_path))
     kafka = KafkaConfig(flags.get("bootstrap") or env.get("EDDY_KAFKA_BOOTSTRAP") or "127.0.0.1:9092", properties)
-    kafka.hosts  # validates the form early
 
     redis_url = flags.get("redis_url") or env.get("EDDY_REDIS_URL") or "redis://127.0.0.1:6379/0"
     if urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):

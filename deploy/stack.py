@@ -7,12 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploy import broker, redis_local
+from deploy import broker, components, redis_local
 from deploy.processes import ProcessTable
-from deploy.settings import Settings, redact_url
+from deploy.settings import Settings, child_environment, redact_url
 from features.errors import EddyError
 from features.spec import PipelineSpec, load_spec
 from streams.kafka import ensure_topics, group_lag, wait_for_broker
+from streams.metrics import read_metrics
+
+COMPONENT_DEADLINE_S = 120.0
 
 # Parts stop in the reverse of this order, so consumers go before the broker they read.
 START_ORDER = ("broker", "redis")
@@ -42,7 +45,32 @@ def up(settings: Settings, spec: PipelineSpec | None = None) -> UpReport:
     report.topics_created = ensure_topics(
         settings.kafka, spec.topics.all(), settings.partitions, single_partition=[spec.topics.model_updates]
     )
+    _start_components(settings, spec, table, report)
     return report
+
+
+def _start_components(settings: Settings, spec: PipelineSpec, table: ProcessTable, report: UpReport) -> None:
+    """Start each wanted component not running yet; stop the ones of another --engine."""
+    import redis
+
+    wanted = components.wanted(settings)
+    for other in set(components.COMPONENTS) - {c.name for c in wanted}:
+        table.stop(other)
+    client = redis.Redis.from_url(settings.redis_url)
+    for comp in wanted:
+        record = table.get(comp.name)
+        took = 0.0
+        if record is None or not record.alive():
+            record = table.start(comp.name, components.argv(comp.name), child_environment(settings))
+            took = table.wait_healthy(record, lambda c=comp: bool(read_metrics(client, spec.name, _metric(c.name))),
+                                      COMPONENT_DEADLINE_S, comp.name)
+        report.parts[comp.name] = {"managed": True, "address": "", "pid": record.pid, "start_s": round(took, 2),
+                                   "log": str(table.log_path(comp.name))}
+
+
+def _metric(component: str) -> str:
+    """The heartbeat name of a component: the stage it runs (features-faust and features-flink are both features)."""
+    return component.split("-")[0] if component.startswith("features-") else component
 
 
 def down(settings: Settings, timeout_s: float = 20.0) -> list[str]:
@@ -52,6 +80,26 @@ def down(settings: Settings, timeout_s: float = 20.0) -> list[str]:
     rank = {name: i for i, name in enumerate(START_ORDER)}
     records.sort(key=lambda r: rank.get(r.name, len(rank)), reverse=True)
     return [r.name for r in records if table.stop(r.name, timeout_s)]
+
+
+def _pipeline_name(settings: Settings) -> str:
+    return load_spec(settings.pipeline).name
+
+
+def _sum_beats(beats: list[dict[str, Any]]) -> dict[str, Any]:
+    """One line for all replicas of a component: counters summed, other fields from the first replica."""
+    if not beats:
+        return {"replicas": 0}
+    out: dict[str, Any] = {"replicas": len(beats)}
+    for beat in beats:
+        for k, v in beat.items():
+            if k in ("replica", "pid", "updated_at"):
+                continue
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                out[k] = round(out.get(k, 0) + v, 1)
+            else:
+                out.setdefault(k, v)
+    return out
 
 
 def _rss_mb(pid: int | None) -> float | None:
@@ -68,6 +116,7 @@ def _rss_mb(pid: int | None) -> float | None:
 
 def status(settings: Settings) -> dict[str, Any]:
     """The truth about each part, probed now: up or down, where, memory, topics and consumer lag."""
+    import redis
     table = process_table(settings)
     report: dict[str, Any] = {"home": str(settings.home), "pipeline": str(settings.pipeline), "parts": {}}
     started = {r.name: r for r in table.all()}
@@ -84,7 +133,9 @@ def status(settings: Settings) -> dict[str, Any]:
                                      **_redis_memory(settings.redis_url, redis_up))
     for name, record in started.items():
         if name not in report["parts"]:
-            report["parts"][name] = _part(record, record.alive(), record.address)
+            beats = read_metrics(redis.Redis.from_url(settings.redis_url), _pipeline_name(settings), _metric(name)) if redis_up else []
+            extra = _sum_beats(beats)
+            report["parts"][name] = _part(record, record.alive() and bool(beats), record.address, **extra)
 
     if broker_up:
         try:

@@ -43,6 +43,7 @@ class KafkaConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "properties", MappingProxyType(dict(self.properties)))
+        self.hosts  # noqa: B018 - validates the form at construction
 
     def __repr__(self) -> str:
         shown = {k: ("***" if is_secret_key(k) else v) for k, v in self.properties.items()}

@@ -94,8 +94,8 @@ class SyntheticProducer:
                     self.gen.set_clock(int(now * 1000), 1000.0 / rate)
             else:
                 n = min(batch_size, count - done)
-                if not backfill:
-                    self.gen.set_clock(int(now * 1000), 0.01)
+                if not backfill:  # the pace actually kept, so the fraud share stays as configured
+                    self.gen.set_clock(int(now * 1000), max(0.001, 1000 * (now - start) / max(done, 1)))
             self._emit(self.gen.batch(n))
             done += n
             self._emit_due_labels(int(self.clock() * 1000))

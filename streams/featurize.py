@@ -1,0 +1,45 @@
+"""The per-event step both engines share: stored state + a valid event -> new state + a features record.
+
+Engines keep the state as opaque bytes (a Faust table, Flink keyed state); everything about what the
+bytes mean and what the features record looks like lives here, so both engines give the same numbers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import orjson
+
+from features.spec import PipelineSpec
+from features.windows import FeatureLogic, FeatureRow
+from streams.validation import Event
+
+
+def iso_ms(epoch_ms: int) -> str:
+    """Epoch milliseconds as ISO-8601 UTC with milliseconds and a Z."""
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def feature_message(spec: PipelineSpec, event: Event, row: FeatureRow) -> bytes:
+    """The features-topic value of CONTRACT section 4."""
+    return orjson.dumps({
+        "event_id": event.event_id,
+        spec.key: event.key,
+        "event_time": iso_ms(event.event_time_ms),
+        "features": row.features,
+        "late": row.late,
+    })
+
+
+class Featurizer:
+    """apply() is the whole per-event computation; the engine only stores the returned state bytes."""
+
+    def __init__(self, spec: PipelineSpec) -> None:
+        self.spec = spec
+        self.logic = FeatureLogic(spec)
+
+    def apply(self, state: bytes | None, event: Event) -> tuple[bytes | None, bytes]:
+        """(state bytes to store, or None when unchanged because the event was late; features value)."""
+        logic = self.logic
+        current = logic.loads(state) if state else logic.new_state()
+        row = logic.update(current, event.event_time_ms, event.values)
+        return (None if row.late else logic.dumps(current)), feature_message(self.spec, event, row)
