@@ -31,8 +31,9 @@ def process_table(settings: Settings) -> ProcessTable:
     return ProcessTable(settings.run_dir, settings.logs_dir)
 
 
-def up(settings: Settings, spec: PipelineSpec | None = None) -> UpReport:
-    """Start what is missing, wait for health, create the spec's topics. Safe to run again."""
+def up(settings: Settings, spec: PipelineSpec | None = None, with_components: bool = True) -> UpReport:
+    """Start what is missing, wait for health, create the spec's topics, start the components
+    (feature engine, writers; skipped with with_components=False). Safe to run again."""
     spec = spec or load_spec(settings.pipeline)
     table = process_table(settings)
     report = UpReport()
@@ -45,7 +46,8 @@ def up(settings: Settings, spec: PipelineSpec | None = None) -> UpReport:
     report.topics_created = ensure_topics(
         settings.kafka, spec.topics.all(), settings.partitions, single_partition=[spec.topics.model_updates]
     )
-    _start_components(settings, spec, table, report)
+    if with_components:
+        _start_components(settings, spec, table, report)
     return report
 
 
@@ -62,10 +64,15 @@ def _start_components(settings: Settings, spec: PipelineSpec, table: ProcessTabl
         took = 0.0
         if record is None or not record.alive():
             record = table.start(comp.name, components.argv(comp.name), child_environment(settings))
-            took = table.wait_healthy(record, lambda c=comp: bool(read_metrics(client, spec.name, _metric(c.name))),
+            took = table.wait_healthy(record, lambda c=comp, r=record: _beats_from(client, spec, c.name, r.pid),
                                       COMPONENT_DEADLINE_S, comp.name)
         report.parts[comp.name] = {"managed": True, "address": "", "pid": record.pid, "start_s": round(took, 2),
                                    "log": str(table.log_path(comp.name))}
+
+
+def _beats_from(client, spec: PipelineSpec, component: str, pid: int) -> bool:
+    """Healthy once the process itself has sent a heartbeat (an old one may linger from a killed process)."""
+    return any(b.get("pid") == pid for b in read_metrics(client, spec.name, _metric(component)))
 
 
 def _metric(component: str) -> str:

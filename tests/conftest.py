@@ -42,7 +42,7 @@ def stack_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     env = stack_environment(tmp_path_factory.mktemp("eddy-home"))
     settings = load_settings(environ=env)
     try:
-        stack.up(settings)
+        stack.up(settings, with_components=False)  # tests start the components they exercise
         yield env
     finally:
         stack.down(settings)

@@ -5,6 +5,7 @@ so outputs, DLQ records, state changes and offsets commit together; a killed wor
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from streams.dedupe import Deduper
@@ -55,6 +56,37 @@ class _Collect:
         self.items.append((topic, key, value, headers or []))
 
 
+class _CommitGate:
+    """Holds Faust's periodic commit off while a batch is half sent.
+
+    Faust commits a partition's transaction on a timer. A commit landing between two sends of one
+    batch would make part of the batch's output visible with offsets that do not cover it, and a
+    crash then duplicates that part. Batches enter the gate; a commit waits until none is inside."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.inside = 0
+        self.closed = None  # the future commits wait on while batches are inside
+
+    async def __aenter__(self) -> None:
+        consumer = self.app.consumer
+        while consumer._commit_fut is not None and consumer._commit_fut is not self.closed:
+            await consumer.maybe_wait_for_commit_to_finish()  # a commit is running: let it finish
+        if self.inside == 0:
+            self.closed = asyncio.get_running_loop().create_future()
+            consumer._commit_fut = self.closed
+        self.inside += 1
+
+    async def __aexit__(self, *exc) -> None:
+        self.inside -= 1
+        if self.inside == 0:
+            consumer = self.app.consumer
+            if consumer._commit_fut is self.closed:
+                consumer._commit_fut = None
+            self.closed.set_result(None)
+            self.closed = None
+
+
 def _credentials(kafka: KafkaConfig):
     """Faust credentials from the shared client properties (SASL and/or SSL)."""
     import ssl
@@ -97,30 +129,42 @@ def build_app(config: EngineConfig):
         value_serializer="raw",
     )
     source = app.topic(spec.topics.source, key_type=bytes, value_type=bytes, partitions=config.partitions)
-    features = app.topic(spec.topics.features, key_type=bytes, value_type=bytes)
-    dlq = app.topic(spec.topics.dlq, key_type=bytes, value_type=bytes)
     states = app.Table("entity-state", default=None, partitions=config.partitions,
                        key_type=bytes, value_type=bytes)
     door = FrontDoor(spec, Deduper(redis.Redis.from_url(config.redis_url), spec.name), stage=STAGE)
     featurize = Featurizer(spec)
 
-    # One actor per partition. State, output and dead letters of an event are written to that event's
-    # partition explicitly, so all of them join the transaction that commits its source offset.
+    def transactional_id(partition: int) -> str:
+        # The id Faust commits the source partition's offsets under. Faust picks the id of a send from
+        # the *consumer's* metadata, which lacks topics it only writes, and then sends outside any
+        # transaction; so every write here names the source partition's transaction itself.
+        return f"{app.conf.id}-{app.assignor.group_for_topic(spec.topics.source)}-{partition}"
+
+    changelog = states.changelog_topic.get_topic_name()
+    gate = _CommitGate(app)
+
+    # One actor per partition: state, output and dead letters of an event go to that event's partition,
+    # in the transaction that commits its source offset.
     @app.agent(source, name="compute", isolated_partitions=True)
     async def compute(stream):
         store = states.data
+        send = app.producer.send
         async for batch in stream.take_events(config.batch_size, within=config.batch_wait_s):
-            sink = _Collect()
-            for msg, ev in door.admit([_Message(e.message) for e in batch], sink):
-                partition = msg.partition()
-                key = ev.key.encode()
-                new_state, value = featurize.apply(store.get(key), ev)
-                if new_state is not None:
-                    store[key] = new_state
-                    states.send_changelog(partition, key, new_state)
-                await features.send(key=key, value=value, partition=partition)
-            for _topic, key, value, headers in sink.items:
-                await dlq.send(key=key, value=value, headers=headers, partition=batch[0].message.partition)
+            partition = batch[0].message.partition
+            tid = transactional_id(partition)
+            async with gate:
+                sink = _Collect()
+                for _msg, ev in door.admit([_Message(e.message) for e in batch], sink):
+                    key = ev.key.encode()
+                    new_state, value = featurize.apply(store.get(key), ev)
+                    if new_state is not None:
+                        store[key] = new_state
+                        await send(changelog, key, new_state, partition, None, None, transactional_id=tid)
+                    await send(spec.topics.features, key, value, partition, None, None, transactional_id=tid)
+                for topic, key, value, headers in sink.items:
+                    await send(topic, key, value, partition, None, headers, transactional_id=tid)
+                for event in batch:  # acked inside the gate, so the next commit covers the whole batch
+                    await stream.ack(event)
 
     heartbeat = Heartbeat(redis.Redis.from_url(config.redis_url), spec.name, "features")
 

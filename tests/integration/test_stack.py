@@ -60,33 +60,32 @@ def test_spec_topics_exist_with_configured_partitions(settings):
     assert len(topics[spec.topics.model_updates].partitions) == 1
 
 
-def test_up_again_is_idempotent_and_status_names_each_part(stack_env):
-    before = json.loads(run_eddy(["status", "--json"], stack_env).stdout)
-    again = run_eddy(["up"], stack_env)
-    assert again.returncode == 0, again.stderr
-    assert "running" in again.stdout and "started in" not in again.stdout
-    after = json.loads(run_eddy(["status", "--json"], stack_env).stdout)
-    for part in ("broker", "redis"):
-        assert after["parts"][part]["state"] == "up"
-        assert after["parts"][part]["managed"] is True
-        assert after["parts"][part]["pid"] == before["parts"][part]["pid"]
-        assert after["parts"][part]["rss_mb"] > 0
-        assert Path(after["parts"][part]["log"]).exists()
-
-
-def test_up_then_down_frees_ports_and_leaves_no_process(tmp_path):
+def test_up_twice_status_and_down_on_a_private_stack(tmp_path):
     env = stack_environment(tmp_path / "home")
-    up = run_eddy(["up"], env)
-    assert up.returncode == 0, up.stderr
-    status = json.loads(run_eddy(["status", "--json"], env).stdout)
-    pids = [status["parts"][p]["pid"] for p in ("broker", "redis")]
-    assert all(pids)
+    first = run_eddy(["up"], env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("started in") >= 3  # broker, redis and the feature engine at least
+    before = json.loads(run_eddy(["status", "--json"], env).stdout)
+    parts = before["parts"]
+    assert {"broker", "redis", "features-faust"} <= set(parts)
+    for name, part in parts.items():
+        assert part["state"] == "up", (name, part)
+        assert part["managed"] is True and part["pid"] and part["rss_mb"] > 0
+        assert Path(part["log"]).exists()
+    assert parts["features-faust"]["replicas"] == 1 and parts["features-faust"]["engine"] == "faust"
+
+    again = run_eddy(["up"], env)
+    assert again.returncode == 0, again.stderr
+    assert "started in" not in again.stdout and again.stdout.count("running") == len(parts)
+    after = json.loads(run_eddy(["status", "--json"], env).stdout)
+    assert {n: p["pid"] for n, p in after["parts"].items()} == {n: p["pid"] for n, p in parts.items()}
 
     down = run_eddy(["down"], env)
     assert down.returncode == 0, down.stderr
-    assert "broker" in down.stdout and "redis" in down.stdout
-    for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    assert set(down.stdout.removeprefix("stopped: ").strip().split(", ")) == set(parts)
+    for part in parts.values():
+        pid = part["pid"]
+        assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     for address in (env["EDDY_KAFKA_BOOTSTRAP"], env["EDDY_REDIS_URL"].split("//")[1].split("/")[0]):
         host, port = address.rsplit(":", 1)
         with socket.socket() as sock:

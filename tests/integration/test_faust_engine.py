@@ -1,0 +1,91 @@
+"""The Faust engine as `eddy up` runs it: a kill -9 mid-stream loses and doubles nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import defaultdict
+
+import orjson
+import pytest
+
+from tests.conftest import run_eddy, stack_environment
+from tests.kafka_helpers import read_committed
+
+pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow]
+
+EVENTS = 30_000
+
+
+def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def expected_rows(kafka, spec) -> dict[str, dict]:
+    """What an uninterrupted run computes: the shared Featurizer over each partition in offset order."""
+    from streams.featurize import Featurizer
+    from streams.validation import Validator
+
+    source = read_committed(kafka, spec.topics.source, EVENTS)
+    by_partition = defaultdict(list)
+    for msg in source:
+        by_partition[msg.partition()].append(msg)
+    featurize, validator, states, rows = Featurizer(spec), Validator(spec), {}, {}
+    for msgs in by_partition.values():
+        for msg in sorted(msgs, key=lambda m: m.offset()):
+            event = validator.parse(msg.value())
+            new_state, value = featurize.apply(states.get(event.key), event)
+            if new_state is not None:
+                states[event.key] = new_state
+            rows[event.event_id] = orjson.loads(value)
+    return rows
+
+
+def test_kill_9_of_the_faust_worker_mid_stream_changes_no_row(tmp_path):
+    from deploy.settings import load_settings
+    from features.spec import load_spec
+
+    env = stack_environment(tmp_path / "home")
+    settings = load_settings(environ=env)
+    spec = load_spec(settings.pipeline)
+    try:
+        assert run_eddy(["up"], env).returncode == 0
+        produced = run_eddy(["produce", "--count", str(EVENTS), "--backfill", "2h", "--label-delay", "0",
+                             "--seed", "11", "--start", "2026-11-20T00:00:00Z"], env)
+        assert produced.returncode == 0, produced.stderr
+
+        def features_lag():
+            lag = json.loads(run_eddy(["status", "--json"], env).stdout).get("lag", {})
+            return lag.get(f"eddy-{spec.name}-features", {}).get(spec.topics.source)
+
+        # Kill it once it is well into the stream but not done.
+        wait_for(lambda: (lag := features_lag()) is not None and lag < EVENTS * 0.8, 120, "processing to start")
+        pid = json.loads(run_eddy(["status", "--json"], env).stdout)["parts"]["features-faust"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        lag_at_kill = features_lag()
+        assert lag_at_kill and lag_at_kill > 0, "the worker finished before it could be killed"
+
+        restarted = run_eddy(["up"], env)
+        assert restarted.returncode == 0, restarted.stderr
+        assert any(line.startswith("up  features-faust") and "started in" in line
+                   for line in restarted.stdout.splitlines()), restarted.stdout
+        wait_for(lambda: features_lag() == 0, 300, "the restarted worker to catch up")
+
+        rows = read_committed(settings.kafka, spec.topics.features, EVENTS, timeout_s=120, idle_s=3.0)
+        got = [orjson.loads(m.value()) for m in rows]
+        ids = [r["event_id"] for r in got]
+        assert len(ids) == EVENTS and len(set(ids)) == EVENTS, "an event was lost or got two rows"
+        want = expected_rows(settings.kafka, spec)
+        assert {r["event_id"]: r for r in got} == want
+        assert sum(r["late"] for r in got) == 0
+        assert max(r["features"]["txn_count_1m"] for r in got) >= 3  # windows really accumulated
+    finally:
+        run_eddy(["down"], env)
