@@ -40,7 +40,7 @@ class PassThrough:
         self.spec, self.door = spec, door
 
     def process(self, messages, out):
-        for msg, event in self.door.admit(messages, out):
+        for msg, _event in self.door.admit(messages, out):
             out.produce(self.spec.topics.features, msg.value(), msg.key())
 
 

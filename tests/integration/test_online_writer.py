@@ -1,0 +1,214 @@
+"""The online writer through the real broker, redis-server and Feast: each entity's latest non-late
+row lands in the online store, read back through the Feast SDK and `eddy features get`."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+import yaml
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+from features.feast_repo import online_features, open_feature_store
+from features.spec import parse_spec
+from streams.featurize import Featurizer
+from streams.kafka import ensure_topics
+from streams.metrics import read_metrics
+from streams.online_writer import WriterStats, group_id, latest_rows, run_online_writer
+from streams.validation import Validator
+from tests.conftest import run_eddy
+from tests.kafka_helpers import Background
+
+T0 = 1795341600000  # 2026-11-22T10:00:00Z
+# (card, seconds after T0, merchant, amount): out of order in time, late rows (allowed lateness
+# is 30 s) and a non-late row older than its entity's newest. c-4 has one event: a null feature.
+EVENTS = [
+    ("c-1", 0, "m-1", 10.0), ("c-2", 1, "m-1", 5.5), ("c-1", 20, "m-2", 2.25), ("c-3", 50, "m-3", 7.0),
+    ("c-2", 2, "m-2", 1.0), ("c-1", 5, "m-3", 100.0), ("c-3", 10, "m-1", 3.0), ("c-4", 7, "m-9", 42.0),
+    ("c-1", -60, "m-1", 9.0), ("c-2", 3, "m-2", 0.5), ("c-5", 0, "m-5", 1.5), ("c-5", 10, "m-6", 2.5),
+    ("c-5", 9, "m-7", 3.5), ("c-5", -25, "m-8", 4.5),
+]
+
+
+def private_spec(settings, tmp_path: Path):
+    """The fraud spec with a name and topics of this test's own, also written to a file for the CLI."""
+    data = yaml.safe_load(settings.pipeline.read_text())
+    suffix = uuid.uuid4().hex[:8]
+    data["name"] = f"fraud-{suffix}"
+    data["source"]["topic"] = f"tx-{suffix}"
+    data["topics"] = {"features": f"feat-{suffix}", "predictions": f"pred-{suffix}", "dlq": f"tx-{suffix}.dlq",
+                      "model_updates": f"mu-{suffix}"}
+    spec = parse_spec(data)
+    ensure_topics(settings.kafka, [spec.topics.features], partitions=3)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return spec, path
+
+
+def feature_rows(spec) -> list[dict]:
+    """The features-topic values the engines produce for EVENTS (the shared Featurizer, in order)."""
+    validator, featurize, states, rows = Validator(spec), Featurizer(spec), {}, []
+    for i, (card, dt, merchant, amount) in enumerate(EVENTS):
+        raw = orjson.dumps({"event_id": f"e-{i}", "event_time": T0 + dt * 1000, "card_id": card,
+                            "merchant_id": merchant, "amount": amount, "currency": "EUR", "country": "DE",
+                            "channel": "online"})
+        event = validator.parse(raw)
+        new_state, value = featurize.apply(states.get(event.key), event)
+        if new_state is not None:
+            states[event.key] = new_state
+        rows.append(orjson.loads(value))
+    return rows
+
+
+def expected_latest(rows: list[dict]) -> dict[str, dict]:
+    """Per card: the features of the non-late row with the latest event time."""
+    best: dict[str, dict] = {}
+    for row in rows:
+        if not row["late"] and (row["card_id"] not in best or row["event_time"] >= best[row["card_id"]]["event_time"]):
+            best[row["card_id"]] = row
+    return {card: row["features"] for card, row in best.items()}
+
+
+def produce_in_transaction(kafka, topic: str, rows: list[dict]) -> None:
+    """As the engines do: keyed by the entity, in a transaction (so the topic holds commit markers)."""
+    producer = Producer(kafka.client(**{"transactional.id": f"test-{uuid.uuid4().hex[:8]}"}))
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    for row in rows:
+        producer.produce(topic, value=orjson.dumps(row), key=row["card_id"].encode())
+    producer.commit_transaction(30)
+
+
+def wait_for_zero_lag(kafka, group: str, topic: str, timeout_s: float = 90.0) -> None:
+    """Until the group's committed offset is each partition's end offset (commit markers included)."""
+    probe = Consumer(kafka.client(**{"group.id": group, "enable.auto.commit": False}))
+    try:
+        partitions = [TopicPartition(topic, p) for p in probe.list_topics(topic, timeout=10).topics[topic].partitions]
+        deadline = time.monotonic() + timeout_s
+        committed: dict[int, int] = {}
+        ends: dict[int, int] = {}
+        while time.monotonic() < deadline:
+            try:
+                committed = {tp.partition: tp.offset for tp in probe.committed(partitions, timeout=10)}
+            except KafkaException:  # the group coordinator of a fresh broker may still be loading
+                time.sleep(0.5)
+                continue
+            ends = {tp.partition: probe.get_watermark_offsets(tp, timeout=10)[1] for tp in partitions}
+            if all(ends[p] == 0 or committed[p] == ends[p] for p in ends):
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"lag of {group} on {topic} not 0 after {timeout_s}s: committed {committed}, ends {ends}")
+    finally:
+        probe.close()
+
+
+def write_all(settings, spec, repo_dir: Path, project: str, batch_size: int) -> None:
+    writer = Background(lambda stop: run_online_writer(settings.kafka, spec, settings.redis_url, repo_dir, stop,
+                                                       project=project, batch_size=batch_size))
+    try:
+        wait_for_zero_lag(settings.kafka, group_id(spec), spec.topics.features)
+    finally:
+        writer.stop()
+
+
+@pytest.mark.kafka
+@pytest.mark.redis
+@pytest.mark.parametrize("batch_size", [2000, 1])
+def test_each_entity_gets_its_latest_non_late_row(settings, tmp_path, batch_size):
+    """Batches of 2000 pick the newest row per entity themselves; batches of 1 rely on Feast's Redis
+    store skipping a row older than the stored one."""
+    spec, _ = private_spec(settings, tmp_path)
+    rows = feature_rows(spec)
+    assert sum(r["late"] for r in rows) == 3 and {r["card_id"] for r in rows} == {"c-1", "c-2", "c-3", "c-4", "c-5"}
+    produce_in_transaction(settings.kafka, spec.topics.features, rows)
+    repo_dir = tmp_path / "home" / "feast"
+
+    write_all(settings, spec, repo_dir, f"test_{uuid.uuid4().hex[:8]}", batch_size)
+
+    expected = expected_latest(rows)
+    assert expected["c-1"]["txn_count_1m"] == 2 and expected["c-4"]["secs_since_last"] is None
+    cards = sorted(expected) + ["c-nobody"]
+    got = online_features(open_feature_store(repo_dir), spec, cards)
+    assert dict(zip(cards, got, strict=True)) == {**expected, "c-nobody": None}
+    beats = read_metrics(redis.Redis.from_url(settings.redis_url), spec.name, "online-writer", max_age_s=60)
+    assert beats and beats[0]["events"] == len(rows) and beats[0]["late"] == 3
+
+
+@pytest.mark.kafka
+@pytest.mark.redis
+def test_eddy_features_get_prints_the_latest_values(settings, stack_env, tmp_path):
+    spec, spec_path = private_spec(settings, tmp_path)
+    rows = feature_rows(spec)
+    produce_in_transaction(settings.kafka, spec.topics.features, rows)
+    home = tmp_path / "home"
+    env = {**stack_env, "EDDY_HOME": str(home), "EDDY_PIPELINE": str(spec_path)}
+
+    result = run_eddy(["features", "get", "c-1"], env)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"eddy: error: Feast is not set up under {home / 'feast'}; run `eddy up` (its online writer sets it up)"]
+
+    write_all(settings, spec, home / "feast", f"test_{uuid.uuid4().hex[:8]}", 2000)
+    expected = expected_latest(rows)
+
+    result = run_eddy(["features", "get", "c-1", "--json"], env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"card_id": "c-1", "features": expected["c-1"]}
+
+    result = run_eddy(["features", "get", "c-4"], env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "card_id c-4"
+    assert {line.split()[0]: line.split()[1] for line in lines[1:]} == {
+        name: "null" if value is None else str(value) for name, value in expected["c-4"].items()}
+
+    result = run_eddy(["features", "get", "c-nobody"], env)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"eddy: error: no features for card_id 'c-nobody' in the online store (pipeline {spec.name!r}): "
+        "no event of it has been processed yet"]
+
+
+class _Msg:
+    def __init__(self, value: bytes, offset: int) -> None:
+        self._value, self._offset = value, offset
+
+    def value(self) -> bytes:
+        return self._value
+
+    def topic(self) -> str:
+        return "features"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+
+def test_latest_rows_of_a_batch():
+    """No broker: within a batch the newest row wins, of equal times the later record; late and
+    malformed records are skipped and counted."""
+    from features.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[2] / "pipelines" / "fraud.yaml")
+
+    def row(card, t, n, late=False):
+        return orjson.dumps({"event_id": f"{card}-{n}", "card_id": card, "event_time": t, "late": late,
+                             "features": {"txn_count_1m": n}})
+
+    values = [row("a", "2026-11-22T10:00:01.000Z", 1), row("b", "2026-11-22T10:00:00.500Z", 1),
+              row("a", "2026-11-22T10:00:01.000Z", 2), row("a", "2026-11-22T10:00:00.999Z", 3),
+              row("b", "2026-11-22T10:00:09.000Z", 2, late=True), b"not json", b'{"card_id": "c"}',
+              row("b", "2026-11-22T10:00:00.501Z", 3)]
+    stats = WriterStats()
+    latest = latest_rows(spec, [_Msg(v, i) for i, v in enumerate(values)], stats)
+    assert latest.keys == ["a", "b"]
+    assert latest.event_ms == [T0 + 1000, T0 + 501]
+    assert [f["txn_count_1m"] for f in latest.features] == [2, 3]
+    assert (stats.late, stats.bad, stats.superseded) == (1, 2, 3)
