@@ -33,13 +33,14 @@ def settings_from(process: str, **flags: Any) -> Settings:
 def up(
     engine: Annotated[str | None, typer.Option("--engine", help="feature engine: faust or flink")] = None,
     partitions: Annotated[int | None, typer.Option("--partitions", help="partitions per topic (default 3)")] = None,
+    scorers: Annotated[int | None, typer.Option("--scorers", help="scorer replicas in one consumer group (default 1)")] = None,
     home: HomeOpt = None,
     pipeline: PipelineOpt = None,
 ) -> None:
     """Start the stack (broker, Redis, topics); waits until healthy."""
     from deploy import stack
 
-    settings = settings_from("up", engine=engine, partitions=partitions, home=home, pipeline=pipeline)
+    settings = settings_from("up", engine=engine, partitions=partitions, scorers=scorers, home=home, pipeline=pipeline)
     with err.status("starting the stack..."):
         report = stack.up(settings)
     for name, part in report.parts.items():
@@ -47,6 +48,8 @@ def up(
         out.print(f"[green]up[/green]  {name:<8} {part['address']:<28} {how:<18} log: {part['log']}")
     if report.topics_created:
         out.print(f"created topics: {', '.join(report.topics_created)}")
+    if report.baseline:
+        out.print(f"published the baseline model {report.baseline} (no model had been published)")
 
 
 @app.command()
@@ -125,6 +128,35 @@ def consume(
     settings = settings_from("consume", home=home)
     print_records(settings.kafka, topic, from_beginning=from_beginning, count=count, as_json=as_json,
                   idle_timeout_s=timeout, write=lambda line: print(line, flush=True))
+
+
+features_app = typer.Typer(no_args_is_help=True, help="The online feature store (Feast over Redis).")
+app.add_typer(features_app, name="features")
+
+
+@features_app.command("get")
+def features_get(
+    entity_id: Annotated[str, typer.Argument(help="the entity's key, e.g. a card_id")],
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
+    home: HomeOpt = None,
+    pipeline: PipelineOpt = None,
+) -> None:
+    """The latest feature values of one entity, read through Feast's online store."""
+    from deploy.components import feast_dir
+    from features.feast_repo import online_row, open_feature_store, skip_torch_import
+    from features.spec import load_spec
+
+    skip_torch_import()  # this command never uses torch
+    settings = settings_from("features", home=home, pipeline=pipeline)
+    spec = load_spec(settings.pipeline)
+    row = online_row(open_feature_store(feast_dir(settings)), spec, entity_id)
+    if as_json:
+        print(json.dumps({spec.key: entity_id, "features": row}))
+        return
+    width = max(len(name) for name in row)
+    out.print(f"{spec.key} {entity_id}", markup=False, highlight=False)
+    for name, value in row.items():
+        out.print(f"  {name:<{width}}  {'null' if value is None else value}", markup=False, highlight=False)
 
 
 @app.command(hidden=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from deploy.settings import Settings
 from features.spec import PipelineSpec
@@ -16,6 +17,7 @@ class Component:
     name: str
     run: Callable[[Settings, PipelineSpec], None]   # runs in the component's own process until SIGTERM
     engine: str | None = None                        # only started with this --engine
+    replica: int | None = None                       # scorer replicas: started while replica < settings.scorers
 
 
 def engine_config(settings: Settings, spec: PipelineSpec, **overrides) -> EngineConfig:
@@ -33,16 +35,48 @@ def _faust(settings: Settings, spec: PipelineSpec) -> None:
     run_worker(config)
 
 
+def _online_writer(settings: Settings, spec: PipelineSpec) -> None:
+    import signal
+    import threading
+
+    from features.feast_repo import skip_torch_import
+
+    skip_torch_import()  # this process never uses torch
+    from streams.online_writer import run_online_writer
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # finish the batch in hand, then leave the group
+    run_online_writer(settings.kafka, spec, settings.redis_url, feast_dir(settings), stop.is_set)
+
+
+def _scorer(replica: int) -> Callable[[Settings, PipelineSpec], None]:
+    def run(settings: Settings, spec: PipelineSpec) -> None:
+        from models.scorer import ScorerConfig, run_scorer
+
+        run_scorer(ScorerConfig(settings.kafka, spec, settings.redis_url, settings.device,
+                                settings.model_key.reveal(), replica=replica))
+
+    return run
+
+
+def feast_dir(settings: Settings) -> Path:
+    """The Feast repo (feature_store.yaml, registry) of this EDDY_HOME."""
+    return settings.home / "feast"
+
+
 COMPONENTS: dict[str, Component] = {
     c.name: c for c in (
         Component("features-faust", _faust, engine="faust"),
+        Component("online-writer", _online_writer),
+        *(Component(f"scorer-{i}", _scorer(i), replica=i) for i in range(16)),
     )
 }
 
 
 def wanted(settings: Settings) -> list[Component]:
     """The components this stack runs, in start order."""
-    return [c for c in COMPONENTS.values() if c.engine in (None, settings.engine)]
+    return [c for c in COMPONENTS.values()
+            if c.engine in (None, settings.engine) and (c.replica is None or c.replica < settings.scorers)]
 
 
 def argv(name: str) -> list[str]:

@@ -58,6 +58,7 @@ class Settings:
     device: str
     engine: str
     partitions: int
+    scorers: int
     jars_dir: Path
     model_key: Secret = field(repr=False)
 
@@ -65,7 +66,7 @@ class Settings:
         return (
             f"Settings(home={str(self.home)!r}, kafka={self.kafka!r}, redis_url={redact_url(self.redis_url)!r}, "
             f"lakehouse={self.lakehouse!r}, pipeline={str(self.pipeline)!r}, device={self.device!r}, "
-            f"engine={self.engine!r}, partitions={self.partitions}, model_key=***)"
+            f"engine={self.engine!r}, partitions={self.partitions}, scorers={self.scorers}, model_key=***)"
         )
 
     @property
@@ -75,6 +76,11 @@ class Settings:
     @property
     def run_dir(self) -> Path:
         return self.home / "run"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Model artifacts live under the lakehouse root (a local path in the local stack)."""
+        return Path(self.lakehouse.removeprefix("file://")) / "models"
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -133,6 +139,14 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
     except (TypeError, ValueError):
         raise ConfigError(f"EDDY_PARTITIONS: {partitions_raw!r} is not a positive integer") from None
 
+    scorers_raw = flags.get("scorers") or env.get("EDDY_SCORERS") or 1
+    try:
+        scorers = int(scorers_raw)
+        if not 1 <= scorers <= 16:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"EDDY_SCORERS: {scorers_raw!r} is not a number of scorer replicas from 1 to 16") from None
+
     return Settings(
         home=home,
         kafka=kafka,
@@ -142,6 +156,7 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
         device=device,
         engine=engine,
         partitions=partitions,
+        scorers=scorers,
         jars_dir=Path(env.get("EDDY_JARS") or REPO_ROOT / ".jars"),
         model_key=_model_key(home, flags.get("model_key") or env.get("EDDY_MODEL_KEY")),
     )
@@ -159,6 +174,7 @@ def child_environment(settings: Settings, extra: Mapping[str, str] | None = None
         EDDY_DEVICE=settings.device,
         EDDY_ENGINE=settings.engine,
         EDDY_PARTITIONS=str(settings.partitions),
+        EDDY_SCORERS=str(settings.scorers),
         SPARK_LOCAL_IP="127.0.0.1",
         PYTHONUNBUFFERED="1",
     )

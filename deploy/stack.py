@@ -25,6 +25,7 @@ START_ORDER = ("broker", "redis")
 class UpReport:
     parts: dict[str, dict[str, Any]] = field(default_factory=dict)
     topics_created: list[str] = field(default_factory=list)
+    baseline: str | None = None  # the baseline model version, when this `up` published it
 
 
 def process_table(settings: Settings) -> ProcessTable:
@@ -47,6 +48,9 @@ def up(settings: Settings, spec: PipelineSpec | None = None, with_components: bo
         settings.kafka, spec.topics.all(), settings.partitions, single_partition=[spec.topics.model_updates]
     )
     if with_components:
+        from models.updates import ensure_baseline
+
+        report.baseline = ensure_baseline(settings.kafka, spec, settings.artifacts_dir, settings.model_key.reveal())
         _start_components(settings, spec, table, report)
     return report
 
@@ -77,7 +81,7 @@ def _beats_from(client, spec: PipelineSpec, component: str, pid: int) -> bool:
 
 def _metric(component: str) -> str:
     """The heartbeat name of a component: the stage it runs (features-faust and features-flink are both features)."""
-    return component.split("-")[0] if component.startswith("features-") else component
+    return component.split("-")[0] if component.startswith(("features-", "scorer-")) else component
 
 
 def down(settings: Settings, timeout_s: float = 20.0) -> list[str]:

@@ -74,14 +74,22 @@ def expected_latest(rows: list[dict]) -> dict[str, dict]:
     return {card: row["features"] for card, row in best.items()}
 
 
-def produce_in_transaction(kafka, topic: str, rows: list[dict]) -> None:
+def produce_in_transaction(kafka, topic: str, rows: list[dict], extra: list[tuple[bytes, bytes]] = ()) -> None:
     """As the engines do: keyed by the entity, in a transaction (so the topic holds commit markers)."""
     producer = Producer(kafka.client(**{"transactional.id": f"test-{uuid.uuid4().hex[:8]}"}))
     producer.init_transactions(30)
     producer.begin_transaction()
     for row in rows:
         producer.produce(topic, value=orjson.dumps(row), key=row["card_id"].encode())
+    for key, value in extra:
+        producer.produce(topic, value=value, key=key)
     producer.commit_transaction(30)
+
+
+def bad_records(rows: list[dict]) -> list[tuple[bytes, bytes]]:
+    """Records the writer must skip and count: not JSON, and a row of c-6 with a null count."""
+    broken = {**rows[0], "card_id": "c-6", "features": {**rows[0]["features"], "txn_count_1m": None}}
+    return [(b"c-1", b"not json"), (b"c-6", orjson.dumps(broken))]
 
 
 def wait_for_zero_lag(kafka, group: str, topic: str, timeout_s: float = 90.0) -> None:
@@ -107,7 +115,7 @@ def wait_for_zero_lag(kafka, group: str, topic: str, timeout_s: float = 90.0) ->
         probe.close()
 
 
-def write_all(settings, spec, repo_dir: Path, project: str, batch_size: int) -> None:
+def write_all(settings, spec, repo_dir: Path, project: str | None, batch_size: int) -> None:
     writer = Background(lambda stop: run_online_writer(settings.kafka, spec, settings.redis_url, repo_dir, stop,
                                                        project=project, batch_size=batch_size))
     try:
@@ -125,18 +133,19 @@ def test_each_entity_gets_its_latest_non_late_row(settings, tmp_path, batch_size
     spec, _ = private_spec(settings, tmp_path)
     rows = feature_rows(spec)
     assert sum(r["late"] for r in rows) == 3 and {r["card_id"] for r in rows} == {"c-1", "c-2", "c-3", "c-4", "c-5"}
-    produce_in_transaction(settings.kafka, spec.topics.features, rows)
+    produce_in_transaction(settings.kafka, spec.topics.features, rows, bad_records(rows))
     repo_dir = tmp_path / "home" / "feast"
 
     write_all(settings, spec, repo_dir, f"test_{uuid.uuid4().hex[:8]}", batch_size)
 
     expected = expected_latest(rows)
     assert expected["c-1"]["txn_count_1m"] == 2 and expected["c-4"]["secs_since_last"] is None
-    cards = sorted(expected) + ["c-nobody"]
+    cards = sorted(expected) + ["c-6", "c-nobody"]
     got = online_features(open_feature_store(repo_dir), spec, cards)
-    assert dict(zip(cards, got, strict=True)) == {**expected, "c-nobody": None}
+    assert dict(zip(cards, got, strict=True)) == {**expected, "c-6": None, "c-nobody": None}
     beats = read_metrics(redis.Redis.from_url(settings.redis_url), spec.name, "online-writer", max_age_s=60)
-    assert beats and beats[0]["events"] == len(rows) and beats[0]["late"] == 3
+    assert len(beats) == 1
+    assert (beats[0]["events"], beats[0]["late"], beats[0]["bad"]) == (len(rows) + 2, 3, 2)
 
 
 @pytest.mark.kafka
@@ -153,7 +162,7 @@ def test_eddy_features_get_prints_the_latest_values(settings, stack_env, tmp_pat
     assert result.stderr.strip().splitlines() == [
         f"eddy: error: Feast is not set up under {home / 'feast'}; run `eddy up` (its online writer sets it up)"]
 
-    write_all(settings, spec, home / "feast", f"test_{uuid.uuid4().hex[:8]}", 2000)
+    write_all(settings, spec, home / "feast", None, 2000)  # the project derived from the spec's name
     expected = expected_latest(rows)
 
     result = run_eddy(["features", "get", "c-1", "--json"], env)

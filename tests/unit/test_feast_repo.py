@@ -62,6 +62,16 @@ def test_ttl_is_the_longest_window_plus_the_allowed_lateness():
     assert ttl(SPECS["sensors"]) == timedelta(hours=1, seconds=10)
 
 
+def test_a_spec_name_with_hyphen_and_dot_gives_a_project_feast_accepts(tmp_path):
+    from dataclasses import replace
+
+    from feast.repo_config import load_repo_config
+
+    spec = replace(SPECS["fraud"], name="fraud-eu.v2")
+    (tmp_path / "feature_store.yaml").write_text(config_yaml(spec, tmp_path, "redis://h:1/0"))
+    assert load_repo_config(tmp_path, tmp_path / "feature_store.yaml").project == "fraud_eu_v2"
+
+
 def test_feature_store_yaml(tmp_path):
     text = config_yaml(SPECS["fraud"], tmp_path, "redis://10.1.2.3:6380/4")
     config = yaml.safe_load(text)
@@ -70,7 +80,7 @@ def test_feature_store_yaml(tmp_path):
     assert config["registry"]["path"] == str(tmp_path.resolve() / "registry.db")
     assert config["online_store"] == {"type": "redis", "connection_string": "10.1.2.3:6380,db=4"}
     assert config["entity_key_serialization_version"] == 3
-    assert yaml.safe_load(config_yaml(SPECS["sensors"], tmp_path, "redis://h:1/0", project="p-1"))["project"] == "p-1"
+    assert yaml.safe_load(config_yaml(SPECS["sensors"], tmp_path, "redis://h:1/0", project="p_1"))["project"] == "p_1"
 
 
 @pytest.mark.parametrize(("url", "expected"), [

@@ -1,0 +1,202 @@
+"""The in-stream scorer: features records in, predictions out, one model call per micro-batch.
+
+Each batch is one Kafka transaction (streams.loop), so a read_committed consumer sees exactly one
+prediction per features record even when a scorer is killed mid-batch. A new model is swapped in
+between batches, never inside one, so each batch names exactly one model version."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import orjson
+
+from features.errors import EddyError
+from features.spec import PipelineSpec
+from models.errors import InputError
+from models.scoring import pick_device
+from models.state import HistoryStore, append_once, history_before
+from models.updates import UpdateListener
+from streams.dlq import dead_letter
+from streams.kafka import KafkaConfig
+from streams.loop import Output, TransactionalLoop
+from streams.metrics import Heartbeat
+
+log = logging.getLogger(__name__)
+STAGE = "scorer"
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    kafka: KafkaConfig
+    spec: PipelineSpec
+    redis_url: str
+    device: str
+    model_key: bytes
+    replica: int = 0
+    batch_size: int = 1024
+    batch_wait_s: float = 0.005
+    history: int = 16              # feature rows kept per entity for sequence models
+    model_wait_s: float = 120.0    # how long to wait at start for a model on the updates topic
+
+    @property
+    def group(self) -> str:
+        return f"eddy-{self.spec.name}-{STAGE}"
+
+
+def _iso_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+class Scorer:
+    """The scoring Step: process() scores a batch with the serving model and emits predictions."""
+
+    def __init__(self, config: ScorerConfig, redis_client) -> None:
+        self.config = config
+        self.spec = config.spec
+        self.device = pick_device(config.device)
+        self.serving = None               # the LoadedModel in use
+        self._next: tuple | None = None   # (LoadedModel, update message) waiting for the next batch
+        self._lock = threading.Lock()
+        self.swaps: list[dict] = []
+        self.rows = 0
+        self.batches = 0
+        self.bad_records = 0
+        self.history = (HistoryStore(redis_client, self.spec.name, config.history)
+                        if self.spec.model.kind == "sequence" else None)
+        self.listener = UpdateListener(config.kafka, self.spec, config.model_key, self.device,
+                                       on_ready=self._ready, serving=lambda: self.serving)
+
+    def _ready(self, loaded, message: dict) -> None:
+        with self._lock:
+            self._next = (loaded, message)
+
+    def _swap_if_ready(self) -> None:
+        with self._lock:
+            ready, self._next = self._next, None
+        if ready is None:
+            return
+        loaded, message = ready
+        previous = self.serving.manifest.version if self.serving is not None else None
+        self.serving = loaded
+        self.swaps.append({"version": loaded.manifest.version, "from": previous, "at": time.time(),
+                           "published_at": message.get("published_at"), "load_ms": message.get("load_ms"),
+                           "action": message.get("action", "publish")})
+        log.info("serving model %s (was %s, %s, loaded in %s ms)", loaded.manifest.version, previous,
+                 message.get("action", "publish"), message.get("load_ms"))
+
+    def wait_for_model(self) -> None:
+        """Block until the updates topic has been replayed and a model serves."""
+        deadline = time.monotonic() + self.config.model_wait_s
+        while time.monotonic() < deadline:
+            self._swap_if_ready()
+            if self.serving is not None and self.listener.caught_up.is_set():
+                return
+            time.sleep(0.05)
+        raise EddyError(f"no servable model on {self.spec.topics.model_updates!r} after "
+                        f"{self.config.model_wait_s:.0f}s: run `eddy up` (it publishes the baseline) or `eddy promote`")
+
+    def process(self, messages: Sequence, out: Output) -> None:
+        self._swap_if_ready()
+        model = self.serving
+        spec = self.spec
+        records, kept = [], []
+        for msg in messages:
+            try:
+                record = orjson.loads(msg.value())
+                record["features"]  # noqa: B018 - a record without features is refused below
+            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                letter = dead_letter(spec.topics.dlq, msg, f"unreadable features record: {exc}", STAGE)
+                out.produce(letter.topic, letter.value, letter.key, headers=letter.headers)
+                self.bad_records += 1
+                continue
+            records.append(record)
+            kept.append(msg)
+        scores = self._score(model, kept, records, out)
+        if not records:
+            return
+        version = model.manifest.version
+        scored_at = _iso_now()
+        topic, key_field = spec.topics.predictions, spec.key
+        for msg, record, score in zip(kept, records, scores.tolist(), strict=True):
+            out.produce(topic, orjson.dumps({
+                "event_id": record["event_id"], key_field: record[key_field], "event_time": record["event_time"],
+                "score": score, "model_version": version, "features": record["features"], "scored_at": scored_at,
+            }), msg.key())
+        self.rows += len(records)
+        self.batches += 1
+
+    def _score(self, model, kept: list, records: list[dict], out: Output):
+        """One model call for the batch; a row the model cannot take goes to the DLQ and the rest is
+        scored again (kept and records shrink in place)."""
+        while records:
+            try:
+                if self.history is None:
+                    return model.score([r["features"] for r in records])
+                return self._score_sequences(model, kept, records)
+            except InputError as exc:
+                if exc.row is None:
+                    raise
+                msg = kept.pop(exc.row)
+                records.pop(exc.row)
+                letter = dead_letter(self.spec.topics.dlq, msg, f"features the model cannot take: {exc}", STAGE)
+                out.produce(letter.topic, letter.value, letter.key, headers=letter.headers)
+                self.bad_records += 1
+        return None
+
+    def _score_sequences(self, model, messages: list, records: list[dict]):
+        """Histories from Redis (only rows older than each record), scored at once, then written back."""
+        keep = self.config.history
+        key_field = self.spec.key
+        stored = self.history.get_many([r[key_field] for r in records])
+        sequences = []
+        for msg, record in zip(messages, records, strict=True):
+            entity = record[key_field]
+            rows = stored[entity]
+            before = history_before(rows, msg.partition(), msg.offset())
+            sequences.append([r[2] for r in before[-(keep - 1):]] + [record["features"]])
+            if not record.get("late"):
+                stored[entity] = append_once(rows, msg.partition(), msg.offset(), record["features"], keep)
+        scores = model.score_sequences(sequences)
+        self.history.put_many(stored)
+        return scores
+
+
+def run_scorer(config: ScorerConfig) -> None:
+    """Run one scorer replica in this process until SIGTERM."""
+    import redis
+    import torch
+
+    torch.set_num_threads(1)  # one scorer replica per core; more threads only contend on small batches
+    client = redis.Redis.from_url(config.redis_url)
+    scorer = Scorer(config, client)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    heartbeat = Heartbeat(client, config.spec.name, STAGE)
+    scorer.listener.start()
+
+    def beat(force: bool = False) -> None:
+        serving = scorer.serving
+        counters = scorer.listener.counters
+        heartbeat.beat(scorer.rows, force=force, device=str(scorer.device),
+                       model_version=serving.manifest.version if serving is not None else None,
+                       batch_size=round(scorer.rows / max(scorer.batches, 1), 1),
+                       updates_accepted=counters.accepted, updates_refused=counters.refused,
+                       last_refusal=counters.last_refusal or None, bad_records=scorer.bad_records)
+
+    scorer.wait_for_model()
+    beat(force=True)
+    loop = TransactionalLoop(config.kafka, config.group, [config.spec.topics.features],
+                             transactional_id=f"{config.group}-{config.replica}",
+                             batch_size=config.batch_size, batch_wait_s=config.batch_wait_s)
+    try:
+        loop.run(scorer, stop.is_set, on_batch=lambda n: beat())
+    finally:
+        scorer.listener.stop()
+        beat(force=True)

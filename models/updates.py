@@ -1,0 +1,201 @@
+"""Model updates over Kafka: signed messages naming an artifact; scorers verify, load, warm up, swap.
+
+A message is `{"version", "uri", "sha256", "signature", "created_at", "metrics", "spec_hash", "action"}`
+(CONTRACT section 4, plus `action`: publish, promote or rollback). Nothing in it is trusted before its
+HMAC signature checks; the artifact is then checked again (sha256, signature, safetensors) by
+load_artifact before any weight is parsed."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import orjson
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from features.errors import EddyError
+from features.spec import PipelineSpec
+from models.artifacts import load_artifact, model_update_message, verify_message
+from streams.kafka import KafkaConfig
+
+log = logging.getLogger(__name__)
+ACTIONS = ("publish", "promote", "rollback")
+
+
+class UpdateRefused(EddyError):
+    """A model update that must not be served; the reason is one line."""
+
+
+def artifact_path(uri: str) -> Path:
+    parts = urlsplit(uri)
+    if parts.scheme not in ("", "file"):
+        raise UpdateRefused(f"artifact URI {uri!r}: only local paths and file:// URIs are served")
+    return Path(parts.path)
+
+
+def update_message(manifest, uri: str, key: bytes, action: str = "publish") -> bytes:
+    """The signed model-updates value for an artifact already saved at uri."""
+    if action not in ACTIONS:
+        raise ValueError(f"action {action!r} is not one of {ACTIONS}")
+    return orjson.dumps(model_update_message(manifest, uri, key, action))
+
+
+def publish(kafka: KafkaConfig, topic: str, manifest, uri: str, key: bytes, action: str = "publish") -> None:
+    producer = Producer(kafka.client(**{"enable.idempotence": True}))
+    producer.produce(topic, update_message(manifest, uri, key, action))
+    if producer.flush(30) != 0:
+        raise EddyError(f"could not publish model {manifest.version} to {topic!r}: the broker did not acknowledge")
+
+
+@dataclass
+class UpdateCounters:
+    accepted: int = 0
+    refused: int = 0
+    ignored_older: int = 0
+    last_refusal: str = ""
+    swap_ms: list[float] = field(default_factory=list)
+
+
+class UpdateListener:
+    """Reads the model-updates topic from the beginning in a thread; each accepted update is loaded,
+    warmed up and handed to on_ready(loaded). Refusals are one log line and a counter."""
+
+    def __init__(self, kafka: KafkaConfig, spec: PipelineSpec, key: bytes, device,
+                 on_ready: Callable[[object, dict], None], serving: Callable[[], object | None]) -> None:
+        self.kafka, self.spec, self.key, self.device = kafka, spec, key, device
+        self.on_ready, self.serving = on_ready, serving
+        self.counters = UpdateCounters()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-updates", daemon=True)
+        self.caught_up = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        consumer = Consumer(self.kafka.client(**{
+            "group.id": f"eddy-{self.spec.name}-model-updates-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False, "isolation.level": "read_committed"}))
+        topic = self.spec.topics.model_updates
+        partitions = list(consumer.list_topics(topic, timeout=30).topics[topic].partitions)
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+        behind = {p for p, end in ends.items() if end > 0}
+        history: list[dict] = []  # what served, in order, while replaying the topic at start
+        if not behind:
+            self.caught_up.set()
+        try:
+            while not self._stop.is_set():
+                for msg in consumer.consume(100, 0.2):
+                    if msg.error() is not None:
+                        continue
+                    if self.caught_up.is_set():
+                        self._apply(msg.value())
+                        continue
+                    message = self._check(msg.value())
+                    if message is not None and self._supersedes(message, history[-1] if history else None):
+                        history.append(message)
+                    if msg.offset() + 1 >= ends[msg.partition()]:
+                        behind.discard(msg.partition())
+                    if not behind:
+                        self._serve_latest(history)
+                        self.caught_up.set()
+        finally:
+            consumer.close()
+
+    @staticmethod
+    def _supersedes(message: dict, current: dict | None) -> bool:
+        """A publish must be newer than what serves; promote and rollback are explicit and always win."""
+        if current is None or message.get("action", "publish") != "publish":
+            return True
+        return str(message["created_at"]) > str(current["created_at"])
+
+    def _serve_latest(self, history: list[dict]) -> None:
+        """Load the newest servable update of the replayed history; an artifact that fails falls back."""
+        for message in reversed(history):
+            if self._load(message):
+                return
+
+    def _check(self, raw: bytes) -> dict | None:
+        """The verified message, or None (refused: counted and logged once)."""
+        try:
+            message = orjson.loads(raw)
+            if not isinstance(message, dict) or "signature" not in message:
+                raise UpdateRefused("not a signed model update")
+            fields = {k: v for k, v in message.items() if k != "signature"}
+            if not verify_message(fields, message["signature"], self.key):
+                raise UpdateRefused(f"bad signature on update {str(message.get('version'))[:40]!r}")
+            if message.get("spec_hash") != self.spec.spec_hash:
+                raise UpdateRefused(f"update {message['version']!r} is for another spec")
+            if message.get("action", "publish") not in ACTIONS:
+                raise UpdateRefused(f"update {message['version']!r} has unknown action {message['action']!r}")
+            return message
+        except (UpdateRefused, orjson.JSONDecodeError) as exc:
+            self._refuse(str(exc))
+            return None
+
+    def _refuse(self, reason: str) -> None:
+        self.counters.refused += 1
+        self.counters.last_refusal = reason
+        log.warning("model update refused: %s", reason)
+
+    def _apply(self, raw: bytes) -> None:
+        message = self._check(raw)
+        if message is None:
+            return
+        current = self.serving()
+        if current is not None and not self._supersedes(message, {"created_at": current.manifest.created_at}):
+            self.counters.ignored_older += 1
+            log.info("model update %s ignored: not newer than serving %s", message["version"],
+                     current.manifest.version)
+            return
+        self._load(message)
+
+    def _load(self, message: dict) -> bool:
+        started = time.perf_counter()
+        try:
+            loaded = load_artifact(artifact_path(message["uri"]), self.key, self.spec.spec_hash,
+                                   list(self.spec.model_inputs), self.device)
+            if loaded.manifest.sha256 != message["sha256"]:
+                raise UpdateRefused(f"update {message['version']!r}: artifact sha256 differs from the message")
+            loaded.warm_up()
+        except EddyError as exc:
+            self._refuse(f"update {message.get('version')!r}: {exc}")
+            return False
+        except Exception as exc:  # noqa: BLE001 - no bad artifact may stop the scorer
+            self._refuse(f"update {message.get('version')!r}: {type(exc).__name__}: {str(exc)[:200]}")
+            return False
+        self.counters.accepted += 1
+        self.on_ready(loaded, {**message, "load_ms": round((time.perf_counter() - started) * 1000, 1)})
+        return True
+
+
+def ensure_baseline(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: bytes) -> str | None:
+    """On a stack where no model was ever published, save and publish the baseline so predictions
+    flow from the first event; returns its version, or None when the topic already has updates."""
+    from confluent_kafka import Consumer
+
+    from models.baseline import baseline_artifact
+
+    topic = spec.topics.model_updates
+    probe = Consumer(kafka.client(**{"group.id": f"eddy-{spec.name}-probe", "enable.auto.commit": False}))
+    try:
+        partitions = probe.list_topics(topic, timeout=15).topics[topic].partitions
+        if any(probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] > 0 for p in partitions):
+            return None
+    finally:
+        probe.close()
+    directory = artifacts_root / spec.name / "baseline-1"
+    manifest = baseline_artifact(spec, directory, key, version="baseline-1")
+    publish(kafka, topic, manifest, directory.resolve().as_uri(), key, action="publish")
+    return manifest.version

@@ -1,0 +1,232 @@
+"""The online writer: feature rows from the features topic into Feast's online store (Redis).
+
+One Feast write per batch, holding each entity's newest non-late row of the batch; offsets are
+committed after the write. That is at-least-once, which is enough: a write is an overwrite, and
+Feast's Redis store skips a row whose event time is not newer than the stored one, so a replayed
+or out-of-order row never replaces a newer one."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, KafkaError, KafkaException
+
+from features.feast_repo import feature_dtypes, feature_frame, feature_store, view_name
+from features.spec import PipelineSpec
+from streams.kafka import KafkaConfig
+from streams.metrics import Heartbeat
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "online-writer"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+_BAD_ROW = (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError)
+
+
+def group_id(spec: PipelineSpec) -> str:
+    """The writer's consumer group (and the name in its logs and metrics)."""
+    return f"eddy-{spec.name}-{COMPONENT}"
+
+
+@dataclass
+class WriterStats:
+    events: int = 0       # records consumed
+    rows: int = 0         # rows handed to Feast (each entity's newest of its batch)
+    batches: int = 0      # Feast writes
+    late: int = 0         # rows marked late, skipped
+    superseded: int = 0   # rows with a newer row of the same entity in their batch
+    bad: int = 0          # records that are not a feature row, skipped and logged
+    retries: int = 0      # failed writes (Redis unreachable) retried
+
+
+@dataclass
+class LatestRows:
+    """Each entity's newest non-late row of one batch, in first-seen order."""
+
+    keys: list[str]
+    event_ms: list[int]
+    features: list[dict[str, Any]]
+
+
+def latest_rows(spec: PipelineSpec, messages: Sequence, stats: WriterStats) -> LatestRows:
+    """The per-record loop: parse, drop late and bad rows, keep the newest row per entity (by event
+    time; of equal times the later record, which saw more events)."""
+    key_field = spec.key
+    latest: dict[str, tuple[int, dict[str, Any]]] = {}
+    for msg in messages:
+        try:
+            row = orjson.loads(msg.value())
+            if row.get("late"):
+                stats.late += 1
+                continue
+            key, t, features = row[key_field], _epoch_ms(row["event_time"]), row["features"]
+            if not isinstance(key, str) or not isinstance(features, dict):
+                raise TypeError(f"{key_field} must be a string and features an object")
+        except _BAD_ROW as exc:
+            stats.bad += 1
+            log.warning("skipped a record that is not a feature row at %s[%s]@%s: %s",
+                        msg.topic(), msg.partition(), msg.offset(), exc)
+            continue
+        previous = latest.get(key)
+        if previous is not None:
+            stats.superseded += 1
+            if t < previous[0]:
+                continue
+        latest[key] = (t, features)
+    return LatestRows(list(latest), [v[0] for v in latest.values()], [v[1] for v in latest.values()])
+
+
+def _epoch_ms(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return (datetime.fromisoformat(value) - _EPOCH) // _MS
+
+
+class OnlineWriter:
+    """Consumes the features topic as group `eddy-<pipeline>-online-writer` and writes to Feast."""
+
+    def __init__(self, kafka: KafkaConfig, spec: PipelineSpec, store, heartbeat: Heartbeat | None = None,
+                 batch_size: int = 2000, batch_wait_s: float = 0.1) -> None:
+        self.spec, self.store, self.heartbeat = spec, store, heartbeat
+        self.batch_size, self.batch_wait_s = batch_size, batch_wait_s
+        self.view = view_name(spec)
+        self.consumer = Consumer(kafka.client(**{
+            "group.id": group_id(spec),
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 1000,
+            "fetch.wait.max.ms": 10,
+        }))
+        self.stats = WriterStats()
+        self._committed: dict[tuple[str, int], int] = {}
+
+    def run(self, should_stop: Callable[[], bool]) -> WriterStats:
+        """Write until should_stop() is true; then close the consumer (uncommitted records replay)."""
+        self.consumer.subscribe([self.spec.topics.features])
+        self._beat(force=True)
+        try:
+            while not should_stop():
+                messages = self.consumer.consume(self.batch_size, self.batch_wait_s)
+                batch = []
+                for m in messages:
+                    if m.error() is None:
+                        batch.append(m)
+                    elif m.error().code() != KafkaError._PARTITION_EOF:
+                        log.warning("consume error: %s", m.error())
+                if batch:
+                    if self.write(batch, should_stop):
+                        self._commit()
+                elif not messages:
+                    self._commit()  # idle: the position may have moved past transaction markers
+                self._beat()
+        finally:
+            self._beat(force=True)
+            self.consumer.close()
+        return self.stats
+
+    def write(self, messages: Sequence, should_stop: Callable[[], bool] = lambda: False) -> bool:
+        """Write one batch with one Feast call; False if stopped before the write succeeded."""
+        stats = self.stats
+        stats.events += len(messages)
+        rows = latest_rows(self.spec, messages, stats)
+        if not rows.keys:
+            return True
+        frame = self._frame(rows)
+        if frame.empty:
+            return True
+        delay = 0.2
+        while True:
+            try:
+                self.store.write_to_online_store(self.view, frame)
+                break
+            except Exception as exc:
+                from redis.exceptions import RedisError
+
+                if not isinstance(exc, RedisError):
+                    raise
+                stats.retries += 1
+                log.warning("online store write failed (%s); retrying in %.1fs", exc, delay)
+                if _sleep_unless(should_stop, delay):
+                    return False
+                delay = min(delay * 2, 5.0)
+        stats.rows += len(frame)
+        stats.batches += 1
+        return True
+
+    def _frame(self, rows: LatestRows):
+        try:
+            return feature_frame(self.spec, rows.keys, rows.event_ms, rows.features)
+        except (TypeError, ValueError):
+            pass
+        # Some value does not fit its column (a null count, a string): skip the rows at fault.
+        dtypes = feature_dtypes(self.spec)
+        good = []
+        for i, features in enumerate(rows.features):
+            if all(_fits(features.get(name), kind) for name, kind in dtypes.items()):
+                good.append(i)
+            else:
+                self.stats.bad += 1
+                log.warning("skipped the row of %s %r: its features %s do not fit %s", self.spec.key,
+                            rows.keys[i], features, dtypes)
+        return feature_frame(self.spec, [rows.keys[i] for i in good], [rows.event_ms[i] for i in good],
+                             [rows.features[i] for i in good])
+
+    def _commit(self) -> None:
+        """Commit the consumer's positions when they moved: everything consumed is written by now.
+        Positions rather than last offset + 1, so transaction markers after a batch count as
+        consumed too and the group's lag reaches 0."""
+        try:
+            moved = [tp for tp in self.consumer.position(self.consumer.assignment())
+                     if tp.offset >= 0 and self._committed.get((tp.topic, tp.partition)) != tp.offset]
+            if moved:
+                self.consumer.commit(offsets=moved, asynchronous=False)
+                self._committed.update(((tp.topic, tp.partition), tp.offset) for tp in moved)
+        except KafkaException as exc:
+            # A rebalance took the partitions: their new owner rewrites from the last commit.
+            log.warning("offset commit failed, the records will be written again: %s", exc.args[0])
+
+    def _beat(self, force: bool = False) -> None:
+        if self.heartbeat is not None:
+            s = self.stats
+            self.heartbeat.beat(s.events, force=force, rows=s.rows, batches=s.batches, late=s.late,
+                                bad=s.bad, retries=s.retries)
+
+
+def _fits(value: Any, kind: str) -> bool:
+    if kind == "Int64":
+        return isinstance(value, int) and not isinstance(value, bool)
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def _sleep_unless(should_stop: Callable[[], bool], seconds: float) -> bool:
+    """Sleep up to `seconds`; True if should_stop() became true meanwhile."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if should_stop():
+            return True
+        time.sleep(min(0.05, deadline - time.monotonic()))
+    return should_stop()
+
+
+def run_online_writer(kafka: KafkaConfig, spec: PipelineSpec, redis_url: str, repo_dir: Path,
+                      should_stop: Callable[[], bool], *, project: str | None = None,
+                      batch_size: int = 2000, batch_wait_s: float = 0.1) -> WriterStats:
+    """Set up the Feast repo under repo_dir (idempotent), then write until should_stop()."""
+    import redis
+
+    store = feature_store(spec, repo_dir, redis_url, project=project)
+    heartbeat = Heartbeat(redis.Redis.from_url(redis_url), spec.name, COMPONENT)
+    writer = OnlineWriter(kafka, spec, store, heartbeat, batch_size=batch_size, batch_wait_s=batch_wait_s)
+    log.info("online writer: %s -> Feast view %r (project %r)", spec.topics.features, writer.view,
+             store.project)
+    return writer.run(should_stop)
