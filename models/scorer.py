@@ -191,12 +191,18 @@ def run_scorer(config: ScorerConfig) -> None:
                        last_refusal=counters.last_refusal or None, bad_records=scorer.bad_records)
 
     scorer.wait_for_model()
+
+    def beat_every_second() -> None:  # also while idle, so status shows the replica as alive
+        while not stop.wait(1.0):
+            beat(force=True)
+
+    threading.Thread(target=beat_every_second, name="heartbeat", daemon=True).start()
     beat(force=True)
     loop = TransactionalLoop(config.kafka, config.group, [config.spec.topics.features],
                              transactional_id=f"{config.group}-{config.replica}",
                              batch_size=config.batch_size, batch_wait_s=config.batch_wait_s)
     try:
-        loop.run(scorer, stop.is_set, on_batch=lambda n: beat())
+        loop.run(scorer, stop.is_set)
     finally:
         scorer.listener.stop()
         beat(force=True)

@@ -134,7 +134,8 @@ def group_lag(config: KafkaConfig, timeout_s: float = 10.0) -> dict[str, dict[st
                     continue
                 _, high = watermarks.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=timeout_s)
                 per_topic[tp.topic] = per_topic.get(tp.topic, 0) + max(0, high - tp.offset)
-            lags[group] = per_topic
+            if per_topic:  # groups that never committed (readers such as `eddy consume`) have no lag
+                lags[group] = per_topic
     finally:
         watermarks.close()
     return lags

@@ -73,6 +73,7 @@ class TransactionalLoop:
             "transaction.timeout.ms": 60000,
         }))
         self.stats = LoopStats()
+        self._committed: dict[tuple[str, int], int] = {}
 
     def run(self, step: Step, should_stop: Callable[[], bool], on_batch: Callable[[int], None] | None = None) -> None:
         self.producer.init_transactions(30)
@@ -81,6 +82,7 @@ class TransactionalLoop:
             while not should_stop():
                 messages = self.consumer.consume(self.batch_size, self.batch_wait_s)
                 if not messages:
+                    self._commit_idle_positions()
                     continue
                 batch = [m for m in messages if m.error() is None]
                 for m in messages:
@@ -97,9 +99,8 @@ class TransactionalLoop:
         self.producer.begin_transaction()
         try:
             step.process(batch, self.producer)
-            self.producer.send_offsets_to_transaction(
-                _next_offsets(batch), self.consumer.consumer_group_metadata(), 30
-            )
+            offsets = _next_offsets(batch)
+            self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
             self.producer.commit_transaction(30)
         except KafkaException as exc:
             error = exc.args[0]
@@ -112,6 +113,32 @@ class TransactionalLoop:
             return
         self.stats.batches += 1
         self.stats.consumed += len(batch)
+        self._committed.update({(tp.topic, tp.partition): tp.offset for tp in offsets})
+
+    def _commit_idle_positions(self) -> None:
+        """When idle, move the committed offsets past transaction markers at the end of the input.
+
+        After a transactional producer's batch, the log ends with a commit marker one past the last
+        record, so offsets committed as last + 1 show a lag of 1 per partition until more data comes.
+        Once the consumer is idle its position has passed the marker: commit that (in an empty
+        transaction, since offsets of a transactional loop are only committed in transactions)."""
+        assignment = self.consumer.assignment()
+        if not assignment:
+            return
+        positions = [tp for tp in self.consumer.position(assignment) if tp.offset >= 0]
+        ahead = [tp for tp in positions if tp.offset > self._committed.get((tp.topic, tp.partition), -1)]
+        if not ahead:
+            return
+        self.producer.begin_transaction()
+        try:
+            self.producer.send_offsets_to_transaction(ahead, self.consumer.consumer_group_metadata(), 30)
+            self.producer.commit_transaction(30)
+        except KafkaException as exc:
+            if not exc.args[0].txn_requires_abort():
+                raise
+            self.producer.abort_transaction(30)
+            return
+        self._committed.update({(tp.topic, tp.partition): tp.offset for tp in ahead})
 
     def _rewind(self, batch: list) -> None:
         """Seek back to the first offset of the aborted batch in each partition, so it is redone."""

@@ -74,3 +74,21 @@ class Background:
         self.thread.join(timeout_s)
         if self._error is not None:
             raise self._error
+
+
+def count_committed(kafka: KafkaConfig, topic: str, idle_s: float = 2.0, timeout_s: float = 120.0) -> int:
+    """How many committed records the topic holds now: read until nothing new comes for idle_s."""
+    consumer = Consumer(kafka.client(**{
+        "group.id": f"test-counter-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest",
+        "enable.auto.commit": False, "isolation.level": "read_committed"}))
+    consumer.subscribe([topic])
+    seen, last_new, deadline = 0, time.monotonic(), time.monotonic() + timeout_s
+    try:
+        while time.monotonic() - last_new < idle_s and time.monotonic() < deadline:
+            got = [m for m in consumer.consume(1000, 0.2) if m.error() is None]
+            if got:
+                seen += len(got)
+                last_new = time.monotonic()
+    finally:
+        consumer.close()
+    return seen

@@ -1,0 +1,198 @@
+"""The scorer in a private stack: exactly one prediction per event through a kill -9, a hot swap under
+load that changes the version at one point per partition, and bad updates refused while the old
+model keeps serving."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.conftest import run_eddy, stack_environment
+from tests.kafka_helpers import count_committed, read_committed
+from tests.stack_helpers import group_lag, status, wait_for
+
+pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from deploy.settings import load_settings
+    from features.spec import load_spec
+
+    env = stack_environment(tmp_path_factory.mktemp("scoring") / "home")
+    settings = load_settings(environ=env)
+    try:
+        up = run_eddy(["up"], env)
+        assert up.returncode == 0, up.stderr
+        assert "published the baseline model baseline-1" in up.stdout
+        yield env, settings, load_spec(settings.pipeline)
+    finally:
+        run_eddy(["down"], env)
+
+
+def produce(env, count: int, *extra: str) -> None:
+    result = run_eddy(["produce", "--count", str(count), "--label-delay", "0", *extra], env)
+    assert result.returncode == 0, result.stderr
+
+
+def predictions(settings, spec, count: int) -> list[dict]:
+    msgs = read_committed(settings.kafka, spec.topics.predictions, count, timeout_s=180, idle_s=2.0)
+    return [{**orjson.loads(m.value()), "_partition": m.partition(), "_offset": m.offset()} for m in msgs]
+
+
+def variant(spec, settings, version: str, scale: float) -> Path:
+    """A second model: the baseline with its output layer scaled, saved and signed like any artifact."""
+    import torch
+
+    from models.artifacts import save_artifact
+    from models.baseline import baseline_model
+
+    model, normaliser = baseline_model(spec)
+    with torch.no_grad():
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.weight.mul_(scale)
+    directory = settings.artifacts_dir / spec.name / version
+    save_artifact(directory, model, normaliser, {"version": version, "spec_hash": spec.spec_hash},
+                  settings.model_key.reveal())
+    return directory
+
+
+def test_hot_swap_under_load_changes_version_at_one_point_per_partition(stack):
+    from models.artifacts import verify_artifact
+    from models.updates import publish
+
+    env, settings, spec = stack
+    baseline_count = count_committed(settings.kafka, spec.topics.predictions)
+    directory = variant(spec, settings, "v2", 0.5)
+    manifest = verify_artifact(directory, settings.model_key.reveal(), spec.spec_hash, list(spec.model_inputs))
+
+    import threading
+
+    producer = threading.Thread(target=produce, args=(env, 6000, "--rate", "1500"))
+    producer.start()
+    time.sleep(1.5)  # events are flowing through the baseline
+    published_at = time.time()
+    publish(settings.kafka, spec.topics.model_updates, manifest, directory.as_uri(), settings.model_key.reveal())
+    producer.join()
+
+    rows = predictions(settings, spec, baseline_count + 6000)
+    assert len(rows) == baseline_count + 6000
+    assert len({r["event_id"] for r in rows}) == len(rows), "an event got two predictions"
+    per_partition = defaultdict(list)
+    for r in sorted(rows, key=lambda r: (r["_partition"], r["_offset"])):
+        per_partition[r["_partition"]].append(r["model_version"])
+    for versions in per_partition.values():
+        changes = [i for i in range(1, len(versions)) if versions[i] != versions[i - 1]]
+        assert len(changes) == 1, f"version changed {len(changes)} times in a partition"
+        assert versions[0] == "baseline-1" and versions[-1] == "v2"
+    first_v2 = min(r["scored_at"] for r in rows if r["model_version"] == "v2")
+    from datetime import datetime
+
+    swap_s = datetime.fromisoformat(first_v2).timestamp() - published_at
+    assert 0 < swap_s < 30
+    scorer = status(env)["parts"]["scorer-0"]
+    assert scorer["model_version"] == "v2" and scorer["updates_accepted"] >= 2
+
+
+def test_forged_corrupt_and_pickled_updates_are_refused_and_the_old_model_keeps_serving(stack, tmp_path):
+    from models.artifacts import WEIGHTS_FILE, model_update_message, save_artifact, verify_artifact
+    from models.baseline import baseline_model
+    from tests.kafka_helpers import produce_all
+
+    env, settings, spec = stack
+    key = settings.model_key.reveal()
+    serving = status(env)["parts"]["scorer-0"]["model_version"]
+    refused_before = status(env)["parts"]["scorer-0"]["updates_refused"]
+    marker = tmp_path / "unpickled"
+
+    class Boom:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    def artifact(version: str) -> Path:
+        directory = settings.artifacts_dir / spec.name / version
+        model, normaliser = baseline_model(spec)
+        save_artifact(directory, model, normaliser, {"version": version, "spec_hash": spec.spec_hash}, key)
+        return directory
+
+    # 1. forged: signed with another key
+    forged = artifact("v-forged")
+    m = verify_artifact(forged, key, spec.spec_hash, None)
+    bad_sig = model_update_message(m, forged.as_uri(), b"not-the-key")
+    # 2. corrupt: the weights change after signing
+    corrupt = artifact("v-corrupt")
+    m_corrupt = verify_artifact(corrupt, key, spec.spec_hash, None)
+    weights = corrupt / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    corrupt_msg = model_update_message(m_corrupt, corrupt.as_uri(), key)
+    # 3. a pickle in place of the weights, manifest and message re-signed to match it
+    pickled = artifact("v-pickle")
+    (pickled / WEIGHTS_FILE).write_bytes(pickle.dumps(Boom()))
+    _resign(pickled, key)
+    m_pickle = _manifest(pickled)
+    pickle_msg = model_update_message(m_pickle, pickled.as_uri(), key)
+
+    produce_all(settings.kafka, spec.topics.model_updates,
+                [(None, orjson.dumps(x)) for x in (bad_sig, corrupt_msg, pickle_msg)] + [(None, b"\x80not json")])
+    wait_for(lambda: status(env)["parts"]["scorer-0"]["updates_refused"] >= refused_before + 4, 60,
+             "the scorer to refuse the four updates")
+    before = count_committed(settings.kafka, spec.topics.predictions)
+    produce(env, 500, "--backfill", "5m")
+    rows = predictions(settings, spec, before + 500)
+    assert {r["model_version"] for r in rows[-500:]} == {serving}
+    assert not marker.exists(), "a pickle was unpickled"
+    log = Path(status(env)["parts"]["scorer-0"]["log"]).read_text()
+    assert "bad signature" in log and "v-corrupt" in log and "v-pickle" in log
+
+
+def test_kill_9_of_the_scorer_mid_stream_gives_exactly_one_prediction_per_event(stack):
+    env, settings, spec = stack
+    before = count_committed(settings.kafka, spec.topics.predictions)
+    produce(env, 20_000, "--backfill", "30m")
+    group = f"eddy-{spec.name}-scorer"
+    wait_for(lambda: len(read_committed(settings.kafka, spec.topics.predictions, before + 3000, timeout_s=1))
+             >= before + 3000, 120, "predictions to flow")
+    os.kill(status(env)["parts"]["scorer-0"]["pid"], signal.SIGKILL)
+    at_kill = count_committed(settings.kafka, spec.topics.predictions, idle_s=0.5)
+    assert at_kill < before + 20_000, "the scorer finished before it could be killed"
+    restarted = run_eddy(["up"], env)
+    assert restarted.returncode == 0, restarted.stderr
+    assert any(line.startswith("up  scorer-0") and "started in" in line for line in restarted.stdout.splitlines())
+    wait_for(lambda: group_lag(env, group, spec.topics.features) == 0, 300, "the scorer to catch up")
+    rows = predictions(settings, spec, before + 20_000)
+    ids = [r["event_id"] for r in rows]
+    assert len(ids) == before + 20_000 and len(set(ids)) == len(ids)
+    assert all(0.0 <= r["score"] <= 1.0 for r in rows)
+
+
+def _manifest(directory: Path):
+    import json
+
+    from models.artifacts import Manifest
+
+    data = json.loads((directory / "manifest.json").read_text())
+    return Manifest(**{k: v for k, v in data.items() if k in Manifest.__dataclass_fields__})
+
+
+def _resign(directory: Path, key: bytes) -> None:
+    """Recompute sha256 and signature of a manifest after its weights file was replaced."""
+    import hashlib
+    import json
+
+    from models.artifacts import sign_message
+
+    path = directory / "manifest.json"
+    data = json.loads(path.read_text())
+    data["sha256"] = hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
+    data.pop("signature")
+    data["signature"] = sign_message(data, key)
+    path.write_text(json.dumps(data))
