@@ -159,6 +159,53 @@ def features_get(
         out.print(f"  {name:<{width}}  {'null' if value is None else value}", markup=False, highlight=False)
 
 
+@app.command()
+def bench(
+    events: Annotated[int, typer.Option("--events", help="backlog size for the ceiling and the drain")] = 100_000,
+    loads: Annotated[str, typer.Option("--loads", help="fixed loads in events/s, comma separated")] = "1000,5000",
+    load_seconds: Annotated[float, typer.Option("--load-seconds", help="seconds per fixed load")] = 15.0,
+    engine: Annotated[str | None, typer.Option("--engine", help="feature engine: faust or flink")] = None,
+    out_file: Annotated[str | None, typer.Option("--out", help="write the JSON here")] = None,
+    pipeline: PipelineOpt = None,
+) -> None:
+    """Benchmark on a private stack: Kafka ceiling, drain rate, latency at fixed loads, scoring."""
+    from deploy.bench import run_bench
+
+    settings = settings_from("bench", pipeline=pipeline, engine=engine)
+    try:
+        rates = [int(r) for r in loads.split(",") if r.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--loads {loads!r}: give events/s as integers, e.g. 1000,5000") from None
+    result = run_bench(settings, events=events, loads=rates, load_seconds=load_seconds, engine=settings.engine,
+                       on_progress=lambda line: err.print(f"[bench] {line}", markup=False, highlight=False))
+    print_bench(result)
+    if out_file:
+        from pathlib import Path
+
+        Path(out_file).write_text(json.dumps(result, indent=2))
+        out.print(f"wrote {out_file}")
+
+
+def print_bench(result: dict) -> None:
+    table = Table(title=f"eddy bench ({result['engine']} engine, {result['device']}, {result['machine']['cpus']} CPUs)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    base = result["baselines"]
+    table.add_row("end-to-end events/s (backlog drain)", f"{result['events_per_s']:,.0f}")
+    table.add_row("Kafka passthrough ceiling events/s", f"{base['kafka_passthrough_events_per_s']:,.0f}")
+    table.add_row("ratio to ceiling", f"{result['ratio_to_ceiling']:.2f}")
+    for rate, load in result["loads"].items():
+        lat, vis = load["latency_ms"], load["visible_latency_ms"]
+        table.add_row(f"latency at {int(rate):,}/s p50 / p95 / p99 ms",
+                      f"{lat['p50']} / {lat['p95']} / {lat['p99']} (visible {vis['p50']} / {vis['p99']})")
+    for stage, rate in result["per_stage_events_per_s"].items():
+        table.add_row(f"stage {stage} peak events/s", f"{rate:,.0f}")
+    table.add_row(f"scoring rows/s at batch 1024 ({result['device']})", f"{result['scoring_rows_per_s']:,.0f}")
+    table.add_row("scoring stage micro-batched events/s", f"{result['scoring']['micro_batched_events_per_s']:,.0f}")
+    table.add_row("scoring stage per-event events/s", f"{base['per_event_scoring_events_per_s']:,.0f}")
+    out.print(table)
+
+
 @app.command(hidden=True)
 def run(component: Annotated[str, typer.Argument(help="component to run in this process")]) -> None:
     """Run one component of the stack in the foreground (what `eddy up` starts)."""

@@ -1,0 +1,270 @@
+"""`eddy bench`: the whole path against this machine's own Kafka ceiling, in one process run.
+
+It starts a private stack (fresh EDDY_HOME, free loopback ports) so that nothing else competes,
+then measures: (a) a raw confluent-kafka consume->produce passthrough, the ceiling; (b) the drain rate
+of a backlog through features, scoring and predictions, with per-stage rates; (c) latency at fixed
+loads, from each transaction's Kafka timestamp to its prediction's; (d) the scoring stage, micro-batched
+against per-event. Everything lands in one JSON document (CONTRACT section 8)."""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from confluent_kafka import Consumer, Producer
+
+from deploy import stack
+from deploy.processes import free_port
+from deploy.settings import Settings
+from features.spec import PipelineSpec, load_spec
+from streams.generator import GeneratorConfig, TransactionGenerator
+from streams.kafka import KafkaConfig, ensure_topics
+from streams.metrics import read_metrics
+
+
+def _consumer(kafka: KafkaConfig, topics: list[str], **extra) -> Consumer:
+    consumer = Consumer(kafka.client(**{"group.id": f"bench-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest",
+                                        "enable.auto.commit": False, "isolation.level": "read_committed",
+                                        "fetch.wait.max.ms": 5, **extra}))
+    consumer.subscribe(topics)
+    return consumer
+
+
+def _fill(kafka: KafkaConfig, topic: str, count: int, seed: int, start_ms: int, span_ms: int) -> None:
+    gen = TransactionGenerator(GeneratorConfig(seed=seed, start_ms=start_ms, mean_gap_ms=span_ms / count,
+                                               id_prefix=f"b{seed}"))
+    producer = Producer(kafka.client(**{"linger.ms": 20, "batch.num.messages": 10000, "compression.type": "lz4",
+                                        "queue.buffering.max.messages": 1_000_000, "enable.idempotence": True}))
+    done = 0
+    while done < count:
+        batch = gen.batch(min(10_000, count - done))
+        for key, value in zip(batch.keys, batch.values, strict=True):
+            producer.produce(topic, value, key)
+        producer.poll(0)
+        done += len(batch.keys)
+    producer.flush(60)
+
+
+def kafka_passthrough(kafka: KafkaConfig, count: int, partitions: int) -> float:
+    """events/s of a plain batched consume -> produce loop over the same broker and partition count."""
+    source, sink = f"bench-in-{uuid.uuid4().hex[:6]}", f"bench-out-{uuid.uuid4().hex[:6]}"
+    ensure_topics(kafka, [source, sink], partitions)
+    _fill(kafka, source, count, seed=1, start_ms=int(time.time() * 1000) - 3_600_000, span_ms=3_600_000)
+    consumer = _consumer(kafka, [source])
+    producer = Producer(kafka.client(**{"linger.ms": 5, "batch.num.messages": 10000, "compression.type": "lz4",
+                                        "queue.buffering.max.messages": 1_000_000}))
+    seen, started = 0, None
+    while seen < count:
+        msgs = consumer.consume(5000, 1.0)
+        if started is None and msgs:
+            started = time.perf_counter()
+        for m in msgs:
+            if m.error() is None:
+                producer.produce(sink, m.value(), m.key())
+                seen += 1
+        producer.poll(0)
+    producer.flush(60)
+    took = time.perf_counter() - (started or time.perf_counter())
+    consumer.close()
+    return count / took
+
+
+def _timestamps(kafka: KafkaConfig, topic: str, want: set[str] | None, count: int, timeout_s: float,
+                received: dict[str, float] | None = None, done=lambda found: False) -> dict[str, int]:
+    """event_id -> Kafka timestamp (ms) of the records of `topic`, until `count` are seen; when given,
+    `received` gets the wall-clock ms at which each record reached this read_committed reader."""
+    consumer = _consumer(kafka, [topic])
+    out: dict[str, int] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(out) < count and time.monotonic() < deadline and not done(out):
+            for m in consumer.consume(5000, 0.5):
+                if m.error() is None:
+                    event_id = orjson.loads(m.value())["event_id"]
+                    if want is None or event_id in want:
+                        out[event_id] = m.timestamp()[1]
+                        if received is not None:
+                            received[event_id] = time.time() * 1000
+    finally:
+        consumer.close()
+    return out
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None, "count": 0}
+    arr = np.asarray(values)
+    return {"p50": round(float(np.percentile(arr, 50)), 1), "p95": round(float(np.percentile(arr, 95)), 1),
+            "p99": round(float(np.percentile(arr, 99)), 1), "count": len(values)}
+
+
+def _stage_rates(settings: Settings, spec: PipelineSpec) -> dict[str, float]:
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url)
+    out = {}
+    for stage in ("features", "scorer", "online-writer"):
+        beats = read_metrics(client, spec.name, stage)
+        out[stage] = round(sum(b.get("events_per_s", 0) for b in beats), 1)
+    return out
+
+
+def drain(settings: Settings, spec: PipelineSpec, count: int, on_progress) -> dict[str, Any]:
+    """Produce a backlog as fast as possible and time it until every prediction is committed."""
+    started = time.time()
+    peaks: dict[str, float] = {}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(1.0):
+            for stage, rate in _stage_rates(settings, spec).items():
+                peaks[stage] = max(peaks.get(stage, 0.0), rate)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _fill(settings.kafka, spec.topics.source, count, seed=2, start_ms=int(started * 1000) - 7_200_000,
+          span_ms=7_200_000)
+    produced_s = time.time() - started
+    on_progress(f"backlog of {count:,} produced in {produced_s:.1f}s; draining")
+    predictions = _timestamps(settings.kafka, spec.topics.predictions, None, count, timeout_s=1800)
+    elapsed = (max(predictions.values()) / 1000 if predictions else time.time()) - started
+    stop.set()
+    return {"events": count, "predicted": len(predictions), "seconds": round(elapsed, 2),
+            "events_per_s": round(len(predictions) / elapsed, 1), "per_stage_peak_events_per_s": peaks}
+
+
+def fixed_load(settings: Settings, spec: PipelineSpec, rate: int, seconds: float) -> dict[str, Any]:
+    """Produce at `rate` with wall-clock event times; latency = prediction ts - transaction ts."""
+    from streams.producer import SyntheticProducer
+
+    count = int(rate * seconds)
+    now_ms = int(time.time() * 1000)
+    gen = TransactionGenerator(GeneratorConfig(seed=rate, start_ms=now_ms, id_prefix=f"L{rate}-{now_ms}",
+                                               cards=max(10_000, rate * 20)))
+    ids_prefix = f"L{rate}-{now_ms}-"
+    # Read predictions while producing, so arrival times measure when they became visible.
+    received: dict[str, float] = {}
+    found: dict[str, int] = {}
+    produced = threading.Event()
+
+    def all_in(out: dict) -> bool:
+        return produced.is_set() and sum(1 for k in out if k.startswith(ids_prefix)) >= count
+
+    reader = threading.Thread(target=lambda: found.update(_timestamps(
+        settings.kafka, spec.topics.predictions, None, 10**9, timeout_s=seconds + 120, received=received,
+        done=all_in)))
+    reader.start()
+    SyntheticProducer(settings.kafka, spec.topics.source, None, gen).run(count, float(rate), backfill=False)
+    produced.set()
+    sources = _timestamps(settings.kafka, spec.topics.source, None, 10**9, timeout_s=30,
+                          done=lambda out: sum(1 for k in out if k.startswith(ids_prefix)) >= count)
+    sources = {k: v for k, v in sources.items() if k.startswith(ids_prefix)}
+    reader.join()
+    latencies = [found[k] - sources[k] for k in sources if k in found]
+    visible = [received[k] - sources[k] for k in sources if k in received]
+    return {"rate": rate, "seconds": seconds, "events": count, "predicted": len(latencies),
+            "latency_ms": _percentiles(latencies), "visible_latency_ms": _percentiles(visible)}
+
+
+def scoring_stage(spec: PipelineSpec, device_setting: str, rows: int = 200_000) -> dict[str, Any]:
+    """The scorer's per-batch work (parse, one model call, serialise) at batch 1024 against batch 1."""
+    import torch
+
+    from models.baseline import baseline_model
+    from models.scoring import LoadedModel, pick_device
+
+    torch.set_num_threads(1)
+    device = pick_device(device_setting)
+    model, normaliser = baseline_model(spec)
+    loaded = LoadedModel(model, normaliser, device=device)
+    loaded.warm_up()
+    rng = np.random.default_rng(0)
+    names = spec.model_inputs
+    records = [orjson.dumps({"event_id": f"e{i}", "features": {n: float(rng.gamma(2.0, 10.0)) for n in names}})
+               for i in range(4096)]
+
+    def stage(batch: int, total: int) -> float:
+        started = time.perf_counter()
+        done = 0
+        while done < total:
+            chunk = [orjson.loads(records[(done + j) % len(records)]) for j in range(batch)]
+            scores = loaded.score([r["features"] for r in chunk])
+            for r, s in zip(chunk, scores.tolist(), strict=True):
+                orjson.dumps({"event_id": r["event_id"], "score": s, "features": r["features"]})
+            done += batch
+        return done / (time.perf_counter() - started)
+
+    def model_only(batch: int) -> float:
+        x = np.abs(rng.normal(size=(batch, len(names)))) * 10
+        loaded.score(x)
+        reps = max(3, 2_000_000 // batch // 50)
+        started = time.perf_counter()
+        for _ in range(reps):
+            loaded.score(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return batch * reps / (time.perf_counter() - started)
+
+    return {"device": str(device), "micro_batched_events_per_s": round(stage(1024, rows), 1),
+            "per_event_events_per_s": round(stage(1, min(rows, 20_000)), 1),
+            "model_rows_per_s": {str(b): round(model_only(b), 1) for b in (1, 64, 1024)}}
+
+
+def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: float, engine: str,
+              on_progress, keep: bool = False) -> dict[str, Any]:
+    home = Path(tempfile.mkdtemp(prefix="eddy-bench-"))
+    settings = replace(base, home=home, kafka=KafkaConfig(f"127.0.0.1:{free_port()}", base.kafka.properties),
+                       redis_url=f"redis://127.0.0.1:{free_port()}/0", lakehouse=str(home / "lakehouse"),
+                       engine=engine)
+    spec = load_spec(settings.pipeline)
+    # The stack's processes read the model key from their EDDY_HOME: give them the one used here.
+    key_file = home / "model.key"
+    key_file.touch(mode=0o600)
+    key_file.write_bytes(base.model_key.reveal())
+    result: dict[str, Any] = {"machine": {"cpus": _cpus(), "python": platform.python_version(),
+                                          "platform": platform.platform()}, "engine": engine}
+    try:
+        on_progress(f"starting a private stack in {home}")
+        stack.up(settings, spec)
+        on_progress("measuring the Kafka passthrough ceiling")
+        ceiling = kafka_passthrough(settings.kafka, events, settings.partitions)
+        on_progress(f"ceiling {ceiling:,.0f} events/s; draining a backlog of {events:,} through eddy")
+        whole = drain(settings, spec, events, on_progress)
+        result_loads = {}
+        for rate in loads:
+            on_progress(f"fixed load {rate:,} events/s for {load_seconds:.0f}s")
+            result_loads[str(rate)] = fixed_load(settings, spec, rate, load_seconds)
+        on_progress("scoring stage: micro-batched against per-event")
+        scoring = scoring_stage(spec, settings.device)
+    finally:
+        if not keep:
+            stack.down(settings)
+    main_load = result_loads.get("5000") or next(iter(result_loads.values()), {"latency_ms": {}})
+    result.update({
+        "events_per_s": whole["events_per_s"],
+        "ratio_to_ceiling": round(whole["events_per_s"] / ceiling, 3),
+        "latency_ms": main_load["latency_ms"],
+        "loads": result_loads,
+        "per_stage_events_per_s": whole["per_stage_peak_events_per_s"],
+        "scoring_rows_per_s": scoring["model_rows_per_s"]["1024"],
+        "scoring": scoring,
+        "device": scoring["device"],
+        "drain": whole,
+        "baselines": {"kafka_passthrough_events_per_s": round(ceiling, 1),
+                      "per_event_scoring_events_per_s": scoring["per_event_events_per_s"]},
+    })
+    return result
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
