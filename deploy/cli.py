@@ -160,6 +160,95 @@ def features_get(
 
 
 @app.command()
+def demo(home: HomeOpt = None) -> None:
+    """The loop on the local stack, unattended; starts and stops the stack itself."""
+    from deploy.demo import run_demo
+
+    settings = settings_from("demo", home=home)
+    run_demo(settings, out)
+
+
+@app.command()
+def retrain(
+    publish_mode: Annotated[str, typer.Option("--publish", help="auto (when better), always or never")] = "auto",
+    epochs: Annotated[int, typer.Option("--epochs", help="training epochs")] = 8,
+    home: HomeOpt = None,
+    pipeline: PipelineOpt = None,
+) -> None:
+    """Train on the labelled rows, evaluate against the serving model, publish when better."""
+    from features.spec import load_spec
+    from models.retrain import retrain as run_retrain
+
+    settings = settings_from("retrain", home=home, pipeline=pipeline)
+    spec = load_spec(settings.pipeline)
+    with err.status("retraining...") as spinner:
+        result = run_retrain(settings.kafka, spec, settings.artifacts_dir, settings.model_key.reveal(),
+                             settings.device, publish_mode, epochs=epochs,
+                             on_progress=lambda line: spinner.update(f"retraining: {line}"))
+    new, old = result.metrics, result.champion_metrics or {}
+    out.print(f"trained {result.version} on {result.rows:,} labelled rows ({result.positives} fraud) in "
+              f"{result.seconds:.1f}s")
+    out.print(f"holdout PR-AUC {new['pr_auc']} (champion {result.champion}: {old.get('pr_auc')}), "
+              f"ROC-AUC {new['roc_auc']} ({old.get('roc_auc')}), "
+              f"recall@90%precision {new['recall_at_precision_90']} ({old.get('recall_at_precision_90')})")
+    out.print(f"published {result.version} on {spec.topics.model_updates}" if result.published
+              else f"not published (--publish {publish_mode})")
+
+
+@app.command()
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    home: HomeOpt = None,
+    pipeline: PipelineOpt = None,
+) -> None:
+    """The model versions with their holdout metrics, and which one serves."""
+    from features.spec import load_spec
+    from models.registry import list_models
+
+    settings = settings_from("models", home=home, pipeline=pipeline)
+    rows = list_models(settings.kafka, load_spec(settings.pipeline), settings.artifacts_dir,
+                       settings.model_key.reveal())
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="models")
+    for column in ("version", "serving", "created", "parent", "PR-AUC", "ROC-AUC"):
+        table.add_column(column)
+    for m in rows:
+        table.add_row(m["version"], "*" if m["serving"] else "", str(m["created_at"]), str(m["parent"] or "-"),
+                      str(m["metrics"].get("pr_auc", "-")), str(m["metrics"].get("roc_auc", "-")))
+    out.print(table)
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="the version to serve")],
+    home: HomeOpt = None,
+    pipeline: PipelineOpt = None,
+) -> None:
+    """Serve this version now (published on the model-updates topic)."""
+    from features.spec import load_spec
+    from models.registry import promote as run_promote
+
+    settings = settings_from("promote", home=home, pipeline=pipeline)
+    run_promote(settings.kafka, load_spec(settings.pipeline), settings.artifacts_dir, settings.model_key.reveal(),
+                version)
+    out.print(f"published {version}; scorers swap to it between batches")
+
+
+@app.command()
+def rollback(home: HomeOpt = None, pipeline: PipelineOpt = None) -> None:
+    """Serve again the version that served before the current one."""
+    from features.spec import load_spec
+    from models.registry import rollback as run_rollback
+
+    settings = settings_from("rollback", home=home, pipeline=pipeline)
+    previous = run_rollback(settings.kafka, load_spec(settings.pipeline), settings.artifacts_dir,
+                            settings.model_key.reveal())
+    out.print(f"rolled back to {previous}")
+
+
+@app.command()
 def bench(
     events: Annotated[int, typer.Option("--events", help="backlog size for the ceiling and the drain")] = 100_000,
     loads: Annotated[str, typer.Option("--loads", help="fixed loads in events/s, comma separated")] = "1000,5000",

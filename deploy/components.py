@@ -64,9 +64,16 @@ def feast_dir(settings: Settings) -> Path:
     return settings.home / "feast"
 
 
+def _flink(settings: Settings, spec: PipelineSpec) -> None:
+    from streams.engines.flink_job import run_job
+
+    run_job(engine_config(settings, spec))
+
+
 COMPONENTS: dict[str, Component] = {
     c.name: c for c in (
         Component("features-faust", _faust, engine="faust"),
+        Component("features-flink", _flink, engine="flink"),
         Component("online-writer", _online_writer),
         *(Component(f"scorer-{i}", _scorer(i), replica=i) for i in range(16)),
     )

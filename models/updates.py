@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import orjson
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from features.errors import EddyError
 from features.spec import PipelineSpec
@@ -26,6 +26,53 @@ from streams.kafka import KafkaConfig
 
 log = logging.getLogger(__name__)
 ACTIONS = ("publish", "promote", "rollback")
+
+
+def supersedes(message: dict, current: dict | None) -> bool:
+    """Whether `message` serves after `current`: a publish must be newer than what serves; promote and
+    rollback are explicit and always win."""
+    if current is None or message.get("action", "publish") != "publish":
+        return True
+    return str(message["created_at"]) > str(current["created_at"])
+
+
+def read_updates(kafka: KafkaConfig, spec: PipelineSpec, key: bytes) -> list[dict]:
+    """Every validly signed update for this spec on the topic, in topic order (a snapshot)."""
+    consumer = Consumer(kafka.client(**{"group.id": f"eddy-{spec.name}-registry-{uuid.uuid4().hex[:8]}",
+                                        "enable.auto.commit": False, "isolation.level": "read_committed"}))
+    topic = spec.topics.model_updates
+    try:
+        partitions = list(consumer.list_topics(topic, timeout=30).topics[topic].partitions)
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        behind = {p for p, end in ends.items() if end > 0}
+        out = []
+        deadline = time.monotonic() + 60
+        while behind and time.monotonic() < deadline:
+            for msg in consumer.consume(500, 0.5):
+                if msg.error() is not None:
+                    continue
+                if msg.offset() + 1 >= ends[msg.partition()]:
+                    behind.discard(msg.partition())
+                try:
+                    message = orjson.loads(msg.value())
+                    fields = {k: v for k, v in message.items() if k != "signature"}
+                    if verify_message(fields, message["signature"], key) and message.get("spec_hash") == spec.spec_hash:
+                        out.append(message)
+                except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+                    continue
+        return out
+    finally:
+        consumer.close()
+
+
+def serving_update(updates: list[dict]) -> dict | None:
+    """Which of the updates (topic order) serves now, by the rule scorers apply."""
+    current = None
+    for message in updates:
+        if supersedes(message, current):
+            current = message
+    return current
 
 
 class UpdateRefused(EddyError):
@@ -103,7 +150,7 @@ class UpdateListener:
                         self._apply(msg.value())
                         continue
                     message = self._check(msg.value())
-                    if message is not None and self._supersedes(message, history[-1] if history else None):
+                    if message is not None and supersedes(message, history[-1] if history else None):
                         history.append(message)
                     if msg.offset() + 1 >= ends[msg.partition()]:
                         behind.discard(msg.partition())
@@ -112,13 +159,6 @@ class UpdateListener:
                         self.caught_up.set()
         finally:
             consumer.close()
-
-    @staticmethod
-    def _supersedes(message: dict, current: dict | None) -> bool:
-        """A publish must be newer than what serves; promote and rollback are explicit and always win."""
-        if current is None or message.get("action", "publish") != "publish":
-            return True
-        return str(message["created_at"]) > str(current["created_at"])
 
     def _serve_latest(self, history: list[dict]) -> None:
         """Load the newest servable update of the replayed history; an artifact that fails falls back."""
@@ -154,7 +194,7 @@ class UpdateListener:
         if message is None:
             return
         current = self.serving()
-        if current is not None and not self._supersedes(message, {"created_at": current.manifest.created_at}):
+        if current is not None and not supersedes(message, {"created_at": current.manifest.created_at}):
             self.counters.ignored_older += 1
             log.info("model update %s ignored: not newer than serving %s", message["version"],
                      current.manifest.version)
@@ -189,9 +229,18 @@ def ensure_baseline(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path
 
     topic = spec.topics.model_updates
     probe = Consumer(kafka.client(**{"group.id": f"eddy-{spec.name}-probe", "enable.auto.commit": False}))
+    deadline = time.monotonic() + 30
     try:
-        partitions = probe.list_topics(topic, timeout=15).topics[topic].partitions
-        if any(probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] > 0 for p in partitions):
+        while True:  # a topic created a moment ago may not have a leader yet
+            try:
+                partitions = probe.list_topics(topic, timeout=15).topics[topic].partitions
+                ends = [probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions]
+                break
+            except KafkaException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        if any(end > 0 for end in ends):
             return None
     finally:
         probe.close()

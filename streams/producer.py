@@ -13,6 +13,7 @@ from streams.generator import Batch, TransactionGenerator, label_record
 from streams.kafka import KafkaConfig
 
 TICK_S = 0.01  # pacing granularity at a fixed --rate
+LAST = 2**62   # "now" for labels that are due whatever their time
 
 
 @dataclass
@@ -98,7 +99,9 @@ class SyntheticProducer:
                     self.gen.set_clock(int(now * 1000), max(0.001, 1000 * (now - start) / max(done, 1)))
             self._emit(self.gen.batch(n))
             done += n
-            self._emit_due_labels(int(self.clock() * 1000))
+            # A backfill is history: its labels are history too and go out at once (their label_time
+            # still says when each was known); live labels wait for their time.
+            self._emit_due_labels(LAST if backfill else int(self.clock() * 1000))
             on_progress(self.report)
         while self.pending:  # the last labels follow their events after the delay
             self._emit_due_labels(int(self.clock() * 1000))

@@ -1,0 +1,54 @@
+"""The model registry as the stack sees it today: signed artifacts under the lakehouse root, and the
+model-updates topic saying which version serves. `eddy models`, `eddy promote`, `eddy rollback`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from features.errors import EddyError
+from features.spec import PipelineSpec
+from models.artifacts import verify_artifact
+from models.updates import publish, read_updates, serving_update, supersedes
+from streams.kafka import KafkaConfig
+
+
+def list_models(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: bytes) -> list[dict[str, Any]]:
+    """Every artifact of this pipeline with its manifest's metrics, newest first; `serving` marks the one in use."""
+    serving = serving_update(read_updates(kafka, spec, key))
+    out = []
+    for manifest_file in sorted((artifacts_root / spec.name).glob("*/manifest.json")):
+        data = json.loads(manifest_file.read_text())
+        out.append({"version": data.get("version"), "created_at": data.get("created_at"), "kind": data.get("kind"),
+                    "parent": data.get("parent"), "metrics": data.get("metrics", {}),
+                    "serving": serving is not None and serving["version"] == data.get("version"),
+                    "uri": manifest_file.parent.resolve().as_uri()})
+    return sorted(out, key=lambda m: str(m["created_at"]), reverse=True)
+
+
+def promote(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: bytes, version: str,
+            action: str = "promote") -> None:
+    """Publish an existing version so that scorers serve it, whatever its age."""
+    directory = artifacts_root / spec.name / version
+    if not (directory / "manifest.json").exists():
+        known = ", ".join(sorted(p.parent.name for p in (artifacts_root / spec.name).glob("*/manifest.json")))
+        raise EddyError(f"no model version {version!r} under {artifacts_root / spec.name}; known: {known or 'none'}")
+    manifest = verify_artifact(directory, key, spec.spec_hash, list(spec.model_inputs))
+    publish(kafka, spec.topics.model_updates, manifest, directory.resolve().as_uri(), key, action=action)
+
+
+def rollback(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: bytes) -> str:
+    """Serve again the version that served before the current one; returns it."""
+    served: list[str] = []
+    current = None
+    for message in read_updates(kafka, spec, key):
+        if supersedes(message, current):
+            current = message
+            if not served or served[-1] != message["version"]:
+                served.append(message["version"])
+    if len(served) < 2:
+        raise EddyError("nothing to roll back to: only one version has served")
+    previous = served[-2]
+    promote(kafka, spec, artifacts_root, key, previous, action="rollback")
+    return previous

@@ -1,0 +1,139 @@
+"""`eddy retrain`: a training set of labelled feature rows, a time-ordered split, training, evaluation
+against the serving champion on the same holdout, a signed artifact, and publication when better.
+
+The rows come from the features and labels topics (each features record joined with its label by
+event id); reading them from the lakehouse's silver/features and bronze/labels is the same join."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from confluent_kafka import Consumer
+
+from features.errors import EddyError
+from features.spec import PipelineSpec
+from models.artifacts import load_artifact, save_artifact
+from models.inputs import spec_log_mask
+from models.scoring import LoadedModel, pick_device
+from models.training import evaluate, train
+from models.updates import artifact_path, publish, read_updates, serving_update
+from streams.kafka import KafkaConfig
+
+PUBLISH_MODES = ("auto", "always", "never")
+
+
+@dataclass
+class RetrainResult:
+    version: str
+    champion: str | None
+    metrics: dict[str, Any]
+    champion_metrics: dict[str, Any] | None
+    published: bool
+    rows: int
+    positives: int
+    seconds: float
+    uri: str
+
+
+def _read_all(kafka: KafkaConfig, topic: str, idle_s: float = 3.0) -> list[bytes]:
+    consumer = Consumer(kafka.client(**{"group.id": f"eddy-retrain-{uuid.uuid4().hex[:8]}",
+                                        "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                                        "isolation.level": "read_committed"}))
+    consumer.subscribe([topic])
+    values, last = [], time.monotonic()
+    try:
+        while time.monotonic() - last < idle_s:
+            got = [m.value() for m in consumer.consume(5000, 0.3) if m.error() is None]
+            if got:
+                values.extend(got)
+                last = time.monotonic()
+    finally:
+        consumer.close()
+    return values
+
+
+def training_set(kafka: KafkaConfig, spec: PipelineSpec) -> tuple[list[dict], np.ndarray]:
+    """Feature records with a label, in event-time order, and their 0/1 labels."""
+    if spec.labels is None:
+        raise EddyError(f"spec {spec.name!r} has no labels section: nothing to train on")
+    labels: dict[str, bool] = {}
+    for raw in _read_all(kafka, spec.labels.topic):
+        label = orjson.loads(raw)
+        labels[str(label[spec.labels.id])] = bool(label[spec.labels.label])
+    records = [r for r in map(orjson.loads, _read_all(kafka, spec.topics.features)) if r["event_id"] in labels]
+    records.sort(key=lambda r: r["event_time"])
+    return records, np.array([labels[r["event_id"]] for r in records], dtype=np.float64)
+
+
+def _inputs(spec: PipelineSpec, records: list[dict], seq_len: int) -> list:
+    """mlp: the feature dicts; sequence: each record's entity history (oldest first, itself last)."""
+    if spec.model.kind != "sequence":
+        return [r["features"] for r in records]
+    seen: dict[str, list[dict]] = defaultdict(list)
+    out = []
+    for r in records:
+        history = seen[r[spec.key]]
+        out.append([*history[-(seq_len - 1):], r["features"]])
+        if not r.get("late"):
+            history.append(r["features"])
+    return out
+
+
+def _score(model: LoadedModel, spec: PipelineSpec, inputs: list) -> np.ndarray:
+    return model.score_sequences(inputs) if spec.model.kind == "sequence" else model.score(inputs)
+
+
+def retrain(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: bytes, device: str,
+            publish_mode: str = "auto", epochs: int = 8, seed: int = 0,
+            on_progress: Callable[[str], None] = lambda line: None) -> RetrainResult:
+    if publish_mode not in PUBLISH_MODES:
+        raise EddyError(f"--publish {publish_mode!r} is not one of {', '.join(PUBLISH_MODES)}")
+    started = time.perf_counter()
+    on_progress("reading labelled feature rows")
+    records, y = training_set(kafka, spec)
+    if len(records) < 200 or y.sum() < 5 or y.sum() == len(y):
+        raise EddyError(f"only {len(records)} labelled rows ({int(y.sum())} positive): produce events with labels "
+                        "first (eddy produce --backfill 24h) and let the stack process them")
+    split = int(len(records) * 0.8)  # time-ordered: the newest 20% is the holdout
+    dev = pick_device(device)
+    updates = read_updates(kafka, spec, key)
+    current = serving_update(updates)
+    champion = None
+    if current is not None:
+        champion = load_artifact(artifact_path(current["uri"]), key, spec.spec_hash, list(spec.model_inputs), dev)
+    seq_len = champion.seq_len if champion is not None and champion.seq_len else 8
+    inputs = _inputs(spec, records, seq_len)
+
+    def progress(epoch: int, total: int, loss: float) -> None:
+        on_progress(f"epoch {epoch}/{total} loss {loss:.4f}")
+
+    on_progress(f"training {spec.model.kind} on {split:,} rows ({int(y[:split].sum())} positive)")
+    model, normaliser = train(spec.model.kind, inputs[:split], y[:split], seed=seed, device=dev, epochs=epochs,
+                              on_progress=progress, names=spec.model_inputs, log1p=spec_log_mask(spec.features))
+    new = LoadedModel(model, normaliser, device=dev)
+    metrics = {**evaluate(_score(new, spec, inputs[split:]), y[split:]), "holdout_rows": len(records) - split,
+               "train_rows": split}
+    champion_metrics = None
+    if champion is not None:
+        champion_metrics = evaluate(_score(champion, spec, inputs[split:]), y[split:])
+    version = "v" + datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    directory = artifacts_root / spec.name / version
+    manifest = save_artifact(directory, model, normaliser,
+                             {"version": version, "spec_hash": spec.spec_hash, "metrics": metrics,
+                              "parent": current["version"] if current else None, "name": spec.model.name}, key)
+    better = champion_metrics is None or (metrics["pr_auc"] or 0) > (champion_metrics["pr_auc"] or 0)
+    published = publish_mode == "always" or (publish_mode == "auto" and better)
+    uri = directory.resolve().as_uri()
+    if published:
+        publish(kafka, spec.topics.model_updates, manifest, uri, key)
+    return RetrainResult(version, current["version"] if current else None, metrics, champion_metrics, published,
+                         len(records), int(y.sum()), round(time.perf_counter() - started, 2), uri)
