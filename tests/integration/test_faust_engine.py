@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from collections import defaultdict
 
 import orjson
@@ -13,20 +12,11 @@ import pytest
 
 from tests.conftest import run_eddy, stack_environment
 from tests.kafka_helpers import read_committed
+from tests.stack_helpers import wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow]
 
 EVENTS = 30_000
-
-
-def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def expected_rows(kafka, spec) -> dict[str, dict]:
