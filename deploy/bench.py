@@ -168,10 +168,51 @@ def fixed_load(settings: Settings, spec: PipelineSpec, rate: int, seconds: float
                           done=lambda out: sum(1 for k in out if k.startswith(ids_prefix)) >= count)
     sources = {k: v for k, v in sources.items() if k.startswith(ids_prefix)}
     reader.join()
+    featured = _timestamps(settings.kafka, spec.topics.features, set(sources), len(sources), timeout_s=60)
     latencies = [found[k] - sources[k] for k in sources if k in found]
     visible = [received[k] - sources[k] for k in sources if k in received]
+    feature_stage = [featured[k] - sources[k] for k in sources if k in featured]
     return {"rate": rate, "seconds": seconds, "events": count, "predicted": len(latencies),
-            "latency_ms": _percentiles(latencies), "visible_latency_ms": _percentiles(visible)}
+            "latency_ms": _percentiles(latencies), "visible_latency_ms": _percentiles(visible),
+            "feature_stage_latency_ms": _percentiles(feature_stage)}
+
+
+def swap_time(settings: Settings, spec: PipelineSpec, rate: int = 1000) -> dict[str, Any]:
+    """Publish a new model while events flow at `rate`: seconds from publication to the first prediction
+    by the new version (its Kafka timestamp)."""
+    import torch
+
+    from models.artifacts import save_artifact
+    from models.baseline import baseline_model
+    from models.updates import publish
+    from streams.producer import SyntheticProducer
+
+    model, normaliser = baseline_model(spec)
+    with torch.no_grad():
+        [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].bias.add_(0.1)
+    version = f"bench-{uuid.uuid4().hex[:6]}"
+    directory = settings.artifacts_dir / spec.name / version
+    manifest = save_artifact(directory, model, normaliser, {"version": version, "spec_hash": spec.spec_hash},
+                             settings.model_key.reveal())
+    now_ms = int(time.time() * 1000)
+    gen = TransactionGenerator(GeneratorConfig(seed=3, start_ms=now_ms, id_prefix=f"S{now_ms}"))
+    producer = threading.Thread(target=SyntheticProducer(settings.kafka, spec.topics.source, None, gen).run,
+                                args=(rate * 10, float(rate), False))
+    producer.start()
+    time.sleep(2)
+    published = time.time()
+    publish(settings.kafka, spec.topics.model_updates, manifest, directory.as_uri(), settings.model_key.reveal())
+    first: list[int] = []
+    consumer = _consumer(settings.kafka, [spec.topics.predictions], **{"auto.offset.reset": "latest"})
+    deadline = time.monotonic() + 60
+    while not first and time.monotonic() < deadline:
+        for m in consumer.consume(2000, 0.2):
+            if m.error() is None and orjson.loads(m.value())["model_version"] == version:
+                first.append(m.timestamp()[1])
+                break
+    consumer.close()
+    producer.join()
+    return {"version": version, "seconds": round(first[0] / 1000 - published, 3) if first else None}
 
 
 def scoring_stage(spec: PipelineSpec, device_setting: str, rows: int = 200_000) -> dict[str, Any]:
@@ -242,6 +283,8 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
         for rate in loads:
             on_progress(f"fixed load {rate:,} events/s for {load_seconds:.0f}s")
             result_loads[str(rate)] = fixed_load(settings, spec, rate, load_seconds)
+        on_progress("hot swap under a 1,000 events/s load")
+        swap = swap_time(settings, spec)
         on_progress("scoring stage: micro-batched against per-event")
         scoring = scoring_stage(spec, settings.device)
     finally:
@@ -258,6 +301,7 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
         "scoring": scoring,
         "device": scoring["device"],
         "drain": whole,
+        "swap_to_first_prediction_s": swap["seconds"],
         "baselines": {"kafka_passthrough_events_per_s": round(ceiling, 1),
                       "per_event_scoring_events_per_s": scoring["per_event_events_per_s"]},
     })

@@ -287,6 +287,10 @@ def print_bench(result: dict) -> None:
         lat, vis = load["latency_ms"], load["visible_latency_ms"]
         table.add_row(f"latency at {int(rate):,}/s p50 / p95 / p99 ms",
                       f"{lat['p50']} / {lat['p95']} / {lat['p99']} (visible {vis['p50']} / {vis['p99']})")
+    for rate, load in result["loads"].items():
+        f = load["feature_stage_latency_ms"]
+        table.add_row(f"feature stage latency at {int(rate):,}/s p50 / p99 ms", f"{f['p50']} / {f['p99']}")
+    table.add_row("hot swap: publish -> first prediction by the new model", f"{result['swap_to_first_prediction_s']} s")
     for stage, rate in result["per_stage_events_per_s"].items():
         table.add_row(f"stage {stage} peak events/s", f"{rate:,.0f}")
     table.add_row(f"scoring rows/s at batch 1024 ({result['device']})", f"{result['scoring_rows_per_s']:,.0f}")

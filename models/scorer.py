@@ -188,6 +188,7 @@ def run_scorer(config: ScorerConfig) -> None:
                        model_version=serving.manifest.version if serving is not None else None,
                        batch_size=round(scorer.rows / max(scorer.batches, 1), 1),
                        updates_accepted=counters.accepted, updates_refused=counters.refused,
+                       updates_ignored=counters.ignored_older,
                        last_refusal=counters.last_refusal or None, bad_records=scorer.bad_records)
 
     scorer.wait_for_model()

@@ -37,7 +37,7 @@ def supersedes(message: dict, current: dict | None) -> bool:
 
 
 def read_updates(kafka: KafkaConfig, spec: PipelineSpec, key: bytes) -> list[dict]:
-    """Every validly signed update for this spec on the topic, in topic order (a snapshot)."""
+    """Every validly signed update for this spec whose artifact verifies, in topic order (a snapshot)."""
     consumer = Consumer(kafka.client(**{"group.id": f"eddy-{spec.name}-registry-{uuid.uuid4().hex[:8]}",
                                         "enable.auto.commit": False, "isolation.level": "read_committed"}))
     topic = spec.topics.model_updates
@@ -58,12 +58,24 @@ def read_updates(kafka: KafkaConfig, spec: PipelineSpec, key: bytes) -> list[dic
                     message = orjson.loads(msg.value())
                     fields = {k: v for k, v in message.items() if k != "signature"}
                     if verify_message(fields, message["signature"], key) and message.get("spec_hash") == spec.spec_hash:
-                        out.append(message)
+                        if _servable(message, spec, key):
+                            out.append(message)
                 except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
                     continue
         return out
     finally:
         consumer.close()
+
+
+def _servable(message: dict, spec: PipelineSpec, key: bytes) -> bool:
+    """Whether a scorer would load this update's artifact (what a scorer refuses never served)."""
+    from models.artifacts import verify_artifact
+
+    try:
+        manifest = verify_artifact(artifact_path(message["uri"]), key, spec.spec_hash, list(spec.model_inputs))
+    except (EddyError, OSError):
+        return False
+    return manifest.sha256 == message.get("sha256")
 
 
 def serving_update(updates: list[dict]) -> dict | None:

@@ -9,6 +9,7 @@ import pickle
 import signal
 import time
 from collections import defaultdict
+from datetime import datetime
 from pathlib import Path
 
 import orjson
@@ -75,15 +76,22 @@ def test_hot_swap_under_load_changes_version_at_one_point_per_partition(stack):
 
     import threading
 
-    producer = threading.Thread(target=produce, args=(env, 6000, "--rate", "1500"))
+    producer = threading.Thread(target=produce, args=(env, 10_000, "--rate", "1000"))
     producer.start()
-    time.sleep(1.5)  # events are flowing through the baseline
+
+    def flowing_in_every_partition() -> bool:
+        """The baseline has scored events of this run in each partition."""
+        fresh = read_committed(settings.kafka, spec.topics.predictions, 10**9, timeout_s=3)
+        return len({m.partition() for m in fresh if m.timestamp()[1] / 1000 > started}) == settings.partitions
+
+    started = time.time()
+    wait_for(flowing_in_every_partition, 120, "the baseline to score the new events in every partition")
     published_at = time.time()
     publish(settings.kafka, spec.topics.model_updates, manifest, directory.as_uri(), settings.model_key.reveal())
     producer.join()
 
-    rows = predictions(settings, spec, baseline_count + 6000)
-    assert len(rows) == baseline_count + 6000
+    rows = predictions(settings, spec, baseline_count + 10_000)
+    assert len(rows) == baseline_count + 10_000
     assert len({r["event_id"] for r in rows}) == len(rows), "an event got two predictions"
     per_partition = defaultdict(list)
     for r in sorted(rows, key=lambda r: (r["_partition"], r["_offset"])):
@@ -93,8 +101,6 @@ def test_hot_swap_under_load_changes_version_at_one_point_per_partition(stack):
         assert len(changes) == 1, f"version changed {len(changes)} times in a partition"
         assert versions[0] == "baseline-1" and versions[-1] == "v2"
     first_v2 = min(r["scored_at"] for r in rows if r["model_version"] == "v2")
-    from datetime import datetime
-
     swap_s = datetime.fromisoformat(first_v2).timestamp() - published_at
     assert 0 < swap_s < 30
     scorer = status(env)["parts"]["scorer-0"]
@@ -152,6 +158,46 @@ def test_forged_corrupt_and_pickled_updates_are_refused_and_the_old_model_keeps_
     assert not marker.exists(), "a pickle was unpickled"
     log = Path(status(env)["parts"]["scorer-0"]["log"]).read_text()
     assert "bad signature" in log and "v-corrupt" in log and "v-pickle" in log
+
+
+def test_an_older_publish_is_ignored_and_rollback_and_promote_are_served(stack):
+    from models.artifacts import verify_artifact
+    from models.updates import publish
+
+    env, settings, spec = stack
+    key = settings.model_key.reveal()
+    scorer = status(env)["parts"]["scorer-0"]
+    assert scorer["model_version"] == "v2"
+    baseline = settings.artifacts_dir / spec.name / "baseline-1"
+    manifest = verify_artifact(baseline, key, spec.spec_hash, None)
+    publish(settings.kafka, spec.topics.model_updates, manifest, baseline.as_uri(), key)  # older: ignored
+    wait_for(lambda: status(env)["parts"]["scorer-0"]["updates_ignored"] > scorer["updates_ignored"], 60,
+             "the older update to be ignored")
+
+    def serving_after(count: int) -> set[str]:
+        """The versions that scored `count` events produced now (told apart by when they were scored)."""
+        before = count_committed(settings.kafka, spec.topics.predictions)
+        since = time.time()
+        produce(env, count, "--backfill", "5m")
+        rows = predictions(settings, spec, before + count)
+        return {r["model_version"] for r in rows if datetime.fromisoformat(r["scored_at"]).timestamp() >= since}
+
+    assert serving_after(300) == {"v2"}
+    rolled = run_eddy(["rollback"], env)
+    assert rolled.returncode == 0 and "rolled back to baseline-1" in rolled.stdout, rolled.stderr
+    wait_for(lambda: status(env)["parts"]["scorer-0"]["updates_accepted"] > scorer["updates_accepted"], 60,
+             "the rollback to load")
+    assert serving_after(300) == {"baseline-1"}
+    promoted = run_eddy(["promote", "v2"], env)
+    assert promoted.returncode == 0, promoted.stderr
+    wait_for(lambda: status(env)["parts"]["scorer-0"]["updates_accepted"] > scorer["updates_accepted"] + 1, 60,
+             "the promotion to load")
+    assert serving_after(300) == {"v2"}
+    listed = orjson.loads(run_eddy(["models", "--json"], env).stdout)
+    assert [m["version"] for m in listed if m["serving"]] == ["v2"]
+    assert {"baseline-1", "v2"} <= {m["version"] for m in listed}
+    bad = run_eddy(["promote", "v-none"], env)
+    assert bad.returncode == 1 and "no model version 'v-none'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_kill_9_of_the_scorer_mid_stream_gives_exactly_one_prediction_per_event(stack):
