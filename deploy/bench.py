@@ -141,10 +141,25 @@ def drain(settings: Settings, spec: PipelineSpec, count: int, on_progress) -> di
             "events_per_s": round(len(predictions) / elapsed, 1), "per_stage_peak_events_per_s": peaks}
 
 
+def settle(settings: Settings, timeout_s: float = 180.0) -> float:
+    """Wait until every consumer group of the stack has caught up, so one measurement does not pay
+    for the backlog of the one before; returns the seconds waited."""
+    from streams.kafka import group_lag
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        lags = group_lag(settings.kafka, timeout_s=5)
+        if all(n == 0 for topics in lags.values() for n in topics.values()):
+            break
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
 def fixed_load(settings: Settings, spec: PipelineSpec, rate: int, seconds: float) -> dict[str, Any]:
     """Produce at `rate` with wall-clock event times; latency = prediction ts - transaction ts."""
     from streams.producer import SyntheticProducer
 
+    settle(settings)
     count = int(rate * seconds)
     now_ms = int(time.time() * 1000)
     gen = TransactionGenerator(GeneratorConfig(seed=rate, start_ms=now_ms, id_prefix=f"L{rate}-{now_ms}",
@@ -187,6 +202,7 @@ def swap_time(settings: Settings, spec: PipelineSpec, rate: int = 1000) -> dict[
     from models.updates import publish
     from streams.producer import SyntheticProducer
 
+    settle(settings)
     model, normaliser = baseline_model(spec)
     with torch.no_grad():
         [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].bias.add_(0.1)

@@ -57,34 +57,52 @@ class _Collect:
 
 
 class _CommitGate:
-    """Holds Faust's periodic commit off while a batch is half sent.
+    """Batches and Faust's periodic commit exclude each other, the commit taking precedence.
 
     Faust commits a partition's transaction on a timer. A commit landing between two sends of one
     batch would make part of the batch's output visible with offsets that do not cover it, and a
-    crash then duplicates that part. Batches enter the gate; a commit waits until none is inside."""
+    crash then duplicates that part. So batches share the gate, a commit holds it alone, and once a
+    commit waits no new batch enters (else a steady stream would starve commits and delay output)."""
 
-    def __init__(self, app) -> None:
-        self.app = app
-        self.inside = 0
-        self.closed = None  # the future commits wait on while batches are inside
+    def __init__(self) -> None:
+        self.batches = 0
+        self.commit_waiting = False
+        self.committing = False
+        self.changed = asyncio.Condition()
 
     async def __aenter__(self) -> None:
-        consumer = self.app.consumer
-        while consumer._commit_fut is not None and consumer._commit_fut is not self.closed:
-            await consumer.maybe_wait_for_commit_to_finish()  # a commit is running: let it finish
-        if self.inside == 0:
-            self.closed = asyncio.get_running_loop().create_future()
-            consumer._commit_fut = self.closed
-        self.inside += 1
+        async with self.changed:
+            await self.changed.wait_for(lambda: not (self.commit_waiting or self.committing))
+            self.batches += 1
 
     async def __aexit__(self, *exc) -> None:
-        self.inside -= 1
-        if self.inside == 0:
-            consumer = self.app.consumer
-            if consumer._commit_fut is self.closed:
-                consumer._commit_fut = None
-            self.closed.set_result(None)
-            self.closed = None
+        async with self.changed:
+            self.batches -= 1
+            self.changed.notify_all()
+
+    async def exclusive(self, work):
+        async with self.changed:
+            self.commit_waiting = True
+            await self.changed.wait_for(lambda: self.batches == 0 and not self.committing)
+            self.commit_waiting, self.committing = False, True
+        try:
+            return await work()
+        finally:
+            async with self.changed:
+                self.committing = False
+                self.changed.notify_all()
+
+    def guard(self, consumer) -> None:
+        """Route the consumer's commits through the gate (once per consumer)."""
+        if getattr(consumer, "_eddy_gated", False):
+            return
+        commit = consumer.commit
+
+        async def gated_commit(*args, **kwargs):
+            return await self.exclusive(lambda: commit(*args, **kwargs))
+
+        consumer.commit = gated_commit
+        consumer._eddy_gated = True
 
 
 def _credentials(kafka: KafkaConfig):
@@ -141,12 +159,13 @@ def build_app(config: EngineConfig):
         return f"{app.conf.id}-{app.assignor.group_for_topic(spec.topics.source)}-{partition}"
 
     changelog = states.changelog_topic.get_topic_name()
-    gate = _CommitGate(app)
+    gate = _CommitGate()
 
     # One actor per partition: state, output and dead letters of an event go to that event's partition,
     # in the transaction that commits its source offset.
     @app.agent(source, name="compute", isolated_partitions=True)
     async def compute(stream):
+        gate.guard(app.consumer)
         store = states.data
         send = app.producer.send
         async for batch in stream.take_events(config.batch_size, within=config.batch_wait_s):
