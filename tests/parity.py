@@ -1,0 +1,253 @@
+"""Engine parity: a source stream with every awkward case, and the features it must give, computed naively.
+
+make_stream() builds, for any spec, records keyed by entity with out-of-order events inside the allowed
+lateness, late ones beyond it, events exactly on a window bound and exactly on the lateness bound, both
+timestamp forms, resent duplicates and invalid records. reference_rows() derives each first-seen valid
+event's expected row from CONTRACT section 5 by looping over the entity's earlier-arrived events; it shares
+no code with features/windows.py, so an engine test that matches it checks the real numbers."""
+
+from __future__ import annotations
+
+import math
+import random
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+
+from features.spec import PipelineSpec
+
+Stream = list[tuple[bytes | None, bytes | None]]
+Row = tuple[dict[str, Any], bool]
+START_MS = 1_795_341_600_123  # 2026-11-22T10:00:00.123Z
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_OFFSETS = [timedelta(0), timedelta(hours=2), timedelta(hours=-5), timedelta(hours=5, minutes=30)]
+_VOCAB = ["a", "b", "c", "d"]
+
+
+def invalid_records(spec: PipelineSpec, event: dict[str, Any]) -> list[tuple[bytes | None, str]]:
+    """Refused values made from the valid record `event`, each with a part of the reason the DLQ must carry."""
+    number = next(f.name for f in spec.schema if f.type in ("double", "float"))
+    ts, key = spec.timestamp_field, spec.key
+    return [
+        (b"", "empty record"),
+        (b"\x00\xff garbage", "not JSON"),
+        (b"[1, 2]", "expected a JSON object, got list"),
+        (orjson.dumps({k: v for k, v in event.items() if k != key}), f"field {key!r} is missing"),
+        (orjson.dumps({**event, number: "12.5"}), f"field {number!r}: expected a finite number"),
+        (orjson.dumps({**event, ts: "yesterday"}), "is not ISO-8601 with an offset or epoch milliseconds"),
+        (orjson.dumps({**event, ts: "2026-11-22T10:00:00"}), "is not ISO-8601 with an offset"),
+    ]
+
+
+def dead_letters(spec: PipelineSpec, stream: Stream) -> list[tuple[bytes | None, str]]:
+    """The invalid records make_stream put in `stream`, each with a part of its DLQ reason."""
+    template = next(record for _, raw in stream if (record := valid_record(spec, raw)) is not None)
+    return invalid_records(spec, template)
+
+
+def duplicates(spec: PipelineSpec, stream: Stream) -> int:
+    """Valid records whose id an earlier valid record carried."""
+    ids = [record[spec.id_field] for _, raw in stream if (record := valid_record(spec, raw)) is not None]
+    return len(ids) - len(set(ids))
+
+
+def make_stream(spec: PipelineSpec, seed: int, entities: int = 6, per_entity: int = 40) -> Stream:
+    """(key, value) records in the order they are to be produced; keys are entity keys."""
+    rng = random.Random(seed)
+    windows = sorted({f.window_ms for f in spec.features if f.window_ms})
+    lateness = spec.allowed_lateness_ms
+    # Steps between in-order events: every window length (the previous event then lies exactly on the
+    # bound t - w), fractions of them (sums of several land on bounds too), and odd milliseconds.
+    steps = windows + [w // 2 for w in windows] + [w // 3 for w in windows] + [1, 999, 1_000, 7_777, 15_000] * 4
+    names = [f"{spec.entity}-{i}" for i in range(entities)]
+    clock = {n: START_MS + rng.randrange(0, 60_000) for n in names}  # latest time so far, per entity
+    timelines = {n: [] for n in names}
+    for name in names:
+        for i in range(per_entity):
+            roll, latest = rng.random(), clock[name]
+            if i > 2 and roll < 0.12:  # out of order, within the lateness (sometimes exactly on its bound)
+                t = latest - (lateness if rng.random() < 0.3 else rng.randrange(0, lateness + 1))
+            elif i > 2 and roll < 0.20:  # late: further behind than the allowed lateness
+                t = latest - lateness - rng.choice([1, 1_000, lateness + 5_000, windows[-1]])
+            else:
+                t = latest + rng.choice(steps)
+                clock[name] = t
+            timelines[name].append(_event(spec, rng, f"{name}-e{i}", name, t))
+    # Interleave entities at random, keeping each entity's own order (its arrival order).
+    order = [n for n in names for _ in range(per_entity)]
+    rng.shuffle(order)
+    cursor = dict.fromkeys(names, 0)
+    stream: Stream = []
+    sent: list[tuple[bytes, bytes]] = []
+    for name in order:
+        event = timelines[name][cursor[name]]
+        cursor[name] += 1
+        record = (name.encode(), orjson.dumps(event))
+        stream.append(record)
+        sent.append(record)
+        if rng.random() < 0.06:  # a duplicate: some earlier record resent unchanged
+            stream.append(rng.choice(sent))
+    for value, _reason in invalid_records(spec, orjson.loads(stream[0][1])):
+        stream.insert(rng.randrange(len(stream) + 1), (names[0].encode(), value))
+    return stream
+
+
+def _event(spec: PipelineSpec, rng: random.Random, event_id: str, key: str, t: int) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for field in spec.schema:
+        name, kind = field.name, field.type
+        if name == spec.id_field:
+            record[name] = event_id
+        elif name == spec.key:
+            record[name] = key
+        elif kind == "timestamp":
+            record[name] = t if rng.random() < 0.5 else _iso(t, rng.choice(_OFFSETS))
+        elif kind in ("double", "float"):
+            record[name] = rng.randrange(-50, 500) if rng.random() < 0.1 else round(rng.uniform(-50, 500), 3)
+        elif kind in ("long", "int"):
+            record[name] = rng.randrange(0, 5_000)
+        elif kind == "boolean":
+            record[name] = rng.random() < 0.5
+        else:
+            record[name] = rng.choice(_VOCAB)
+    return record
+
+
+def _iso(t: int, offset: timedelta) -> str:
+    """ISO-8601 with an explicit offset (Z for UTC) and milliseconds."""
+    moment = _EPOCH + timedelta(milliseconds=t)
+    text = moment.astimezone(timezone(offset)).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z") if offset == timedelta(0) else text
+
+
+def _parse_time(value: Any) -> int:
+    if isinstance(value, int):
+        return value
+    moment = datetime.fromisoformat(value)
+    return (moment - _EPOCH) // timedelta(milliseconds=1)
+
+
+def valid_record(spec: PipelineSpec, raw: bytes | None) -> dict[str, Any] | None:
+    """The record when it is valid (every field present and of its type), else None."""
+    try:
+        record = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    for field in spec.schema:
+        v = record.get(field.name)
+        if field.type == "timestamp":
+            try:
+                ok = isinstance(v, int) or (isinstance(v, str) and datetime.fromisoformat(v).tzinfo is not None)
+            except ValueError:
+                ok = False
+        elif field.type in ("double", "float"):
+            ok = isinstance(v, int | float) and not isinstance(v, bool)
+        elif field.type in ("long", "int"):
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif field.type == "boolean":
+            ok = isinstance(v, bool)
+        else:
+            ok = isinstance(v, str) and (v != "" or field.name not in (spec.key, spec.id_field))
+        if not ok:
+            return None
+    return record
+
+
+def reference_rows(spec: PipelineSpec, stream: Stream) -> dict[str, Row]:
+    """event id -> (features, late) for every first-seen valid record, straight from the definition."""
+    accepted: dict[str, list[tuple[int, dict[str, Any]]]] = {}  # entity -> non-late events, arrival order
+    rows: dict[str, Row] = {}
+    for _key, raw in stream:
+        record = valid_record(spec, raw)
+        if record is None or record[spec.id_field] in rows:
+            continue
+        t = _parse_time(record[spec.timestamp_field])
+        earlier = accepted.setdefault(record[spec.key], [])
+        latest = max((s for s, _ in earlier), default=None)
+        late = latest is not None and t < latest - spec.allowed_lateness_ms
+        features = {f.name: _feature(f, t, record, earlier) for f in spec.features}
+        rows[record[spec.id_field]] = (features, late)
+        if not late:
+            earlier.append((t, record))
+    return rows
+
+
+def _feature(feature, t: int, record: dict[str, Any], earlier: list[tuple[int, dict[str, Any]]]) -> Any:
+    if feature.agg == "time_since_last":
+        before = [s for s, _ in earlier if s <= t]
+        return (t - max(before)) / 1000 if before else None
+    window = [(s, r) for s, r in earlier if t - feature.window_ms < s <= t] + [(t, record)]
+    if feature.agg == "count":
+        return len(window)
+    values = [r[feature.of] for _, r in window]
+    if feature.agg == "count_distinct":
+        return len(set(values))
+    if feature.agg == "last":  # the latest in event time; among equal times the last to arrive
+        return max(enumerate(window), key=lambda pair: (pair[1][0], pair[0]))[1][1][feature.of]
+    numbers = [float(v) for v in values]
+    n = len(numbers)
+    mean = math.fsum(numbers) / n
+    return {
+        "sum": math.fsum(numbers),
+        "avg": mean,
+        "min": min(numbers),
+        "max": max(numbers),
+        "stddev": math.sqrt(math.fsum((x - mean) ** 2 for x in numbers) / n),
+    }[feature.agg]
+
+
+def same_features(got: dict[str, Any], want: dict[str, Any]) -> bool:
+    """Equal names, and equal values (numbers within a relative 1e-9)."""
+    if got.keys() != want.keys():
+        return False
+    for name, w in want.items():
+        g = got[name]
+        if w is None or g is None:
+            if w is not g:
+                return False
+        elif not math.isclose(g, w, rel_tol=1e-9, abs_tol=1e-9):
+            return False
+    return True
+
+
+def check_engine_output(settings, spec: PipelineSpec, expected: dict[str, Row], delivered: list, invalid: list) -> None:
+    """What an engine wrote for a make_stream() stream: exactly one row per first-seen valid event, keyed by
+    its entity, equal to the reference for every non-late event, and each invalid record in the DLQ byte
+    for byte with its reason and source position."""
+    from streams.engines.config import STAGE
+    from tests.kafka_helpers import read_committed
+
+    rows = read_committed(settings.kafka, spec.topics.features, len(expected), timeout_s=30, idle_s=1.0)
+    letters = read_committed(settings.kafka, spec.topics.dlq, len(invalid), timeout_s=30, idle_s=1.0)
+
+    # Exactly one row per first-seen valid event, keyed by its entity, and nothing else.
+    got = {}
+    for msg in rows:
+        value = orjson.loads(msg.value())
+        assert value["event_id"] not in got, f"two rows for {value['event_id']}"
+        assert msg.key() == value[spec.key].encode()
+        got[value["event_id"]] = value
+    assert got.keys() == expected.keys()
+    late = [i for i, (_, is_late) in expected.items() if is_late]
+    assert 10 <= len(late) < len(expected) // 4  # the stream holds late events, and mostly timely ones
+    for event_id, (features, is_late) in expected.items():
+        assert got[event_id]["late"] is is_late, event_id
+        if not is_late:
+            assert same_features(got[event_id]["features"], features), (event_id, got[event_id], features)
+
+    # Invalid records: in the DLQ byte for byte, with the reason and where they came from.
+    assert len(letters) == len(invalid)
+    sent = {d.value(): d for d in delivered}
+    by_value = {m.value(): m for m in letters}
+    for value, reason in invalid:
+        letter = by_value[value]
+        headers = {k: v.decode() for k, v in letter.headers()}
+        assert reason in headers["eddy.error"], (reason, headers["eddy.error"])
+        assert headers["eddy.stage"] == STAGE
+        assert headers["eddy.source.topic"] == spec.topics.source
+        assert int(headers["eddy.source.partition"]) == sent[value].partition()
+        assert int(headers["eddy.source.offset"]) == sent[value].offset()
+        assert letter.key() == sent[value].key()
