@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -251,3 +253,48 @@ def check_engine_output(settings, spec: PipelineSpec, expected: dict[str, Row], 
         assert int(headers["eddy.source.partition"]) == sent[value].partition()
         assert int(headers["eddy.source.offset"]) == sent[value].offset()
         assert letter.key() == sent[value].key()
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    """A private copy of a shipped spec with make_stream()'s records already on its source topic."""
+
+    spec: PipelineSpec
+    spec_path: Path
+    stream: Stream
+    expected: dict[str, Row]
+    delivered: list
+    invalid: list
+    resent: int
+
+
+def private_copy(settings, path: Path, into: Path) -> tuple[PipelineSpec, Path]:
+    """The spec at `path` on topics (and with a name, hence consumer group and transactional ids) of the
+    test's own, written to `into`; its topics exist."""
+    import uuid
+
+    import yaml
+
+    from features.spec import parse_spec
+    from streams.kafka import ensure_topics
+
+    data = yaml.safe_load(path.read_text())
+    suffix = uuid.uuid4().hex[:8]
+    data["name"] = f"{data['name']}-{suffix}"
+    data["source"]["topic"] = f"{data['source']['topic']}-{suffix}"
+    data["topics"] = {**data.get("topics", {}), "dlq": f"dlq-{suffix}", "features": f"features-{suffix}"}
+    spec = parse_spec(data)
+    ensure_topics(settings.kafka, spec.topics.all(), partitions=3)
+    into.write_text(yaml.safe_dump(data))
+    return spec, into
+
+
+def parity_case(settings, path: Path, into: Path, seed: int = 11) -> ParityCase:
+    """A private copy of the spec with make_stream()'s records produced to its source topic."""
+    from tests.kafka_helpers import produce_all
+
+    spec, spec_path = private_copy(settings, path, into)
+    stream = make_stream(spec, seed)
+    delivered = produce_all(settings.kafka, spec.topics.source, stream)
+    return ParityCase(spec, spec_path, stream, reference_rows(spec, stream), delivered,
+                      dead_letters(spec, stream), duplicates(spec, stream))

@@ -14,9 +14,8 @@ import redis
 
 from streams.engines.config import STAGE
 from streams.metrics import read_metrics
-from tests.integration.test_flink_engine import PIPELINES, REPO, private_spec
-from tests.kafka_helpers import produce_all
-from tests.parity import check_engine_output, dead_letters, duplicates, make_stream, reference_rows
+from tests.integration.test_flink_engine import PIPELINES, REPO
+from tests.parity import check_engine_output, parity_case
 from tests.stack_helpers import wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
@@ -24,12 +23,8 @@ pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 
 @pytest.mark.parametrize("pipeline", ["fraud.yaml", "sensors.yaml"])
 def test_faust_worker_matches_the_naive_reference_exactly_once(settings, stack_env, tmp_path, pipeline):
-    spec, spec_path = private_spec(settings, PIPELINES / pipeline, tmp_path / pipeline)
-    stream = make_stream(spec, seed=11)
-    expected = reference_rows(spec, stream)
-    delivered = produce_all(settings.kafka, spec.topics.source, stream)
-    invalid = dead_letters(spec, stream)
-    resent = duplicates(spec, stream)
+    case = parity_case(settings, PIPELINES / pipeline, tmp_path / pipeline)
+    spec, spec_path, stream = case.spec, case.spec_path, case.stream
 
     env = {**os.environ, **stack_env, "EDDY_PIPELINE": str(spec_path), "EDDY_HOME": str(tmp_path / "home")}
     worker = subprocess.Popen([sys.executable, "-m", "deploy.cli", "run", "features-faust"], env=env, cwd=REPO,
@@ -46,8 +41,8 @@ def test_faust_worker_matches_the_naive_reference_exactly_once(settings, stack_e
             worker.kill()
             worker.wait()
 
-    check_engine_output(settings, spec, expected, delivered, invalid)
+    check_engine_output(settings, spec, case.expected, case.delivered, case.invalid)
     [beat] = read_metrics(client, spec.name, STAGE, max_age_s=300)
-    assert (beat["valid"], beat["dlq"], beat["duplicates"]) == (len(expected), len(invalid), resent)
+    assert (beat["valid"], beat["dlq"], beat["duplicates"]) == (len(case.expected), len(case.invalid), case.resent)
     assert beat["engine"] == "faust"
     assert Path(tmp_path / "home" / "logs" / "features-faust.log").exists()

@@ -8,40 +8,30 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from dataclasses import replace
 from pathlib import Path
 
 import orjson
 import pytest
 import redis
-import yaml
 
-from features.spec import PipelineSpec, parse_spec
 from streams.engines.config import STAGE
-from streams.kafka import ensure_topics
 from streams.metrics import read_metrics
 from tests.kafka_helpers import produce_all, read_committed
-from tests.parity import check_engine_output, dead_letters, duplicates, make_stream, reference_rows, same_features
+from tests.parity import (
+    check_engine_output,
+    dead_letters,
+    make_stream,
+    parity_case,
+    private_copy,
+    reference_rows,
+    same_features,
+)
 
 pytestmark = [pytest.mark.flink, pytest.mark.kafka, pytest.mark.redis]
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINES = REPO / "pipelines"
-
-
-def private_spec(settings, path: Path, into: Path) -> tuple[PipelineSpec, Path]:
-    """The spec on topics (and with a name, hence consumer group and transactional ids) of this test's own,
-    and where it was written."""
-    data = yaml.safe_load(path.read_text())
-    suffix = uuid.uuid4().hex[:8]
-    data["name"] = f"{data['name']}-{suffix}"
-    data["source"]["topic"] = f"{data['source']['topic']}-{suffix}"
-    data["topics"] = {**data.get("topics", {}), "dlq": f"dlq-{suffix}", "features": f"features-{suffix}"}
-    spec = parse_spec(data)
-    ensure_topics(settings.kafka, spec.topics.all(), partitions=3)
-    into.write_text(yaml.safe_dump(data))
-    return spec, into
 
 
 # The job runs in a process of its own, as under `eddy up`: PyFlink's JVM lives as long as the process
@@ -85,16 +75,11 @@ def kill(job: subprocess.Popen, sig: int) -> None:
 
 @pytest.mark.parametrize("pipeline", ["fraud.yaml", "sensors.yaml"])
 def test_bounded_job_matches_the_naive_reference_exactly_once(settings, stack_env, tmp_path, pipeline):
-    spec, spec_path = private_spec(settings, PIPELINES / pipeline, tmp_path / pipeline)
-    stream = make_stream(spec, seed=11)
-    expected = reference_rows(spec, stream)
-    delivered = produce_all(settings.kafka, spec.topics.source, stream)
-    invalid = dead_letters(spec, stream)
-    resent = duplicates(spec, stream)
+    case = parity_case(settings, PIPELINES / pipeline, tmp_path / pipeline)
+    spec, expected, invalid, resent = case.spec, case.expected, case.invalid, case.resent
+    run_bounded(stack_env, case.spec_path, tmp_path / "flink")
 
-    run_bounded(stack_env, spec_path, tmp_path / "flink")
-
-    check_engine_output(settings, spec, expected, delivered, invalid)
+    check_engine_output(settings, spec, expected, case.delivered, invalid)
 
     # The job's own counts, as its heartbeat reported them last.
     [beat] = read_metrics(redis.Redis.from_url(settings.redis_url), spec.name, STAGE, max_age_s=120)
@@ -104,7 +89,7 @@ def test_bounded_job_matches_the_naive_reference_exactly_once(settings, stack_en
 
 
 def test_a_killed_job_resumes_from_its_last_checkpoint_exactly_once(settings, stack_env, tmp_path):
-    spec, spec_path = private_spec(settings, PIPELINES / "fraud.yaml", tmp_path / "fraud.yaml")
+    spec, spec_path = private_copy(settings, PIPELINES / "fraud.yaml", tmp_path / "fraud.yaml")
     stream = make_stream(spec, seed=5)
     expected = reference_rows(spec, stream)
     first, second = stream[: len(stream) // 2], stream[len(stream) // 2:]
