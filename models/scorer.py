@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import orjson
 
@@ -26,6 +25,7 @@ from streams.dlq import dead_letter
 from streams.kafka import KafkaConfig
 from streams.loop import Output, TransactionalLoop
 from streams.metrics import Heartbeat
+from streams.validation import iso_ms
 
 log = logging.getLogger(__name__)
 STAGE = "scorer"
@@ -47,10 +47,6 @@ class ScorerConfig:
     @property
     def group(self) -> str:
         return f"eddy-{self.spec.name}-{STAGE}"
-
-
-def _iso_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 class Scorer:
@@ -121,7 +117,7 @@ class Scorer:
         if not records:
             return
         version = model.manifest.version
-        scored_at = _iso_now()
+        scored_at = iso_ms(int(time.time() * 1000))
         topic, key_field = spec.topics.predictions, spec.key
         for msg, record, score in zip(kept, records, scores.tolist(), strict=True):
             out.produce(topic, orjson.dumps({

@@ -5,18 +5,11 @@ bytes mean and what the features record looks like lives here, so both engines g
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import orjson
 
 from features.spec import PipelineSpec
 from features.windows import FeatureLogic, FeatureRow
-from streams.validation import Event
-
-
-def iso_ms(epoch_ms: int) -> str:
-    """Epoch milliseconds as ISO-8601 UTC with milliseconds and a Z."""
-    return datetime.fromtimestamp(epoch_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+from streams.validation import Event, iso_ms
 
 
 def feature_message(spec: PipelineSpec, event: Event, row: FeatureRow) -> bytes:

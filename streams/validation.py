@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -14,6 +14,7 @@ from features.spec import PipelineSpec
 
 # Epoch milliseconds outside these bounds (years ~1970 to ~2286) are almost surely seconds or micros.
 _MIN_MS, _MAX_MS = 0, 10**13
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,12 @@ def parse_timestamp(value: Any) -> int | None:
             return None
         return int(parsed.timestamp() * 1000 + (0.5 if parsed.timestamp() >= 0 else -0.5))
     return None
+
+
+def iso_ms(epoch_ms: int) -> str:
+    """Epoch milliseconds as ISO-8601 UTC with milliseconds and a Z: the form eddy writes times in."""
+    t = _EPOCH + timedelta(milliseconds=int(epoch_ms))
+    return f"{t:%Y-%m-%dT%H:%M:%S}.{t.microsecond // 1000:03d}Z"
 
 
 def _check_string(v: Any) -> bool:

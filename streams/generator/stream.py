@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import orjson
@@ -32,6 +31,7 @@ from streams.generator.population import (
     CardProfile,
     Population,
 )
+from streams.validation import iso_ms
 
 _NS_MS = 1_000_000
 _NS_HOUR = 3_600 * 1_000_000_000
@@ -67,11 +67,6 @@ class Batch:
     is_fraud: np.ndarray
     patterns: list[str | None]
 
-
-def iso_ms(epoch_ms: int) -> str:
-    """ISO-8601 UTC with milliseconds and a Z, the form batch() writes."""
-    t = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=int(epoch_ms))
-    return f"{t:%Y-%m-%dT%H:%M:%S}.{t.microsecond // 1000:03d}Z"
 
 
 def label_record(event_id: str, is_fraud: bool, label_time_ms: int) -> bytes:
