@@ -77,14 +77,18 @@ def status(
         print(json.dumps(report, indent=2, default=str))
         return
     table = Table(title=f"eddy status ({report['home']})")
-    for column in ("part", "state", "address", "pid", "rss MB", "detail"):
-        table.add_column(column)
+    for column in ("part", "state", "pid", "rss MB", "events/s", "detail"):
+        table.add_column(column, overflow="fold")
+    shown_elsewhere = {"state", "managed", "address", "pid", "rss_mb", "log", "events_per_s", "replicas", "note"}
     for name, part in report["parts"].items():
-        detail = ", ".join(f"{k}={v}" for k, v in part.items()
-                           if k not in ("state", "managed", "address", "pid", "rss_mb", "log") and v is not None)
+        facts = [part["address"]] if part["address"] else []
+        if part.get("note"):
+            facts.append(part["note"])
+        facts += [f"{k}={v}" for k, v in part.items() if k not in shown_elsewhere and v not in (None, 0, "")]
         colour = "green" if part["state"] == "up" else "red"
-        table.add_row(name, f"[{colour}]{part['state']}[/{colour}]", part["address"], str(part["pid"] or "-"),
-                      str(part["rss_mb"] or "-"), detail)
+        rate = part.get("events_per_s")
+        table.add_row(name, f"[{colour}]{part['state']}[/{colour}]", str(part["pid"] or "-"),
+                      str(part["rss_mb"] or "-"), f"{rate:,.0f}" if rate is not None else "-", "  ".join(facts))
     out.print(table)
     for group, topics in sorted(report.get("lag", {}).items()):
         out.print(f"lag {group}: " + ", ".join(f"{t}={n}" for t, n in sorted(topics.items())))
