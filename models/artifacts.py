@@ -14,7 +14,6 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from models.errors import (
 from models.inputs import Normaliser
 from models.modules import KINDS, build_model
 from models.scoring import LoadedModel
+from streams.validation import iso_ms
 
 FORMAT = "eddy-model/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -173,10 +173,6 @@ def model_update_message(manifest: Manifest, uri: str, key: bytes, action: str =
     return {**fields, "signature": sign_message(fields, key)}
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def save_artifact(directory: str | os.PathLike, model: nn.Module, normaliser: Normaliser,
                   manifest_fields: Mapping[str, Any], key: bytes) -> Manifest:
     """Write model.safetensors and the signed manifest.json into `directory` (created if absent).
@@ -204,7 +200,7 @@ def save_artifact(directory: str | os.PathLike, model: nn.Module, normaliser: No
         "kind": model.kind, "config": dict(model.config), "spec_hash": manifest_fields.get("spec_hash"),
         "features": list(normaliser.names), "input_layout": layout,
         "normalisation": normaliser.summary(), "metrics": dict(manifest_fields.get("metrics") or {}),
-        "created_at": manifest_fields.get("created_at") or now_iso(),
+        "created_at": manifest_fields.get("created_at") or iso_ms(int(time.time() * 1000)),
         "parent": manifest_fields.get("parent"), "sha256": hashlib.sha256(data).hexdigest(),
     }
     fields["signature"] = _hmac(fields, key)
