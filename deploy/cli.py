@@ -34,13 +34,15 @@ def up(
     engine: Annotated[str | None, typer.Option("--engine", help="feature engine: faust or flink")] = None,
     partitions: Annotated[int | None, typer.Option("--partitions", help="partitions per topic (default 3)")] = None,
     scorers: Annotated[int | None, typer.Option("--scorers", help="scorer replicas in one consumer group (default 1)")] = None,
+    ingest: Annotated[bool | None, typer.Option("--ingest/--no-ingest", help="run lakehouse ingestion (EDDY_INGEST, default on)")] = None,
     home: HomeOpt = None,
     pipeline: PipelineOpt = None,
 ) -> None:
-    """Start the stack (broker, Redis, topics); waits until healthy."""
+    """Start the stack (broker, Redis, topics, feature engine, writer, scorers, lakehouse ingestion); waits until healthy."""
     from deploy import stack
 
-    settings = settings_from("up", engine=engine, partitions=partitions, scorers=scorers, home=home, pipeline=pipeline)
+    settings = settings_from("up", engine=engine, partitions=partitions, scorers=scorers, home=home, pipeline=pipeline,
+                             ingest=None if ingest is None else ("on" if ingest else "off"))
     with err.status("starting the stack..."):
         report = stack.up(settings)
     for name, part in report.parts.items():
@@ -136,6 +138,8 @@ def consume(
 
 features_app = typer.Typer(no_args_is_help=True, help="The online feature store (Feast over Redis).")
 app.add_typer(features_app, name="features")
+lakehouse_app = typer.Typer(no_args_is_help=True, help="Maintenance of the Delta tables.")
+app.add_typer(lakehouse_app, name="lakehouse")
 
 
 @features_app.command("get")
@@ -301,6 +305,66 @@ def print_bench(result: dict) -> None:
     table.add_row("scoring stage micro-batched events/s", f"{result['scoring']['micro_batched_events_per_s']:,.0f}")
     table.add_row("scoring stage per-event events/s", f"{base['per_event_scoring_events_per_s']:,.0f}")
     out.print(table)
+
+
+@app.command()
+def query(
+    statement: Annotated[str, typer.Argument(help="a Spark SQL statement over bronze.*, silver.*, gold.*")],
+    fmt: Annotated[str, typer.Option("--format", help="table, json (one object per line) or csv")] = "table",
+    home: HomeOpt = None,
+    pipeline: PipelineOpt = None,
+) -> None:
+    """Spark SQL over the lakehouse tables (bronze.transactions, silver.features, gold.predictions, ...)."""
+    from deploy.lake import spark_session
+    from features.errors import ConfigError
+    from features.spec import load_spec
+    from lakehouse.query import FORMATS, register_tables, render, run_sql
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    settings = settings_from("query", home=home, pipeline=pipeline)
+    spec = load_spec(settings.pipeline)
+    with err.status("starting Spark..."):
+        session = spark_session(settings, "eddy-query")
+        register_tables(session, settings.lakehouse, spec)
+    with err.status("running the query..."):
+        result = run_sql(session, statement)
+    sys.stdout.write(render(result, fmt))
+
+
+@lakehouse_app.command("optimize")
+def lakehouse_optimize(home: HomeOpt = None, pipeline: PipelineOpt = None) -> None:
+    """Compact the small files of every table (safe while ingestion runs)."""
+    from deploy.lake import spark_session
+    from features.spec import load_spec
+    from lakehouse.query import optimize
+
+    settings = settings_from("lakehouse", home=home, pipeline=pipeline)
+    spec = load_spec(settings.pipeline)
+    with err.status("starting Spark..."):
+        session = spark_session(settings, "eddy-optimize")
+    for name, files in optimize(session, settings.lakehouse, spec).items():
+        out.print(f"{name:<22} compacted {files['files_removed']} files into {files['files_added']}")
+
+
+@lakehouse_app.command("vacuum")
+def lakehouse_vacuum(
+    retain: Annotated[float, typer.Option("--retain", help="hours of history to keep (at least 1)")] = 168.0,
+    home: HomeOpt = None,
+    pipeline: PipelineOpt = None,
+) -> None:
+    """Delete files that no table version younger than --retain hours needs (safe while ingestion runs)."""
+    from deploy.lake import spark_session
+    from features.spec import load_spec
+    from lakehouse.query import check_retain, vacuum
+
+    check_retain(retain)
+    settings = settings_from("lakehouse", home=home, pipeline=pipeline)
+    spec = load_spec(settings.pipeline)
+    with err.status("starting Spark..."):
+        session = spark_session(settings, "eddy-vacuum")
+    for name, deleted in vacuum(session, settings.lakehouse, spec, retain).items():
+        out.print(f"{name:<22} deleted {deleted} files older than {retain:g} h")
 
 
 @app.command(hidden=True)

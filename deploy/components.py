@@ -17,6 +17,7 @@ class Component:
     name: str
     run: Callable[[Settings, PipelineSpec], None]   # runs in the component's own process until SIGTERM
     engine: str | None = None                        # only started with this --engine
+    ingest: bool = False                             # lakehouse ingestion: only when settings.ingest
     replica: int | None = None                       # scorer replicas: started while replica < settings.scorers
 
 
@@ -64,6 +65,12 @@ def feast_dir(settings: Settings) -> Path:
     return settings.home / "feast"
 
 
+def _lakehouse(settings: Settings, spec: PipelineSpec) -> None:
+    from deploy.lake import run_ingest_component
+
+    run_ingest_component(settings, spec)
+
+
 def _flink(settings: Settings, spec: PipelineSpec) -> None:
     from streams.engines.flink_job import run_job
 
@@ -76,6 +83,7 @@ COMPONENTS: dict[str, Component] = {
         Component("features-flink", _flink, engine="flink"),
         Component("online-writer", _online_writer),
         *(Component(f"scorer-{i}", _scorer(i), replica=i) for i in range(16)),
+        Component("lakehouse", _lakehouse, ingest=True),
     )
 }
 
@@ -83,7 +91,8 @@ COMPONENTS: dict[str, Component] = {
 def wanted(settings: Settings) -> list[Component]:
     """The components this stack runs, in start order."""
     return [c for c in COMPONENTS.values()
-            if c.engine in (None, settings.engine) and (c.replica is None or c.replica < settings.scorers)]
+            if c.engine in (None, settings.engine) and (c.replica is None or c.replica < settings.scorers)
+            and (not c.ingest or settings.ingest)]
 
 
 def argv(name: str) -> list[str]:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from features.errors import ConfigError
+from features.errors import ConfigError, SpecError
+from features.spec import parse_duration
 from streams.kafka import KafkaConfig, parse_properties
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -61,12 +62,17 @@ class Settings:
     scorers: int
     jars_dir: Path
     model_key: Secret = field(repr=False)
+    ingest: bool = True                    # run lakehouse ingestion in the stack
+    ingest_trigger_s: float = 2.0
+    spark_master: str = "local[2]"
+    spark_conf: Mapping[str, str] = field(default_factory=dict)   # spark.* settings from EDDY_SPARK_CONF
 
     def __repr__(self) -> str:
         return (
             f"Settings(home={str(self.home)!r}, kafka={self.kafka!r}, redis_url={redact_url(self.redis_url)!r}, "
             f"lakehouse={self.lakehouse!r}, pipeline={str(self.pipeline)!r}, device={self.device!r}, "
-            f"engine={self.engine!r}, partitions={self.partitions}, scorers={self.scorers}, model_key=***)"
+            f"engine={self.engine!r}, partitions={self.partitions}, scorers={self.scorers}, ingest={self.ingest}, "
+            f"spark_master={self.spark_master!r}, model_key=***)"
         )
 
     @property
@@ -147,6 +153,25 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
     except (TypeError, ValueError):
         raise ConfigError(f"EDDY_SCORERS: {scorers_raw!r} is not a number of scorer replicas from 1 to 16") from None
 
+    ingest_raw = str(flags.get("ingest") if "ingest" in flags else env.get("EDDY_INGEST") or "on").lower()
+    if ingest_raw not in ("on", "off", "true", "false", "1", "0"):
+        raise ConfigError(f"EDDY_INGEST: {ingest_raw!r} is not on or off")
+    trigger_raw = env.get("EDDY_INGEST_TRIGGER") or "2s"
+    try:
+        trigger_s = parse_duration(trigger_raw) / 1000
+        if trigger_s <= 0:
+            raise SpecError("not positive")
+    except SpecError:
+        raise ConfigError(f"EDDY_INGEST_TRIGGER: {trigger_raw!r} is not a duration like 2s or 500ms") from None
+    spark_conf: dict[str, str] = {}
+    spark_conf_path = env.get("EDDY_SPARK_CONF")
+    if spark_conf_path:
+        try:
+            spark_conf = parse_properties(Path(spark_conf_path).expanduser().read_text(), source=spark_conf_path)
+        except OSError as exc:
+            raise ConfigError(f"EDDY_SPARK_CONF: cannot read {spark_conf_path} ({exc.strerror}); "
+                              "point it at a properties file of spark.* settings") from None
+
     return Settings(
         home=home,
         kafka=kafka,
@@ -159,6 +184,10 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
         scorers=scorers,
         jars_dir=Path(env.get("EDDY_JARS") or REPO_ROOT / ".jars"),
         model_key=_model_key(home, flags.get("model_key") or env.get("EDDY_MODEL_KEY")),
+        ingest=ingest_raw in ("on", "true", "1"),
+        ingest_trigger_s=trigger_s,
+        spark_master=env.get("EDDY_SPARK_MASTER") or "local[2]",
+        spark_conf=spark_conf,
     )
 
 
@@ -175,6 +204,8 @@ def child_environment(settings: Settings, extra: Mapping[str, str] | None = None
         EDDY_ENGINE=settings.engine,
         EDDY_PARTITIONS=str(settings.partitions),
         EDDY_SCORERS=str(settings.scorers),
+        EDDY_INGEST="on" if settings.ingest else "off",
+        EDDY_SPARK_MASTER=settings.spark_master,
         SPARK_LOCAL_IP="127.0.0.1",
         PYTHONUNBUFFERED="1",
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -139,3 +140,36 @@ def group_lag(config: KafkaConfig, timeout_s: float = 10.0) -> dict[str, dict[st
     finally:
         watermarks.close()
     return lags
+
+
+def java_client_properties(kafka: KafkaConfig) -> dict[str, str]:
+    """The shared client settings (librdkafka names) as the Java client spells them."""
+    props = dict(kafka.properties)
+    out: dict[str, str] = {}
+    mechanism = props.pop("sasl.mechanisms", None) or props.pop("sasl.mechanism", None)
+    if mechanism:
+        out["sasl.mechanism"] = mechanism
+    user, password = props.pop("sasl.username", None), props.pop("sasl.password", None)
+    if user is not None and "sasl.jaas.config" not in props:
+        module = ("org.apache.kafka.common.security.scram.ScramLoginModule"
+                  if (mechanism or "").upper().startswith("SCRAM") else
+                  "org.apache.kafka.common.security.plain.PlainLoginModule")
+        out["sasl.jaas.config"] = f'{module} required username="{_jaas(user)}" password="{_jaas(password or "")}";'
+    ca = props.pop("ssl.ca.location", None)
+    if ca:
+        out.update({"ssl.truststore.type": "PEM", "ssl.truststore.location": ca})
+    cert, key = props.pop("ssl.certificate.location", None), props.pop("ssl.key.location", None)
+    if cert and key:  # a PEM key store given inline: the Java client reads no separate PEM files
+        out.update({"ssl.keystore.type": "PEM", "ssl.keystore.certificate.chain": Path(cert).read_text(),
+                    "ssl.keystore.key": Path(key).read_text()})
+    if props.pop("enable.ssl.certificate.verification", "true").lower() == "false":
+        out["ssl.endpoint.identification.algorithm"] = ""
+    for name, value in props.items():
+        if name == "ssl.endpoint.identification.algorithm" and value == "none":
+            value = ""
+        out[name] = value
+    return out
+
+
+def _jaas(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')

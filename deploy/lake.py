@@ -1,0 +1,101 @@
+"""Settings -> the lakehouse: the Spark session of a process, the ingestion component, the SQL and
+maintenance commands."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from deploy.settings import Settings
+from features.spec import PipelineSpec
+from lakehouse.ingest import IngestConfig, IngestStats
+from lakehouse.session import SparkConfig, kafka_options, start_session
+from streams.kafka import java_client_properties
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+INGEST_COMPONENT = "lakehouse"
+
+
+LOG4J = """status = error
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = {path}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = %d{{ISO8601}} %p %c{{1}}: %m%n
+rootLogger.level = warn
+rootLogger.appenderRef.file.ref = file
+"""
+
+
+def spark_session(settings: Settings, app: str) -> SparkSession:
+    """A Spark session for this EDDY_HOME: EDDY_SPARK_MASTER, EDDY_SPARK_CONF settings win over ours.
+    The driver JVM logs to its own file, EDDY_HOME/logs/<app>.jvm.log, never to the terminal."""
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    settings.logs_dir.mkdir(parents=True, exist_ok=True)
+    log4j = settings.run_dir / f"log4j2-{app}.properties"
+    log4j.write_text(LOG4J.format(path=settings.logs_dir / f"{app}.jvm.log"))
+    conf = {"spark.sql.warehouse.dir": str(settings.home / "spark-warehouse"),
+            "spark.ui.showConsoleProgress": "false",
+            "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{log4j}",
+            **settings.spark_conf}
+    config = SparkConfig(settings.jars_dir, master=settings.spark_master, app_name=app, conf=conf)
+    with _jvm_output_to(settings.logs_dir / f"{app}.jvm.log"):
+        session = start_session(config)
+    # PySpark's own logger prints each failed query's JVM trace on stderr; ours go to the log file.
+    from pyspark.logger import PySparkLogger
+
+    PySparkLogger.getLogger("SQLQueryContextLogger").handlers[:] = logging.getLogger().handlers
+    return session
+
+
+@contextmanager
+def _jvm_output_to(path: Path) -> Iterator[None]:
+    """The driver JVM inherits this process's stdout and stderr when it starts: point them at the
+    JVM's log file for the launch, so its launcher notes stay off the terminal for its whole life."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(target, 1)
+        os.dup2(target, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, target):
+            os.close(fd)
+
+
+def ingest_config(settings: Settings) -> IngestConfig:
+    return IngestConfig(root=settings.lakehouse,
+                        kafka_options=kafka_options(settings.kafka.bootstrap, java_client_properties(settings.kafka)),
+                        trigger_s=settings.ingest_trigger_s)
+
+
+def run_ingest_component(settings: Settings, spec: PipelineSpec) -> None:
+    """`eddy run lakehouse`: ingestion until SIGTERM, with a heartbeat per second for `eddy status`."""
+    import redis
+
+    from lakehouse.ingest import run_ingestion
+    from streams.metrics import Heartbeat
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    session = spark_session(settings, "eddy-ingest")
+    heartbeat = Heartbeat(redis.Redis.from_url(settings.redis_url), spec.name, INGEST_COMPONENT)
+
+    def report(stats: IngestStats) -> None:
+        heartbeat.beat(stats.events, lag=stats.lag, batches=stats.batches, last_batch_ms=stats.last_batch_ms,
+                       rows=sum(stats.rows.values()))
+
+    run_ingestion(session, spec, ingest_config(settings), report, stop.is_set)

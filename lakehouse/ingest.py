@@ -1,0 +1,187 @@
+"""Kafka -> Delta ingestion: one Structured Streaming query per table, from the topic that feeds it.
+
+Exactly once: Spark writes a batch's offset range to the checkpoint before running it and replays
+the same range with the same batch id after a crash; Delta's streaming sink commits each batch with
+the query's persistent id and the batch id in the same transaction as the data, so a replayed batch
+that had already committed is skipped."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from features.errors import ServiceError
+from features.spec import PipelineSpec
+from lakehouse.tables import PARTITION_COLUMN, Table, ingested_tables, rows_of
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+    from pyspark.sql.streaming import StreamingQuery
+
+log = logging.getLogger("eddy.lakehouse.ingest")
+QUERY_NAME = "eddy-ingest"
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    root: str                                  # the lakehouse root: a path or any URI Spark writes
+    kafka_options: Mapping[str, str]           # kafka.bootstrap.servers and kafka.* security settings
+    trigger_s: float = 2.0                     # how often a micro-batch starts (when records wait)
+    max_records_per_batch: int = 500_000
+    checkpoint: str | None = None              # default: <root>/_checkpoints/ingest
+
+    @property
+    def checkpoint_location(self) -> str:
+        return self.checkpoint or join(self.root, "_checkpoints", "ingest")
+
+
+def join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def table_location(root: str, table: Table) -> str:
+    return join(root, table.path)
+
+
+def ensure_tables(session: SparkSession, root: str, tables: list[Table]) -> None:
+    """Create each table that does not exist yet (empty, with its schema; ingested ones partitioned
+    by event date), so queries and readers find every table from the start."""
+    from delta.tables import DeltaTable
+
+    for table in tables:
+        builder = (DeltaTable.createIfNotExists(session).location(table_location(root, table))
+                   .addColumns(_struct(session, table)))
+        if any(name == PARTITION_COLUMN for name, _ in table.columns):
+            builder = builder.partitionedBy(PARTITION_COLUMN)
+        builder.execute()
+
+
+def _struct(session: SparkSession, table: Table):
+    from pyspark.sql.types import StructType
+
+    return StructType.fromDDL(table.ddl)
+
+
+@dataclass
+class IngestStats:
+    """What the running query has done, for heartbeats and `eddy status`."""
+
+    rows: dict[str, int] = field(default_factory=dict)     # table path -> rows appended by this process
+    batches: int = 0
+    last_batch_ms: int = 0                                  # the slowest table's latest batch
+    lag: int | None = None                                  # records in Kafka not yet in a batch
+    events: int = 0                                         # input records processed by this process
+
+
+class Ingestion:
+    """start() runs one streaming query per table in the background (Spark overlaps their fixed
+    per-batch costs: the Delta commit dominates small batches); poll() reads their progress;
+    stop() ends them."""
+
+    def __init__(self, session: SparkSession, spec: PipelineSpec, config: IngestConfig) -> None:
+        self.session = session
+        self.spec = spec
+        self.config = config
+        self.tables = ingested_tables(spec)
+        self._queries: dict[str, StreamingQuery] = {}
+        self._rows = {t.path: 0 for t in self.tables}
+        self._seen: dict[str, int] = {}
+
+    def start(self) -> None:
+        ensure_tables(self.session, self.config.root, self.tables)
+        for table in self.tables:
+            records = (self.session.readStream.format("kafka")
+                       .options(**self.config.kafka_options)
+                       .option("subscribe", table.topic)
+                       .option("startingOffsets", "earliest")
+                       .option("includeHeaders", "true")
+                       .option("kafka.isolation.level", "read_committed")
+                       .option("maxOffsetsPerTrigger", str(self.config.max_records_per_batch))
+                       .load())
+            self._queries[table.path] = (
+                rows_of(table, self.spec, records).writeStream.format("delta")
+                .queryName(f"{QUERY_NAME}-{table.layer}-{table.name}")
+                .outputMode("append")
+                .option("checkpointLocation", join(self.config.checkpoint_location, table.layer, table.name))
+                .trigger(processingTime=f"{int(self.config.trigger_s * 1000)} milliseconds")
+                .start(table_location(self.config.root, table)))
+        log.info("ingesting %s into %s (checkpoints under %s)", ", ".join(t.topic or "" for t in self.tables),
+                 self.config.root, self.config.checkpoint_location)
+
+    def poll(self) -> IngestStats:
+        """The stats so far; ServiceError when a query has died (with Spark's reason in one line)."""
+        if not self._queries:
+            raise ServiceError("ingestion has not started")
+        stats = IngestStats(rows=self._rows, lag=0)
+        for path, query in self._queries.items():
+            failure = query.exception()
+            if failure is not None:
+                raise ServiceError(f"lakehouse ingestion into {path} stopped: {first_line(str(failure))}")
+            for progress in query.recentProgress:
+                # recentProgress repeats earlier reports; count each batch once
+                batch = progress.get("batchId", -1)
+                if progress.get("numInputRows") and batch > self._seen.get(path, -1):
+                    self._seen[path] = batch
+                    self._rows[path] += int(progress["numInputRows"])
+                    stats.last_batch_ms = max(stats.last_batch_ms,
+                                              int((progress.get("durationMs") or {}).get("triggerExecution", 0)))
+            last = query.lastProgress
+            lag = source_lag(last) if last else None
+            stats.lag = None if lag is None or stats.lag is None else stats.lag + lag
+        stats.batches = sum(self._seen.get(p, -1) + 1 for p in self._queries)
+        stats.events = sum(self._rows.values())
+        return stats
+
+    def stop(self) -> None:
+        for query in self._queries.values():
+            query.stop()
+
+
+def source_lag(progress: Mapping[str, Any]) -> int | None:
+    """Records in Kafka past the last batch's end offsets, from a query progress report."""
+    total = 0
+    for source in progress.get("sources") or []:
+        latest, end = _offsets(source.get("latestOffset")), _offsets(source.get("endOffset"))
+        if latest is None or end is None:
+            return None
+        for topic, partitions in latest.items():
+            for partition, offset in partitions.items():
+                total += max(0, int(offset) - int(end.get(topic, {}).get(partition, 0)))
+    return total
+
+
+def _offsets(value: Any) -> dict | None:
+    import json
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    return value if isinstance(value, dict) else None
+
+
+def first_line(message: str) -> str:
+    """Spark's own message without the JVM stack trace or the plan that follows it."""
+    text = message.strip()
+    for marker in ("\nJVM stacktrace:", "\n\tat ", "\n=== Streaming Query ==="):
+        text = text.split(marker, 1)[0]
+    return " ".join(text.split("\n", 1)[0].split())
+
+
+def run_ingestion(session: SparkSession, spec: PipelineSpec, config: IngestConfig,
+                  on_progress: Callable[[IngestStats], None], should_stop: Callable[[], bool],
+                  every_s: float = 1.0) -> IngestStats:
+    """Run ingestion until should_stop() is true; on_progress gets the stats about once a second."""
+    ingestion = Ingestion(session, spec, config)
+    ingestion.start()
+    try:
+        while not should_stop():
+            on_progress(ingestion.poll())
+            time.sleep(every_s)
+        return ingestion.poll()
+    finally:
+        ingestion.stop()

@@ -1,0 +1,100 @@
+"""The one Spark session builder: Delta's extensions and catalog, the Kafka and Delta jars that
+`make setup` fetched with Maven (never resolved at run time), local[*] unless told otherwise."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from features.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger("eddy.lakehouse.spark")
+_VERSIONED_JAR = re.compile(r"^(?P<artifact>.+?)-\d[\w.\-]*\.jar$")
+
+# Kafka client settings whose values must not reach Spark's logs or UI in the clear.
+_SECRET_MARKERS = ("password", "secret", "jaas", "token")
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    """What a Spark session of eddy needs: the jars folder, the master, extra Spark settings."""
+
+    jars_dir: Path
+    master: str = "local[*]"
+    app_name: str = "eddy"
+    conf: Mapping[str, str] = field(default_factory=dict)   # any spark.* setting, wins over the defaults
+    driver_memory: str = "1g"
+
+
+def extra_jars(jars_dir: Path) -> list[Path]:
+    """The jars under jars_dir/spark that pyspark does not already ship (by artifact name): two
+    versions of one library on the classpath is a classic source of NoSuchMethodError."""
+    spark_dir = Path(jars_dir) / "spark"
+    if not spark_dir.is_dir() or not any(spark_dir.glob("delta-spark*.jar")):
+        raise ConfigError(f"the Spark jars are missing under {spark_dir}; run `make setup`")
+    import pyspark
+
+    shipped = {_artifact(p.name) for p in (Path(pyspark.__file__).parent / "jars").glob("*.jar")}
+    return sorted(p for p in spark_dir.glob("*.jar") if _artifact(p.name) not in shipped)
+
+
+def _artifact(jar_name: str) -> str:
+    match = _VERSIONED_JAR.match(jar_name)
+    return match.group("artifact") if match else jar_name
+
+
+def session_conf(config: SparkConfig) -> dict[str, str]:
+    """Every setting the builder applies (pure: tests read it without starting a JVM)."""
+    conf = {
+        "spark.master": config.master,
+        "spark.app.name": config.app_name,
+        "spark.jars": ",".join(str(p) for p in extra_jars(config.jars_dir)),
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        "spark.driver.memory": config.driver_memory,
+        "spark.driver.bindAddress": "127.0.0.1" if config.master.startswith("local") else "0.0.0.0",
+        "spark.ui.enabled": "false",
+        "spark.sql.shuffle.partitions": "4" if config.master.startswith("local") else "200",
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.streaming.stopGracefullyOnShutdown": "true",
+        # Small local tables: no adaptive coalescing chatter, and retention below Delta's 7-day
+        # floor is the operator's decision (`eddy lakehouse vacuum --retain`).
+        "spark.databricks.delta.retentionDurationCheck.enabled": "false",
+        "spark.databricks.delta.schema.autoMerge.enabled": "false",
+        "spark.redaction.regex": "(?i)secret|password|token|jaas|sasl",
+    }
+    conf.update(config.conf)
+    return conf
+
+
+def start_session(config: SparkConfig) -> SparkSession:
+    """A SparkSession with Delta and the Kafka source; the JVM's log goes where log4j points it,
+    and Python sees only WARN and above from Spark."""
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder
+    for key, value in session_conf(config).items():
+        builder = builder.config(key, value)
+    log.info("starting Spark (%s)", config.master)
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("WARN")
+    return session
+
+
+def kafka_options(bootstrap: str, java_properties: Mapping[str, str]) -> dict[str, str]:
+    """Spark's Kafka source options: the bootstrap servers and the shared client settings, already
+    spelled as the Java client reads them (the caller translates EDDY_KAFKA_CONFIG), under `kafka.`."""
+    return {"kafka.bootstrap.servers": bootstrap, **{f"kafka.{k}": v for k, v in java_properties.items()}}
+
+
+def redacted(options: Mapping[str, str]) -> dict[str, str]:
+    return {k: ("***" if any(m in k.lower() for m in _SECRET_MARKERS) else v) for k, v in options.items()}
