@@ -176,12 +176,20 @@ def run_ingestion(session: SparkSession, spec: PipelineSpec, config: IngestConfi
                   on_progress: Callable[[IngestStats], None], should_stop: Callable[[], bool],
                   every_s: float = 1.0) -> IngestStats:
     """Run ingestion until should_stop() is true; on_progress gets the stats about once a second."""
+    from py4j.protocol import Py4JError
+
     ingestion = Ingestion(session, spec, config)
     ingestion.start()
+    stats = IngestStats()
     try:
         while not should_stop():
-            on_progress(ingestion.poll())
+            stats = ingestion.poll()
+            on_progress(stats)
             time.sleep(every_s)
-        return ingestion.poll()
-    finally:
         ingestion.stop()
+    except Py4JError:
+        # `eddy down` signals the whole process group: the JVM may be gone before this loop sees the
+        # stop flag; its own shutdown hook stops the queries (each batch commits or replays).
+        if not should_stop():
+            raise
+    return stats
