@@ -180,19 +180,27 @@ def demo(home: HomeOpt = None) -> None:
 def retrain(
     publish_mode: Annotated[str, typer.Option("--publish", help="auto (when better), always or never")] = "auto",
     epochs: Annotated[int, typer.Option("--epochs", help="training epochs")] = 8,
+    source: Annotated[str, typer.Option("--source", help="lakehouse (silver/features + bronze/labels) or topics")] = "lakehouse",
     home: HomeOpt = None,
     pipeline: PipelineOpt = None,
 ) -> None:
-    """Train on the labelled rows, evaluate against the serving model, publish when better."""
+    """Train on the labelled rows, evaluate against the serving model, register in gold/models, publish when better."""
+    from deploy.lake import lakehouse_rows
+    from features.errors import ConfigError
     from features.spec import load_spec
+    from lakehouse.registry import register_model
     from models.retrain import retrain as run_retrain
 
+    if source not in ("lakehouse", "topics"):
+        raise ConfigError(f"--source: {source!r} is not lakehouse or topics")
     settings = settings_from("retrain", home=home, pipeline=pipeline)
     spec = load_spec(settings.pipeline)
     with err.status("retraining...") as spinner:
         result = run_retrain(settings.kafka, spec, settings.artifacts_dir, settings.model_key.reveal(),
                              settings.device, publish_mode, epochs=epochs,
-                             on_progress=lambda line: spinner.update(f"retraining: {line}"))
+                             on_progress=lambda line: spinner.update(f"retraining: {line}"),
+                             rows=lakehouse_rows(settings, spec) if source == "lakehouse" else None,
+                             register=lambda entry: register_model(settings.lakehouse, entry))
     new, old = result.metrics, result.champion_metrics or {}
     out.print(f"trained {result.version} on {result.rows:,} labelled rows ({result.positives} fraud) in "
               f"{result.seconds:.1f}s")
@@ -215,17 +223,24 @@ def models(
 
     settings = settings_from("models", home=home, pipeline=pipeline)
     rows = list_models(settings.kafka, load_spec(settings.pipeline), settings.artifacts_dir,
-                       settings.model_key.reveal())
+                       settings.model_key.reveal(), lakehouse_root=settings.lakehouse)
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, default=str))
         return
-    table = Table(title="models")
-    for column in ("version", "serving", "created", "parent", "PR-AUC", "ROC-AUC"):
-        table.add_column(column)
+    table = Table(title="models (holdout: at training; live: gold.predictions joined with the labels so far)")
+    for column in ("version", "serves", "parent", "holdout PR-AUC", "live labelled", "live PR-AUC",
+                   "live ROC-AUC", "live prec@0.5"):
+        table.add_column(column, no_wrap=column == "version")
     for m in rows:
-        table.add_row(m["version"], "*" if m["serving"] else "", str(m["created_at"]), str(m["parent"] or "-"),
-                      str(m["metrics"].get("pr_auc", "-")), str(m["metrics"].get("roc_auc", "-")))
+        live = m.get("live") or {}
+        table.add_row(m["version"], "*" if m["serving"] else "", str(m["parent"] or "-"),
+                      _metric(m["metrics"].get("pr_auc")), f"{live['labelled']:,}" if live else "-",
+                      _metric(live.get("pr_auc")), _metric(live.get("roc_auc")), _metric(live.get("precision_at_0.5")))
     out.print(table)
+
+
+def _metric(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 @app.command()

@@ -82,6 +82,18 @@ def ingest_config(settings: Settings) -> IngestConfig:
                         trigger_s=settings.ingest_trigger_s)
 
 
+def lakehouse_rows(settings: Settings, spec: PipelineSpec):
+    """The training-set reader `eddy retrain` uses: labelled feature rows from the lakehouse."""
+    def rows():
+        from lakehouse.training import labelled_features
+        from models.retrain import records_from_frame
+
+        session = spark_session(settings, "eddy-retrain")
+        return records_from_frame(spec, labelled_features(session, settings.lakehouse, spec))
+
+    return rows
+
+
 def run_ingest_component(settings: Settings, spec: PipelineSpec) -> None:
     """`eddy run lakehouse`: ingestion until SIGTERM, with a heartbeat per second for `eddy status`."""
     import redis

@@ -68,6 +68,8 @@ def session_conf(config: SparkConfig) -> dict[str, str]:
         # its default (50) made every 2-second batch cost ~35 s of CPU on two cores.
         "spark.databricks.delta.snapshotPartitions": "2" if local else "50",
         "spark.sql.session.timeZone": "UTC",
+        # pyspark 4.2's Arrow path wants pyarrow >= 18; apache-beam pins 16.1: rows travel row-wise.
+        "spark.sql.execution.arrow.pyspark.enabled": "false",
         "spark.sql.streaming.stopGracefullyOnShutdown": "true",
         # Small local tables: no adaptive coalescing chatter, and retention below Delta's 7-day
         # floor is the operator's decision (`eddy lakehouse vacuum --retain`).

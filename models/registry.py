@@ -14,16 +14,28 @@ from models.updates import publish, read_updates, serving_update, supersedes
 from streams.kafka import KafkaConfig
 
 
-def list_models(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: bytes) -> list[dict[str, Any]]:
-    """Every artifact of this pipeline with its manifest's metrics, newest first; `serving` marks the one in use."""
+def list_models(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: bytes,
+                lakehouse_root: str | None = None) -> list[dict[str, Any]]:
+    """Every artifact of this pipeline with its manifest's metrics, newest first; `serving` marks the
+    one in use; with the lakehouse root, `live` holds each version's quality on live labelled
+    predictions and `registered` says whether gold/models lists it."""
     serving = serving_update(read_updates(kafka, spec, key))
+    live: dict[str, Any] = {}
+    registered: set[str] = set()
+    if lakehouse_root is not None:
+        from lakehouse.registry import registered_models
+        from models.live import live_metrics
+
+        live = live_metrics(lakehouse_root, spec)
+        registered = {row["version"] for row in registered_models(lakehouse_root)}
     out = []
     for manifest_file in sorted((artifacts_root / spec.name).glob("*/manifest.json")):
         data = json.loads(manifest_file.read_text())
         out.append({"version": data.get("version"), "created_at": data.get("created_at"), "kind": data.get("kind"),
                     "parent": data.get("parent"), "metrics": data.get("metrics", {}),
                     "serving": serving is not None and serving["version"] == data.get("version"),
-                    "uri": manifest_file.parent.resolve().as_uri()})
+                    "uri": manifest_file.parent.resolve().as_uri(),
+                    "live": live.get(data.get("version")), "registered": data.get("version") in registered})
     return sorted(out, key=lambda m: str(m["created_at"]), reverse=True)
 
 

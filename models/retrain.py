@@ -74,6 +74,22 @@ def training_set(kafka: KafkaConfig, spec: PipelineSpec) -> tuple[list[dict], np
     return records, np.array([labels[r["event_id"]] for r in records], dtype=np.float64)
 
 
+def records_from_frame(spec: PipelineSpec, frame) -> tuple[list[dict], np.ndarray]:
+    """Rows of lakehouse.training.labelled_features as feature records (the features topic's shape,
+    null features as None) and their labels."""
+    import math
+
+    names = list(spec.feature_names)
+    records = []
+    for row in frame.itertuples(index=False):
+        values = row._asdict()
+        features = {n: (None if isinstance(v := values[n], float) and math.isnan(v) else v) for n in names}
+        records.append({"event_id": values["event_id"], spec.key: values[spec.key],
+                        "event_time": values["event_time"].isoformat(), "features": features,
+                        "late": bool(values["late"])})
+    return records, frame["label"].to_numpy(dtype=np.float64)
+
+
 def _inputs(spec: PipelineSpec, records: list[dict], seq_len: int) -> list:
     """mlp: the feature dicts; sequence: each record's entity history (oldest first, itself last)."""
     if spec.model.kind != "sequence":
@@ -94,12 +110,16 @@ def _score(model: LoadedModel, spec: PipelineSpec, inputs: list) -> np.ndarray:
 
 def retrain(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: bytes, device: str,
             publish_mode: str = "auto", epochs: int = 8, seed: int = 0,
-            on_progress: Callable[[str], None] = lambda line: None) -> RetrainResult:
+            on_progress: Callable[[str], None] = lambda line: None,
+            rows: Callable[[], tuple[list[dict], np.ndarray]] | None = None,
+            register: Callable[[dict[str, Any]], None] | None = None) -> RetrainResult:
+    """rows() gives the labelled feature records oldest first (default: read from the topics);
+    register(entry) records the new version in the registry table (gold/models)."""
     if publish_mode not in PUBLISH_MODES:
         raise EddyError(f"--publish {publish_mode!r} is not one of {', '.join(PUBLISH_MODES)}")
     started = time.perf_counter()
     on_progress("reading labelled feature rows")
-    records, y = training_set(kafka, spec)
+    records, y = rows() if rows is not None else training_set(kafka, spec)
     if len(records) < 200 or y.sum() < 5 or y.sum() == len(y):
         raise EddyError(f"only {len(records)} labelled rows ({int(y.sum())} positive): produce events with labels "
                         "first (eddy produce --backfill 24h) and let the stack process them")
@@ -135,5 +155,10 @@ def retrain(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: b
     uri = directory.resolve().as_uri()
     if published:
         publish(kafka, spec.topics.model_updates, manifest, uri, key)
+    if register is not None:
+        register({"version": version, "parent": current["version"] if current else None, "kind": spec.model.kind,
+                  "spec_hash": spec.spec_hash, "uri": uri, "sha256": manifest.sha256,
+                  "created_at": manifest.created_at, "metrics": metrics, "champion_metrics": champion_metrics,
+                  "published": published})
     return RetrainResult(version, current["version"] if current else None, metrics, champion_metrics, published,
                          len(records), int(y.sum()), round(time.perf_counter() - started, 2), uri)

@@ -1,0 +1,47 @@
+"""gold/models, the registry table: one row per trained version. Written and read with delta-rs
+(no JVM), so `eddy retrain` and `eddy models` need no Spark for it; Spark reads it as gold.models."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from lakehouse.ingest import table_location
+from lakehouse.tables import MODELS
+
+
+def register_model(root: str, entry: dict[str, Any]) -> None:
+    """Append one version (the MODELS columns; metrics as a dict) to gold/models."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    created = entry["created_at"]
+    if isinstance(created, str):
+        created = datetime.fromisoformat(created.replace("Z", "+00:00"))
+    row = {
+        "version": entry["version"], "parent": entry.get("parent"), "kind": entry.get("kind"),
+        "spec_hash": entry.get("spec_hash"), "uri": entry.get("uri"), "sha256": entry.get("sha256"),
+        "created_at": created.astimezone(UTC),
+        "metrics": json.dumps({"holdout": entry.get("metrics"), "champion_holdout": entry.get("champion_metrics")},
+                              sort_keys=True),
+        "published": bool(entry.get("published")),
+    }
+    schema = pa.schema([(n, pa.timestamp("us", tz="UTC") if t == "timestamp" else
+                         pa.bool_() if t == "boolean" else pa.string()) for n, t in MODELS.columns])
+    write_deltalake(table_location(root, MODELS), pa.Table.from_pylist([row], schema=schema), mode="append")
+
+
+def registered_models(root: str) -> list[dict[str, Any]]:
+    """Every row of gold/models, oldest first ([] when no version was registered yet)."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        table = DeltaTable(table_location(root, MODELS))
+    except TableNotFoundError:
+        return []
+    rows = table.to_pyarrow_table().to_pylist()
+    for row in rows:
+        row["metrics"] = json.loads(row["metrics"]) if row.get("metrics") else {}
+    return sorted(rows, key=lambda r: r["created_at"])

@@ -1,0 +1,41 @@
+"""Training-set reads: the feature rows the stream computed for each labelled event (silver/features
+joined with the newest label per event from bronze/labels), oldest event first."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from features.errors import EddyError
+from features.spec import PipelineSpec
+from lakehouse.ingest import table_location
+from lakehouse.tables import feature_columns, ingested_tables
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from pyspark.sql import SparkSession
+
+
+def labelled_features(session: SparkSession, root: str, spec: PipelineSpec) -> pd.DataFrame:
+    """One row per labelled event that has a features row: event_id, the entity key, event_time
+    (UTC), one column per feature, late, label (0/1); sorted by event time then Kafka position."""
+    if spec.labels is None:
+        raise EddyError(f"spec {spec.name!r} has no labels section: nothing to train on")
+    tables = {t.topic: t for t in ingested_tables(spec)}
+    features = session.read.format("delta").load(table_location(root, tables[spec.topics.features]))
+    labels = session.read.format("delta").load(table_location(root, tables[spec.labels.topic]))
+    features.createOrReplaceTempView("eddy_features")
+    labels.createOrReplaceTempView("eddy_labels")
+    names = ", ".join(f"f.`{n}`" for n, _ in feature_columns(spec))
+    lid, label = spec.labels.id, spec.labels.label
+    frame = session.sql(f"""
+        WITH newest_label AS (
+            SELECT `{lid}` AS event_id, max_by(`{label}`, struct(label_time, kafka_timestamp)) AS label
+            FROM eddy_labels WHERE `{lid}` IS NOT NULL AND `{label}` IS NOT NULL GROUP BY `{lid}`),
+        one_row AS (
+            SELECT *, row_number() OVER (PARTITION BY event_id ORDER BY kafka_timestamp, kafka_offset) AS n
+            FROM eddy_features WHERE event_id IS NOT NULL AND event_time IS NOT NULL)
+        SELECT f.event_id, f.`{spec.key}`, f.event_time, {names}, f.late, CAST(l.label AS INT) AS label
+        FROM one_row f JOIN newest_label l ON f.event_id = l.event_id
+        WHERE f.n = 1
+        ORDER BY f.event_time, f.kafka_partition, f.kafka_offset""")
+    return frame.toPandas()
