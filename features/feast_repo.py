@@ -1,6 +1,7 @@
 """The Feast repo generated from the pipeline spec: the entity, the push source, the feature view,
 feature_store.yaml, and the one online read. Feast is imported inside the functions (a ~6 s import),
-so `import features` stays cheap."""
+so `import features` stays cheap. Where the view's history lives offline is the caller's to say
+(an OfflineSource); by default it is a parquet placeholder under the repo."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +40,16 @@ class UnknownEntity(EddyError):
     """The online store holds no features for this entity id."""
 
 
+@dataclass(frozen=True)
+class OfflineSource:
+    """Where Feast reads the view's history, described by the caller so this module names no
+    lakehouse path or engine: `store` is feature_store.yaml's offline_store block ({"type": "spark"}),
+    and `batch_source(name, timestamp_field)` builds the view's batch DataSource under that name."""
+
+    store: Mapping[str, Any]
+    batch_source: Callable[[str, str], Any]
+
+
 def skip_torch_import() -> None:
     """Feast 0.67 imports torch when it is imported (feast.torch_wrapper, for tensor output only):
     ~500 MB and ~2.5 s. A process that never uses torch (the online writer, `eddy features get`)
@@ -60,6 +72,10 @@ def view_name(spec: PipelineSpec) -> str:
 
 def push_source_name(spec: PipelineSpec) -> str:
     return f"{spec.name}_push"
+
+
+def batch_source_name(spec: PipelineSpec) -> str:
+    return f"{spec.name}_features_batch"
 
 
 def feature_dtypes(spec: PipelineSpec) -> dict[str, str]:
@@ -107,23 +123,27 @@ def _json_string(value: str) -> str:
     return json.dumps(value).replace(",", "\\u002c").replace("$", "\\u0024")
 
 
-def config_yaml(spec: PipelineSpec, repo_dir: Path, redis_url: str, project: str | None = None) -> str:
-    """The text of feature_store.yaml for this pipeline."""
-    config = {
+def config_yaml(spec: PipelineSpec, repo_dir: Path, redis_url: str, project: str | None = None,
+                offline: OfflineSource | None = None) -> str:
+    """The text of feature_store.yaml for this pipeline (Feast's default offline store unless
+    `offline` names one)."""
+    config: dict[str, Any] = {
         "project": project or project_name(spec),
         "provider": "local",
         "registry": {"registry_type": "file", "path": str(Path(repo_dir).resolve() / REGISTRY_FILE)},
         "online_store": {"type": "redis", "connection_string": redis_connection_string(redis_url)},
-        "entity_key_serialization_version": ENTITY_KEY_SERIALIZATION_VERSION,
     }
+    if offline is not None:
+        config["offline_store"] = dict(offline.store)
+    config["entity_key_serialization_version"] = ENTITY_KEY_SERIALIZATION_VERSION
     return yaml.safe_dump(config, sort_keys=False)
 
 
 # --- the Feast objects ---------------------------------------------------------------------------------
 
-def definitions(spec: PipelineSpec, repo_dir: Path) -> list[Any]:
-    """[Entity, PushSource, FeatureView] for the spec. The push source's batch source is a parquet
-    placeholder under the repo until the offline store points it at silver/features."""
+def definitions(spec: PipelineSpec, repo_dir: Path, offline: OfflineSource | None = None) -> list[Any]:
+    """[Entity, PushSource, FeatureView] for the spec. The push source's batch source is the one
+    `offline` builds, or a parquet placeholder under the repo."""
     from feast import Entity, FeatureView, Field, FileSource, PushSource
     from feast.types import Float64, Int64, String
     from feast.value_type import ValueType
@@ -131,8 +151,11 @@ def definitions(spec: PipelineSpec, repo_dir: Path) -> list[Any]:
     dtypes = {"Int64": Int64, "Float64": Float64}
     entity = Entity(name=spec.entity, join_keys=[spec.key], value_type=ValueType.STRING,
                     description=f"the {spec.entity} of pipeline {spec.name}, keyed by {spec.key}")
-    batch = FileSource(name=f"{spec.name}_features_batch", timestamp_field=TIMESTAMP_FIELD,
-                       path=str(Path(repo_dir).resolve() / "data" / f"{spec.name}_features.parquet"))
+    if offline is not None:
+        batch = offline.batch_source(batch_source_name(spec), TIMESTAMP_FIELD)
+    else:
+        batch = FileSource(name=batch_source_name(spec), timestamp_field=TIMESTAMP_FIELD,
+                           path=str(Path(repo_dir).resolve() / "data" / f"{spec.name}_features.parquet"))
     push = PushSource(name=push_source_name(spec), batch_source=batch)
     view = FeatureView(
         name=view_name(spec),
@@ -148,8 +171,11 @@ def definitions(spec: PipelineSpec, repo_dir: Path) -> list[Any]:
     return [entity, push, view]
 
 
-def feature_store(spec: PipelineSpec, repo_dir: Path, redis_url: str, project: str | None = None) -> feast.FeatureStore:
+def feature_store(spec: PipelineSpec, repo_dir: Path, redis_url: str, project: str | None = None,
+                  offline: OfflineSource | None = None) -> feast.FeatureStore:
     """Write feature_store.yaml under repo_dir and apply the spec's definitions; returns the store.
+    Give a repo with an `offline` source a repo_dir of its own: two callers with different batch
+    sources on one registry would rewrite it in turn.
 
     Idempotent and safe for concurrent callers: a file lock serialises them, and the registry is
     rewritten only when its definitions differ from the spec's (Feast's file registry is not
@@ -159,9 +185,9 @@ def feature_store(spec: PipelineSpec, repo_dir: Path, redis_url: str, project: s
     repo_dir = Path(repo_dir)
     repo_dir.mkdir(parents=True, exist_ok=True)
     with _locked(repo_dir / ".lock"):
-        _write_private(repo_dir / CONFIG_FILE, config_yaml(spec, repo_dir, redis_url, project))
+        _write_private(repo_dir / CONFIG_FILE, config_yaml(spec, repo_dir, redis_url, project, offline))
         store = FeatureStore(repo_path=str(repo_dir))
-        objects = definitions(spec, repo_dir)
+        objects = definitions(spec, repo_dir, offline)
         if not _registered(store, objects):
             store.apply(objects)
             store.refresh_registry()

@@ -72,7 +72,7 @@ class Scorer:
         with self._lock:
             self._next = (loaded, message)
 
-    def _swap_if_ready(self) -> None:
+    def swap_if_ready(self) -> None:
         with self._lock:
             ready, self._next = self._next, None
         if ready is None:
@@ -90,7 +90,7 @@ class Scorer:
         """Block until the updates topic has been replayed and a model serves."""
         deadline = time.monotonic() + self.config.model_wait_s
         while time.monotonic() < deadline:
-            self._swap_if_ready()
+            self.swap_if_ready()
             if self.serving is not None and self.listener.caught_up.is_set():
                 return
             time.sleep(0.05)
@@ -98,7 +98,7 @@ class Scorer:
                         f"{self.config.model_wait_s:.0f}s: run `eddy up` (it publishes the baseline) or `eddy promote`")
 
     def process(self, messages: Sequence, out: Output) -> None:
-        self._swap_if_ready()
+        self.swap_if_ready()
         model = self.serving
         spec = self.spec
         records, kept = [], []
@@ -199,7 +199,7 @@ def run_scorer(config: ScorerConfig) -> None:
                              transactional_id=f"{config.group}-{config.replica}",
                              batch_size=config.batch_size, batch_wait_s=config.batch_wait_s)
     try:
-        loop.run(scorer, stop.is_set)
+        loop.run(scorer, stop.is_set, on_idle=scorer.swap_if_ready)  # an idle scorer swaps too: status tells the truth
     finally:
         scorer.listener.stop()
         beat(force=True)

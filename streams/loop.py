@@ -75,7 +75,9 @@ class TransactionalLoop:
         self.stats = LoopStats()
         self._committed: dict[tuple[str, int], int] = {}
 
-    def run(self, step: Step, should_stop: Callable[[], bool], on_batch: Callable[[int], None] | None = None) -> None:
+    def run(self, step: Step, should_stop: Callable[[], bool], on_batch: Callable[[int], None] | None = None,
+            on_idle: Callable[[], None] | None = None) -> None:
+        """Batches until should_stop(); on_idle() runs between polls that found nothing (in this thread)."""
         self.producer.init_transactions(30)
         self.consumer.subscribe(self.topics)
         try:
@@ -83,6 +85,8 @@ class TransactionalLoop:
                 messages = self.consumer.consume(self.batch_size, self.batch_wait_s)
                 if not messages:
                     self._commit_idle_positions()
+                    if on_idle is not None:
+                        on_idle()
                     continue
                 batch = [m for m in messages if m.error() is None]
                 for m in messages:

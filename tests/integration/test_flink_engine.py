@@ -126,8 +126,7 @@ def test_a_killed_job_resumes_from_its_last_checkpoint_exactly_once(settings, st
 
 
 def test_client_settings_are_translated_for_the_java_client(tmp_path):
-    from streams.kafka import java_client_properties
-    from streams.kafka import KafkaConfig
+    from streams.kafka import KafkaConfig, java_client_properties
 
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
     cert.write_text("CERT")

@@ -12,6 +12,8 @@ import yaml
 
 from features.errors import ConfigError
 from features.feast_repo import (
+    OfflineSource,
+    batch_source_name,
     config_yaml,
     definitions,
     feature_frame,
@@ -128,3 +130,27 @@ def test_feature_frame_types_columns_as_the_view():
     assert math.isnan(frame["secs_since_last"][0]) and frame["secs_since_last"][1] == 3.5
     with pytest.raises(TypeError):
         feature_frame(spec, ["c-1"], [0], [{**rows[0], "txn_count_1m": None}])
+
+
+def test_an_offline_source_sets_the_offline_store_and_the_batch_source(tmp_path):
+    from feast import FileSource
+    from feast.repo_config import load_repo_config
+
+    spec = SPECS["fraud"]
+    made = []
+
+    def batch_source(name, timestamp_field):
+        made.append((name, timestamp_field))
+        return FileSource(name=name, timestamp_field=timestamp_field, path="s3://lake/silver/features")
+
+    offline = OfflineSource(store={"type": "file"}, batch_source=batch_source)
+    text = config_yaml(spec, tmp_path, "redis://h:1/0", offline=offline)
+    assert yaml.safe_load(text)["offline_store"] == {"type": "file"}
+    (tmp_path / "feature_store.yaml").write_text(text)
+    assert load_repo_config(tmp_path, tmp_path / "feature_store.yaml").offline_store.type == "file"
+    _, push, view = definitions(spec, tmp_path, offline)
+    assert made == [(batch_source_name(spec), "event_time")]
+    assert push.batch_source.path == view.batch_source.path == "s3://lake/silver/features"
+    # without one: Feast's default offline store and the parquet placeholder, as before
+    assert "offline_store" not in yaml.safe_load(config_yaml(spec, tmp_path, "redis://h:1/0"))
+    assert definitions(spec, tmp_path)[1].batch_source.path.endswith("fraud_features.parquet")
