@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import deque
 
 import numpy as np
 import orjson
@@ -16,8 +16,11 @@ from rich.live import Live
 from rich.table import Table
 
 from deploy import stack
+from deploy.lake import lakehouse_rows
 from deploy.settings import Settings
 from features.spec import load_spec
+from lakehouse.registry import register_model
+from models.live import live_metrics
 from models.retrain import retrain
 from streams.generator import GeneratorConfig, TransactionGenerator
 from streams.kafka import group_lag
@@ -110,9 +113,12 @@ def run_demo(settings: Settings, console: Console) -> dict:
         _wait_for(watcher, before + HISTORY_EVENTS, console)
         console.print(f"  {len(watcher.rows) - before:,} predictions by {watcher.rows[-1]['model_version']}")
 
-        console.rule("3. first training (champion: the baseline)")
+        _wait_for_lakehouse(settings, spec, len(watcher.rows), console)
+
+        console.rule("3. first training from the lakehouse (champion: the baseline)")
+        from_lake = {"rows": lakehouse_rows(settings, spec), "register": lambda e: register_model(settings.lakehouse, e)}
         first = retrain(settings.kafka, spec, settings.artifacts_dir, settings.model_key.reveal(), settings.device,
-                        "auto", on_progress=lambda line: None)
+                        "auto", on_progress=lambda line: None, **from_lake)
         console.print(f"  {first.version}: holdout PR-AUC {first.metrics['pr_auc']:.3f} against "
                       f"{first.champion} {first.champion_metrics['pr_auc'] if first.champion_metrics else None}; "
                       f"{'published' if first.published else 'not published'} ({first.seconds:.1f}s)")
@@ -135,7 +141,7 @@ def run_demo(settings: Settings, console: Console) -> dict:
                     note = "retraining on everything labelled so far..."
                     retrainer = threading.Thread(target=lambda: second_box.append(retrain(
                         settings.kafka, spec, settings.artifacts_dir, settings.model_key.reveal(), settings.device,
-                        "auto", seed=1)))
+                        "auto", seed=1, **from_lake)))
                     retrainer.start()
                 if second_box and "retraining" in note:
                     second = second_box[0]
@@ -152,8 +158,10 @@ def run_demo(settings: Settings, console: Console) -> dict:
             view.update(_view(settings, spec, watcher, producer.report.events, lags, note))
         summary["second"] = second_box[0] if second_box else None
 
-        console.rule("5. analytics over the predictions and labels")
-        summary["analytics"] = _analytics(settings, spec, watcher.rows, console)
+        console.rule("5. analytics: Spark SQL over the lakehouse")
+        _wait_for_lakehouse(settings, spec, len(watcher.rows), console)
+        summary["analytics"] = _analytics(settings, spec, console)
+        summary["live"] = live_metrics(settings.lakehouse, spec)
     finally:
         watcher.stop()
         console.rule("6. eddy down")
@@ -164,38 +172,61 @@ def run_demo(settings: Settings, console: Console) -> dict:
     return summary
 
 
-def _analytics(settings, spec, predictions: list[dict], console: Console) -> dict:
-    """Fraud rate and the precision of flagged events by channel and model version."""
-    from models.retrain import _read_all
+def _table_rows(settings: Settings, path: str) -> int:
+    from deltalake import DeltaTable
 
-    labels = {}
-    for raw in _read_all(settings.kafka, spec.labels.topic, idle_s=2.0):
-        label = orjson.loads(raw)
-        labels[label["event_id"]] = bool(label["is_fraud"])
-    channels = {}
-    for raw in _read_all(settings.kafka, spec.topics.source, idle_s=2.0):
-        event = orjson.loads(raw)
-        channels[event["event_id"]] = event["channel"]
-    by = Counter()
-    for p in predictions:
-        if p["event_id"] in labels:
-            key = (channels.get(p["event_id"], "?"), p["model_version"])
-            by[key + ("n",)] += 1
-            by[key + ("fraud",)] += labels[p["event_id"]]
-            if p["score"] > FLAG_AT:
-                by[key + ("flagged",)] += 1
-                by[key + ("hit",)] += labels[p["event_id"]]
+    try:
+        return sum(int(n) for n in DeltaTable(f"{settings.lakehouse}/{path}").get_add_actions(flatten=True)
+                   .column("num_records").to_pylist())
+    except Exception:  # noqa: BLE001 - not created yet
+        return 0
+
+
+def _wait_for_lakehouse(settings: Settings, spec, predictions: int, console: Console, timeout_s: float = 300) -> None:
+    """Until gold/predictions, silver/features and bronze/labels hold as many rows as the predictions
+    topic showed."""
+    with console.status("") as status:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            landed = min(_table_rows(settings, t) for t in ("gold/predictions", "silver/features", "bronze/labels"))
+            status.update(f"lakehouse ingestion: {landed:,}/{predictions:,} rows in each table")
+            if landed >= predictions:
+                break
+            time.sleep(1.0)
+        landed = _table_rows(settings, "gold/predictions")
+    console.print(f"  the lakehouse holds {landed:,} predictions, {_table_rows(settings, 'silver/features'):,} "
+                  f"feature rows, {_table_rows(settings, 'bronze/labels'):,} labels")
+
+
+def _analytics(settings, spec, console: Console) -> dict:
+    """Fraud rate and the precision of flagged events by channel and model version, in Spark SQL."""
+    from deploy.lake import spark_session
+    from lakehouse.query import register_tables, run_sql
+    from lakehouse.tables import ingested_tables
+
+    names = {t.topic: t.sql_name for t in ingested_tables(spec)}
+    session = spark_session(settings, "eddy-retrain")  # the retrains' session, already running
+    register_tables(session, settings.lakehouse, spec)
+    statement = f"""
+        SELECT t.channel, p.model_version AS model, count(*) AS events,
+               avg(CAST(l.is_fraud AS INT)) AS fraud_rate,
+               sum(CAST(p.score > {FLAG_AT} AS INT)) AS flagged,
+               sum(CAST(p.score > {FLAG_AT} AND l.is_fraud AS INT)) / nullif(sum(CAST(p.score > {FLAG_AT} AS INT)), 0)
+                   AS precision
+        FROM {names[spec.topics.predictions]} p
+        JOIN (SELECT event_id, max_by(is_fraud, label_time) AS is_fraud FROM {names[spec.labels.topic]}
+              GROUP BY event_id) l ON p.event_id = l.event_id
+        JOIN {names[spec.topics.source]} t ON t.event_id = p.event_id
+        GROUP BY t.channel, p.model_version ORDER BY t.channel, p.model_version"""
+    console.print("  " + " ".join(statement.split()))
+    result = run_sql(session, statement)
     table = Table(title="fraud rate and precision of flagged events, by channel and model version")
-    for column in ("channel", "model", "events", "fraud rate", "flagged", "precision"):
+    for column in result.columns:
         table.add_column(column)
-    rows = []
-    for channel, version in sorted({k[:2] for k in by}):
-        n, fraud = by[(channel, version, "n")], by[(channel, version, "fraud")]
-        flagged, hit = by[(channel, version, "flagged")], by[(channel, version, "hit")]
-        rows.append({"channel": channel, "model": version, "events": n, "fraud_rate": fraud / n,
-                     "flagged": flagged, "precision": hit / flagged if flagged else None})
-        table.add_row(channel, version, f"{n:,}", f"{fraud / n:.2%}", f"{flagged:,}",
-                      f"{hit / flagged:.2%}" if flagged else "-")
+    rows = [dict(zip(result.columns, row, strict=True)) for row in result.rows]
+    for r in rows:
+        table.add_row(r["channel"], r["model"], f"{r['events']:,}", f"{r['fraud_rate']:.2%}", f"{r['flagged']:,}",
+                      f"{r['precision']:.2%}" if r["precision"] is not None else "-")
     console.print(table)
     return {"rows": rows}
 
@@ -211,3 +242,7 @@ def _print_summary(summary: dict, console: Console) -> None:
         console.print(f"  second retrain {second.version}: PR-AUC {second.metrics['pr_auc']:.3f}, "
                       f"its champion {second.champion}: "
                       f"{second.champion_metrics['pr_auc'] if second.champion_metrics else '-'}")
+    for version, live in sorted((summary.get("live") or {}).items()):
+        pr_auc = f"{live['pr_auc']:.3f}" if live["pr_auc"] is not None else "-"
+        console.print(f"  live (gold.predictions joined with bronze.labels): {version}: {live['labelled']:,} labelled "
+                      f"predictions, {live['positives']} fraud, PR-AUC {pr_auc}")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -58,7 +59,17 @@ def train(kind: str, rows: Sequence[Any] | np.ndarray, labels: Sequence[Any] | n
         lt = None if lens is None else torch.from_numpy(lens).to(dev)
         _fit(model, x, target, lt, pos_weight, np.random.default_rng(seed), epochs, batch_size,
              lr, weight_decay, on_progress)
+    _undo_class_weight(model, pos_weight)
     return model.eval(), normaliser
+
+
+def _undo_class_weight(model: nn.Module, pos_weight: float) -> None:
+    """Positives weighted by w make the model learn log-odds + log(w): shift the output bias back, so
+    that scores are probabilities again (a 0.5 threshold means even odds) and the ranking, hence
+    PR-AUC and ROC-AUC, stays the same."""
+    output = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        output.bias -= math.log(pos_weight)
 
 
 def _values(kind: str, rows: Any, names: tuple[str, ...], lengths: np.ndarray | None,
