@@ -18,6 +18,7 @@ class Component:
     run: Callable[[Settings, PipelineSpec], None]   # runs in the component's own process until SIGTERM
     engine: str | None = None                        # only started with this --engine
     ingest: bool = False                             # lakehouse ingestion: only when settings.ingest
+    retrain: bool = False                            # continuous retraining: only when a policy is set
     replica: int | None = None                       # scorer replicas: started while replica < settings.scorers
 
 
@@ -71,6 +72,12 @@ def _lakehouse(settings: Settings, spec: PipelineSpec) -> None:
     run_ingest_component(settings, spec)
 
 
+def _retrainer(settings: Settings, spec: PipelineSpec) -> None:
+    from deploy.lake import run_retrain_component
+
+    run_retrain_component(settings, spec)
+
+
 def _flink(settings: Settings, spec: PipelineSpec) -> None:
     from streams.engines.flink_job import run_job
 
@@ -84,6 +91,7 @@ COMPONENTS: dict[str, Component] = {
         Component("online-writer", _online_writer),
         *(Component(f"scorer-{i}", _scorer(i), replica=i) for i in range(16)),
         Component("lakehouse", _lakehouse, ingest=True),
+        Component("retrainer", _retrainer, retrain=True),
     )
 }
 
@@ -92,7 +100,8 @@ def wanted(settings: Settings) -> list[Component]:
     """The components this stack runs, in start order."""
     return [c for c in COMPONENTS.values()
             if c.engine in (None, settings.engine) and (c.replica is None or c.replica < settings.scorers)
-            and (not c.ingest or settings.ingest)]
+            and (not c.ingest or settings.ingest)
+            and (not c.retrain or (settings.ingest and (settings.retrain_every_labels or settings.retrain_every_s)))]
 
 
 def argv(name: str) -> list[str]:

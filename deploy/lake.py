@@ -111,3 +111,49 @@ def run_ingest_component(settings: Settings, spec: PipelineSpec) -> None:
                        rows=sum(stats.rows.values()))
 
     run_ingestion(session, spec, ingest_config(settings), report, stop.is_set)
+
+
+RETRAIN_COMPONENT = "retrainer"
+
+
+def run_retrain_component(settings: Settings, spec: PipelineSpec) -> None:
+    """`eddy run retrainer`: retrain from the lakehouse when the policy says so, publish only an
+    improvement; its Spark session stays up between retrains."""
+    import logging
+    import time
+
+    import redis
+
+    from lakehouse.ingest import row_count
+    from lakehouse.registry import register_model
+    from lakehouse.tables import ingested_tables
+    from models.continuous import RetrainPolicy
+    from models.retrain import retrain
+    from streams.metrics import Heartbeat
+
+    log = logging.getLogger("eddy.retrainer")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    policy = RetrainPolicy(settings.retrain_every_labels, settings.retrain_every_s)
+    labels_table = next(t for t in ingested_tables(spec) if spec.labels and t.topic == spec.labels.topic)
+    heartbeat = Heartbeat(redis.Redis.from_url(settings.redis_url), spec.name, RETRAIN_COMPONENT)
+    rows = lakehouse_rows(settings, spec)
+    state = {"retrains": 0, "published": 0, "last_version": None, "last_error": None}
+    while not stop.is_set():
+        labels = row_count(settings.lakehouse, labels_table)
+        heartbeat.beat(state["retrains"], force=True, labels=labels, **state)
+        if policy.due(labels, time.monotonic()):
+            policy.done(labels, time.monotonic())
+            try:
+                result = retrain(settings.kafka, spec, settings.artifacts_dir, settings.model_key.reveal(),
+                                 settings.device, "auto", rows=rows,
+                                 register=lambda entry: register_model(settings.lakehouse, entry))
+                state.update(retrains=state["retrains"] + 1, published=state["published"] + result.published,
+                             last_version=result.version, last_error=None)
+                log.info("retrained %s on %d rows: PR-AUC %s against %s %s; %s", result.version, result.rows,
+                         result.metrics.get("pr_auc"), result.champion,
+                         (result.champion_metrics or {}).get("pr_auc"), "published" if result.published else "kept")
+            except Exception as exc:  # noqa: BLE001 - one failed retrain (too few labels) waits for the next
+                state["last_error"] = str(exc)[:200]
+                log.warning("retrain failed: %s", exc)
+        stop.wait(5.0)

@@ -66,6 +66,8 @@ class Settings:
     ingest_trigger_s: float = 2.0
     spark_master: str = "local[2]"
     spark_conf: Mapping[str, str] = field(default_factory=dict)   # spark.* settings from EDDY_SPARK_CONF
+    retrain_every_labels: int | None = None   # continuous retraining (off unless one of these is set)
+    retrain_every_s: float | None = None
 
     def __repr__(self) -> str:
         return (
@@ -172,6 +174,21 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
             raise ConfigError(f"EDDY_SPARK_CONF: cannot read {spark_conf_path} ({exc.strerror}); "
                               "point it at a properties file of spark.* settings") from None
 
+    every_labels_raw = env.get("EDDY_RETRAIN_EVERY_LABELS")
+    try:
+        every_labels = int(every_labels_raw) if every_labels_raw else None
+        if every_labels is not None and every_labels < 1:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"EDDY_RETRAIN_EVERY_LABELS: {every_labels_raw!r} is not a positive number of labels") from None
+    every_raw = env.get("EDDY_RETRAIN_EVERY")
+    try:
+        every_s = parse_duration(every_raw) / 1000 if every_raw else None
+        if every_s is not None and every_s <= 0:
+            raise SpecError("not positive")
+    except SpecError:
+        raise ConfigError(f"EDDY_RETRAIN_EVERY: {every_raw!r} is not a duration like 30m or 6h") from None
+
     return Settings(
         home=home,
         kafka=kafka,
@@ -188,6 +205,8 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
         ingest_trigger_s=trigger_s,
         spark_master=env.get("EDDY_SPARK_MASTER") or "local[2]",
         spark_conf=spark_conf,
+        retrain_every_labels=every_labels,
+        retrain_every_s=every_s,
     )
 
 

@@ -195,3 +195,17 @@ def test_every_record_lands_once_across_a_kill_9_and_queries_agree(settings, sta
     bad = run_eddy(["query", f"SELECT nope FROM {source.sql_name}"], env, timeout=240)
     assert bad.returncode == 1
     assert bad.stderr.count("\n") == 1 and "UNRESOLVED_COLUMN" in bad.stderr and "at org.apache" not in bad.stderr
+
+    # Maintenance: compaction keeps every row and leaves fewer files; a retention that could delete an
+    # in-flight write's files is refused in one line before Spark starts.
+    import deltalake
+
+    counts = {t.path: len(delta_rows(lake, t.path)) for t in tables.values()}
+    files_before = len(deltalake.DeltaTable(str(lake / "silver/features")).files())
+    optimized = run_eddy(["lakehouse", "optimize"], env, timeout=300)
+    assert optimized.returncode == 0, optimized.stderr
+    assert "silver.features" in optimized.stdout and "compacted" in optimized.stdout
+    assert {t.path: len(delta_rows(lake, t.path)) for t in tables.values()} == counts
+    assert len(deltalake.DeltaTable(str(lake / "silver/features")).files()) < files_before
+    refused = run_eddy(["lakehouse", "vacuum", "--retain", "0.5"], env)
+    assert refused.returncode == 1 and "keep at least 1 hour" in refused.stderr and refused.stderr.count("\n") == 1

@@ -1,0 +1,36 @@
+"""Continuous retraining: when enough new labels have landed in the lakehouse, or enough time has
+passed, retrain and publish only an improvement (`--publish auto`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from features.errors import ConfigError
+
+
+@dataclass
+class RetrainPolicy:
+    """due() is true after `every_labels` new labels or `every_s` seconds since the last retrain
+    (either may be None); the first call only records where counting starts."""
+
+    every_labels: int | None = None
+    every_s: float | None = None
+    _labels_at: int | None = None
+    _time_at: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.every_labels is None and self.every_s is None:
+            raise ConfigError("continuous retraining needs EDDY_RETRAIN_EVERY_LABELS or EDDY_RETRAIN_EVERY")
+        if (self.every_labels is not None and self.every_labels < 1) or (self.every_s is not None and self.every_s <= 0):
+            raise ConfigError("EDDY_RETRAIN_EVERY_LABELS and EDDY_RETRAIN_EVERY must be positive")
+
+    def due(self, labels: int, now: float) -> bool:
+        if self._labels_at is None or self._time_at is None:
+            self._labels_at, self._time_at = labels, now
+            return False
+        return ((self.every_labels is not None and labels - self._labels_at >= self.every_labels)
+                or (self.every_s is not None and now - self._time_at >= self.every_s))
+
+    def done(self, labels: int, now: float) -> None:
+        """A retrain started at this label count and time (whatever its outcome)."""
+        self._labels_at, self._time_at = labels, now
