@@ -124,3 +124,35 @@ def test_dedupe_survives_a_restart_and_a_replay_is_not_a_duplicate(settings):
     assert dedupe.first_seen([("z", "t:0:5"), ("z", "t:0:5"), ("z", "t:1:9")]) == [True, True, False]
     assert dedupe.duplicates == 1
     assert 0 < r.pttl(f"eddy:{namespace}:seen:z") <= 24 * 3600 * 1000
+
+
+class _NoScripts:
+    """A Redis client whose ACL refuses EVAL (as some managed Redis services do)."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+        self.refused = 0
+
+    def register_script(self, _source):
+        def refuse(**_kwargs):
+            from redis.exceptions import NoPermissionError
+
+            self.refused += 1
+            raise NoPermissionError("this user has no permissions to run the 'evalsha' command")
+        return refuse
+
+    def pipeline(self, **kwargs):
+        return self._client.pipeline(**kwargs)
+
+
+def test_dedupe_decides_the_same_without_server_scripts(settings):
+    """The scripted path (one EVALSHA a batch) and the pipelined fallback give the same answers."""
+    r = redis.Redis.from_url(settings.redis_url)
+    scripted = Deduper(r, f"test-s-{uuid.uuid4().hex[:8]}")
+    no_scripts = _NoScripts(r)
+    pipelined = Deduper(no_scripts, f"test-p-{uuid.uuid4().hex[:8]}")
+    batches = [[("a", "t:0:1"), ("b", "t:0:2"), ("a", "t:0:3")], [("a", "t:0:1"), ("b", "t:1:7"), ("c", "t:2:0")]]
+    for batch in batches:
+        assert scripted.first_seen(batch) == pipelined.first_seen(batch)
+    assert scripted.first_seen([("a", "t:0:1")]) == [True] and scripted.duplicates == pipelined.duplicates == 2
+    assert no_scripts.refused == 1  # refused once, then the pipeline is used without asking again
