@@ -1,9 +1,9 @@
 """The online writer: feature rows from the features topic into Feast's online store (Redis).
 
-One Feast write per batch, holding each entity's newest non-late row of the batch; offsets are
-committed after the write. That is at-least-once, which is enough: a write is an overwrite, and
-Feast's Redis store skips a row whose event time is not newer than the stored one, so a replayed
-or out-of-order row never replaces a newer one."""
+One write per batch (streams.feast_redis: Feast's layout, pipelined), holding each entity's newest
+non-late row of the batch; offsets are committed after the write. That is at-least-once, which is
+enough: a write is an overwrite, and a row whose event time is not newer than the stored one is
+skipped, as Feast skips it, so a replayed or out-of-order row never replaces a newer one."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
-from features.feast_repo import feature_dtypes, feature_frame, feature_store, view_name
+from features.feast_repo import feature_dtypes, feature_store, view_name
 from features.spec import PipelineSpec
 from streams.kafka import KafkaConfig
 from streams.metrics import Heartbeat
@@ -91,11 +91,12 @@ def _epoch_ms(value: Any) -> int:
 
 
 class OnlineWriter:
-    """Consumes the features topic as group `eddy-<pipeline>-online-writer` and writes to Feast."""
+    """Consumes the features topic as group `eddy-<pipeline>-online-writer` and writes each batch
+    with `rows_writer.write(entity_ids, event_ms, feature_dicts)` (a FeastRedisWriter)."""
 
-    def __init__(self, kafka: KafkaConfig, spec: PipelineSpec, store, heartbeat: Heartbeat | None = None,
-                 batch_size: int = 2000, batch_wait_s: float = 0.1) -> None:
-        self.spec, self.store, self.heartbeat = spec, store, heartbeat
+    def __init__(self, kafka: KafkaConfig, spec: PipelineSpec, rows_writer, heartbeat: Heartbeat | None = None,
+                 batch_size: int = 5000, batch_wait_s: float = 0.1) -> None:
+        self.spec, self.rows_writer, self.heartbeat = spec, rows_writer, heartbeat
         self.batch_size, self.batch_wait_s = batch_size, batch_wait_s
         self.view = view_name(spec)
         self.consumer = Consumer(kafka.client(**{
@@ -105,7 +106,9 @@ class OnlineWriter:
             "isolation.level": "read_committed",
             "session.timeout.ms": 6000,
             "heartbeat.interval.ms": 1000,
-            "fetch.wait.max.ms": 10,
+            # the online store is fresh within ~0.1 s: fetch whole batches, at most 10 a second
+            "fetch.wait.max.ms": 100,
+            "fetch.min.bytes": 1_048_576,
         }))
         self.stats = WriterStats()
         self._committed: dict[tuple[str, int], int] = {}
@@ -135,19 +138,20 @@ class OnlineWriter:
         return self.stats
 
     def write(self, messages: Sequence, should_stop: Callable[[], bool] = lambda: False) -> bool:
-        """Write one batch with one Feast call; False if stopped before the write succeeded."""
+        """Write one batch with one pipelined write; False if stopped before the write succeeded."""
         stats = self.stats
         stats.events += len(messages)
         rows = latest_rows(self.spec, messages, stats)
         if not rows.keys:
             return True
-        frame = self._frame(rows)
-        if frame.empty:
-            return True
         delay = 0.2
         while True:
             try:
-                self.store.write_to_online_store(self.view, frame)
+                try:
+                    written = self.rows_writer.write(rows.keys, rows.event_ms, rows.features)
+                except (TypeError, ValueError):
+                    rows = self._fitting(rows)
+                    written = self.rows_writer.write(rows.keys, rows.event_ms, rows.features)
                 break
             except Exception as exc:
                 from redis.exceptions import RedisError
@@ -159,16 +163,12 @@ class OnlineWriter:
                 if _sleep_unless(should_stop, delay):
                     return False
                 delay = min(delay * 2, 5.0)
-        stats.rows += len(frame)
+        stats.rows += written
         stats.batches += 1
         return True
 
-    def _frame(self, rows: LatestRows):
-        try:
-            return feature_frame(self.spec, rows.keys, rows.event_ms, rows.features)
-        except (TypeError, ValueError):
-            pass
-        # Some value does not fit its column (a null count, a string): skip the rows at fault.
+    def _fitting(self, rows: LatestRows) -> LatestRows:
+        """The rows whose values fit their columns; the others (a null count, a string) are skipped."""
         dtypes = feature_dtypes(self.spec)
         good = []
         for i, features in enumerate(rows.features):
@@ -178,8 +178,8 @@ class OnlineWriter:
                 self.stats.bad += 1
                 log.warning("skipped the row of %s %r: its features %s do not fit %s", self.spec.key,
                             rows.keys[i], features, dtypes)
-        return feature_frame(self.spec, [rows.keys[i] for i in good], [rows.event_ms[i] for i in good],
-                             [rows.features[i] for i in good])
+        return LatestRows([rows.keys[i] for i in good], [rows.event_ms[i] for i in good],
+                          [rows.features[i] for i in good])
 
     def _commit(self) -> None:
         """Commit the consumer's positions when they moved: everything consumed is written by now.
@@ -220,13 +220,17 @@ def _sleep_unless(should_stop: Callable[[], bool], seconds: float) -> bool:
 
 def run_online_writer(kafka: KafkaConfig, spec: PipelineSpec, redis_url: str, repo_dir: Path,
                       should_stop: Callable[[], bool], *, project: str | None = None,
-                      batch_size: int = 2000, batch_wait_s: float = 0.1) -> WriterStats:
+                      batch_size: int = 5000, batch_wait_s: float = 0.1) -> WriterStats:
     """Set up the Feast repo under repo_dir (idempotent), then write until should_stop()."""
     import redis
 
+    from streams.feast_redis import FeastRedisWriter
+
     store = feature_store(spec, repo_dir, redis_url, project=project)
-    heartbeat = Heartbeat(redis.Redis.from_url(redis_url), spec.name, COMPONENT)
-    writer = OnlineWriter(kafka, spec, store, heartbeat, batch_size=batch_size, batch_wait_s=batch_wait_s)
+    client = redis.Redis.from_url(redis_url)
+    rows_writer = FeastRedisWriter(store, view_name(spec), spec.key, feature_dtypes(spec), client)
+    heartbeat = Heartbeat(client, spec.name, COMPONENT)
+    writer = OnlineWriter(kafka, spec, rows_writer, heartbeat, batch_size=batch_size, batch_wait_s=batch_wait_s)
     log.info("online writer: %s -> Feast view %r (project %r)", spec.topics.features, writer.view,
              store.project)
     return writer.run(should_stop)

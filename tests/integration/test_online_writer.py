@@ -221,3 +221,54 @@ def test_latest_rows_of_a_batch():
     assert latest.event_ms == [T0 + 1000, T0 + 501]
     assert [f["txn_count_1m"] for f in latest.features] == [2, 3]
     assert (stats.late, stats.bad, stats.superseded) == (1, 2, 3)
+
+
+@pytest.mark.redis
+def test_the_fast_writer_stores_what_feasts_own_writer_stores(settings, tmp_path):
+    """The same rows through FeatureStore.write_to_online_store and through FeastRedisWriter leave
+    byte-identical Redis hashes (Feast's key, field hashes, ValueProto and Timestamp bytes, nulls)."""
+    from features.feast_repo import feature_dtypes, feature_frame, feature_store, view_name
+    from streams.feast_redis import FeastRedisWriter
+
+    spec, _ = private_spec(settings, tmp_path)
+    latest = expected_latest(feature_rows(spec))
+    cards = sorted(latest)
+    event_ms = [T0 + 1000 * i + 7 for i in range(len(cards))]
+    features = [latest[c] for c in cards]
+    assert any(v is None for f in features for v in f.values())  # a null travels too
+    client = redis.Redis.from_url(settings.redis_url)
+
+    def stored(project: str, write) -> list[dict]:
+        store = feature_store(spec, tmp_path / project, settings.redis_url, project=project)
+        writer = FeastRedisWriter(store, view_name(spec), spec.key, feature_dtypes(spec), client)
+        write(store, writer)
+        return [client.hgetall(writer.redis_key(c)) for c in cards]
+
+    feasts = stored(f"ref_{uuid.uuid4().hex[:8]}", lambda store, _: store.write_to_online_store(
+        view_name(spec), feature_frame(spec, cards, event_ms, features)))
+    ours = stored(f"fast_{uuid.uuid4().hex[:8]}", lambda _, writer: writer.write(cards, event_ms, features))
+    assert all(len(h) == len(spec.features) + 1 for h in feasts)
+    assert ours == feasts
+
+
+@pytest.mark.redis
+def test_the_fast_writer_keeps_a_newer_stored_row_and_refuses_a_null_count(settings, tmp_path):
+    from features.feast_repo import feature_dtypes, feature_store, view_name
+    from streams.feast_redis import FeastRedisWriter
+
+    spec, _ = private_spec(settings, tmp_path)
+    project = f"t_{uuid.uuid4().hex[:8]}"
+    store = feature_store(spec, tmp_path / "repo", settings.redis_url, project=project)
+    writer = FeastRedisWriter(store, view_name(spec), spec.key, feature_dtypes(spec),
+                              redis.Redis.from_url(settings.redis_url))
+    row = {"txn_count_1m": 3, "amount_sum_1h": 10.5, "amount_avg_24h": 3.5, "merchants_24h": 2,
+           "secs_since_last": 1.25}
+    assert writer.write(["c-1"], [T0 + 5000], [row]) == 1
+    assert writer.write(["c-1"], [T0 + 5000], [{**row, "txn_count_1m": 9}]) == 0  # same time: kept
+    assert writer.write(["c-1"], [T0 + 4999], [{**row, "txn_count_1m": 9}]) == 0  # older: kept
+    assert online_features(store, spec, ["c-1"]) == [row]
+    assert writer.write(["c-1"], [T0 + 5001], [{**row, "txn_count_1m": 4, "secs_since_last": None}]) == 1
+    assert online_features(store, spec, ["c-1"]) == [{**row, "txn_count_1m": 4, "secs_since_last": None}]
+    with pytest.raises(TypeError, match="txn_count_1m"):
+        writer.write(["c-2"], [T0], [{**row, "txn_count_1m": None}])
+    assert online_features(store, spec, ["c-2"]) == [None]
