@@ -31,7 +31,7 @@ def settings_from(process: str, **flags: Any) -> Settings:
 
 @app.command()
 def up(
-    engine: Annotated[str | None, typer.Option("--engine", help="feature engine: faust or flink")] = None,
+    engine: Annotated[str | None, typer.Option("--engine", help="feature engine: faust, flink or native")] = None,
     partitions: Annotated[int | None, typer.Option("--partitions", help="partitions per topic (default 3)")] = None,
     scorers: Annotated[int | None, typer.Option("--scorers", help="scorer replicas in one consumer group (default 1)")] = None,
     ingest: Annotated[bool | None, typer.Option("--ingest/--no-ingest", help="run lakehouse ingestion (EDDY_INGEST, default on)")] = None,
@@ -276,20 +276,22 @@ def bench(
     events: Annotated[int, typer.Option("--events", help="backlog size for the ceiling and the drain")] = 100_000,
     loads: Annotated[str, typer.Option("--loads", help="fixed loads in events/s, comma separated")] = "1000,5000",
     load_seconds: Annotated[float, typer.Option("--load-seconds", help="seconds per fixed load")] = 15.0,
-    engine: Annotated[str | None, typer.Option("--engine", help="feature engine: faust or flink")] = None,
+    engine: Annotated[str | None, typer.Option("--engine", help="feature engine: faust, flink or native")] = None,
     out_file: Annotated[str | None, typer.Option("--out", help="write the JSON here")] = None,
+    ingest: Annotated[bool, typer.Option("--ingest/--no-ingest", help="run lakehouse ingestion in the measured stack too")] = False,
+    scorers: Annotated[int | None, typer.Option("--scorers", help="scorer replicas")] = None,
     pipeline: PipelineOpt = None,
 ) -> None:
     """Benchmark on a private stack: Kafka ceiling, drain rate, latency at fixed loads, scoring."""
     from deploy.bench import run_bench
 
-    settings = settings_from("bench", pipeline=pipeline, engine=engine)
+    settings = settings_from("bench", pipeline=pipeline, engine=engine, scorers=scorers)
     try:
         rates = [int(r) for r in loads.split(",") if r.strip()]
     except ValueError:
         raise typer.BadParameter(f"--loads {loads!r}: give events/s as integers, e.g. 1000,5000") from None
     result = run_bench(settings, events=events, loads=rates, load_seconds=load_seconds, engine=settings.engine,
-                       on_progress=lambda line: err.print(f"[bench] {line}", markup=False, highlight=False))
+                       ingest=ingest, on_progress=lambda line: err.print(f"[bench] {line}", markup=False, highlight=False))
     print_bench(result)
     if out_file:
         from pathlib import Path

@@ -16,7 +16,7 @@ from streams.kafka import KafkaConfig, parse_properties
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ("auto", "cpu", "cuda")
-ENGINES = ("faust", "flink")
+ENGINES = ("faust", "flink", "native")
 
 
 class Secret:
@@ -68,6 +68,7 @@ class Settings:
     spark_conf: Mapping[str, str] = field(default_factory=dict)   # spark.* settings from EDDY_SPARK_CONF
     retrain_every_labels: int | None = None   # continuous retraining (off unless one of these is set)
     retrain_every_s: float | None = None
+    commit_interval_s: float | None = None    # how often each stage commits (None: each stage's default)
 
     def __repr__(self) -> str:
         return (
@@ -189,6 +190,14 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
     except SpecError:
         raise ConfigError(f"EDDY_RETRAIN_EVERY: {every_raw!r} is not a duration like 30m or 6h") from None
 
+    commit_raw = env.get("EDDY_COMMIT_INTERVAL")
+    try:
+        commit_s = parse_duration(commit_raw) / 1000 if commit_raw else None
+        if commit_s is not None and commit_s <= 0:
+            raise SpecError("not positive")
+    except SpecError:
+        raise ConfigError(f"EDDY_COMMIT_INTERVAL: {commit_raw!r} is not a duration like 50ms or 1s") from None
+
     return Settings(
         home=home,
         kafka=kafka,
@@ -207,6 +216,7 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
         spark_conf=spark_conf,
         retrain_every_labels=every_labels,
         retrain_every_s=every_s,
+        commit_interval_s=commit_s,
     )
 
 

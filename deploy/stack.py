@@ -80,7 +80,7 @@ def _beats_from(client, spec: PipelineSpec, component: str, pid: int) -> bool:
 
 
 def _metric(component: str) -> str:
-    """The heartbeat name of a component: the stage it runs (features-faust and features-flink are both features)."""
+    """The heartbeat name of a component: the stage it runs (features-faust, -flink and -native are all features)."""
     return component.split("-")[0] if component.startswith(("features-", "scorer-")) else component
 
 

@@ -39,8 +39,9 @@ class ScorerConfig:
     device: str
     model_key: bytes
     replica: int = 0
-    batch_size: int = 1024
-    batch_wait_s: float = 0.005
+    batch_size: int = 4096
+    batch_wait_s: float = 0.1         # an idle poll's wait for the first record (a batch never waits to fill)
+    commit_interval_s: float = 0.05   # at most one transaction per this long (each costs the broker CPU)
     history: int = 16              # feature rows kept per entity for sequence models
     model_wait_s: float = 120.0    # how long to wait at start for a model on the updates topic
 
@@ -176,6 +177,10 @@ def run_scorer(config: ScorerConfig) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     heartbeat = Heartbeat(client, config.spec.name, STAGE)
     scorer.listener.start()
+    loop = TransactionalLoop(config.kafka, config.group, [config.spec.topics.features],
+                             transactional_id=f"{config.group}-{config.replica}",
+                             batch_size=config.batch_size, batch_wait_s=config.batch_wait_s,
+                             min_interval_s=config.commit_interval_s)
 
     def beat(force: bool = False) -> None:
         serving = scorer.serving
@@ -185,7 +190,8 @@ def run_scorer(config: ScorerConfig) -> None:
                        batch_size=round(scorer.rows / max(scorer.batches, 1), 1),
                        updates_accepted=counters.accepted, updates_refused=counters.refused,
                        updates_ignored=counters.ignored_older,
-                       last_refusal=counters.last_refusal or None, bad_records=scorer.bad_records)
+                       last_refusal=counters.last_refusal or None, bad_records=scorer.bad_records,
+                       **loop.stats.summary())
 
     scorer.wait_for_model()
 
@@ -195,9 +201,6 @@ def run_scorer(config: ScorerConfig) -> None:
 
     threading.Thread(target=beat_every_second, name="heartbeat", daemon=True).start()
     beat(force=True)
-    loop = TransactionalLoop(config.kafka, config.group, [config.spec.topics.features],
-                             transactional_id=f"{config.group}-{config.replica}",
-                             batch_size=config.batch_size, batch_wait_s=config.batch_wait_s)
     try:
         loop.run(scorer, stop.is_set, on_idle=scorer.swap_if_ready)  # an idle scorer swaps too: status tells the truth
     finally:

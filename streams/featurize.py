@@ -24,7 +24,8 @@ def feature_message(spec: PipelineSpec, event: Event, row: FeatureRow) -> bytes:
 
 
 class Featurizer:
-    """apply() is the whole per-event computation; the engine only stores the returned state bytes."""
+    """apply() is the whole per-event computation; the engine only stores the returned state bytes.
+    An engine that keeps live state objects calls logic.update() itself and message() for the value."""
 
     def __init__(self, spec: PipelineSpec) -> None:
         self.spec = spec
@@ -35,4 +36,8 @@ class Featurizer:
         logic = self.logic
         current = logic.loads(state) if state else logic.new_state()
         row = logic.update(current, event.event_time_ms, event.values)
-        return (None if row.late else logic.dumps(current)), feature_message(self.spec, event, row)
+        return (None if row.late else logic.dumps(current)), self.message(event, row)
+
+    def message(self, event: Event, row: FeatureRow) -> bytes:
+        """The features value of an event whose row the engine computed on its own live state."""
+        return feature_message(self.spec, event, row)

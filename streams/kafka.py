@@ -91,9 +91,11 @@ def wait_for_broker(config: KafkaConfig, timeout_s: float) -> int:
 
 
 def ensure_topics(
-    config: KafkaConfig, names: Iterable[str], partitions: int, single_partition: Iterable[str] = ()
+    config: KafkaConfig, names: Iterable[str], partitions: int, single_partition: Iterable[str] = (),
+    configs: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """Create the topics that do not exist yet; returns the ones created. Idempotent."""
+    """Create the topics that do not exist yet (with topic `configs`, such as cleanup.policy);
+    returns the ones created. Idempotent."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import NewTopic
 
@@ -103,7 +105,8 @@ def ensure_topics(
     wanted = [n for n in dict.fromkeys(names) if n not in existing]
     if not wanted:
         return []
-    new = [NewTopic(n, num_partitions=1 if n in single else partitions, replication_factor=-1) for n in wanted]
+    new = [NewTopic(n, num_partitions=1 if n in single else partitions, replication_factor=-1,
+                    config=dict(configs or {})) for n in wanted]
     created = []
     for name, future in client.create_topics(new, operation_timeout=30).items():
         try:

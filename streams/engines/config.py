@@ -18,7 +18,8 @@ class EngineConfig:
     redis_url: str
     data_dir: Path          # engine-local state: Faust data, Flink checkpoints
     partitions: int
-    commit_interval_s: float = 0.2   # how often outputs become visible to read_committed readers
+    commit_interval_s: float = 0.2   # how often outputs become visible to read_committed readers (Faust; Flink
+                                     # checkpoints no more often than every second; native: components)
     batch_size: int = 500
     batch_wait_s: float = 0.01
     jars_dir: Path | None = None     # the Maven-fetched jars (Flink's Kafka connector under flink/)

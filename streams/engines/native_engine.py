@@ -1,0 +1,237 @@
+"""The native feature engine: the shared front door and feature logic on confluent-kafka's
+transactional loop, with no stream framework in between.
+
+Each batch is one Kafka transaction holding its features records, its dead letters and the source
+offsets, so a killed worker loses and doubles nothing. Entity state lives in memory as live objects
+and is checkpointed every checkpoint_s inside a batch's transaction (native_state: changed entities
+plus an offset marker per partition); a partition the group assigns is restored from its changelog
+and a replay of the source since the checkpoint, before any of its records is processed."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Sequence
+
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+from features.spec import PipelineSpec
+from streams.dedupe import Deduper
+from streams.dlq import dead_letter
+from streams.engines.config import STAGE, EngineConfig
+from streams.engines.native_state import (
+    MARKER_KEY,
+    PartitionState,
+    RestoreReport,
+    marker_value,
+    read_changelog,
+    replay_source,
+)
+from streams.featurize import Featurizer
+from streams.frontdoor import FrontDoor
+from streams.kafka import KafkaConfig, admin, ensure_topics
+from streams.loop import Output, TransactionalLoop
+from streams.metrics import Heartbeat
+
+log = logging.getLogger(__name__)
+ENGINE = "native"
+CHECKPOINT_S = 5.0         # how often changed entity states are written (bounds the replay at restore)
+MAX_DIRTY = 200_000        # ... or as soon as this many entities changed
+
+
+def changelog_topic(config: EngineConfig) -> str:
+    """The compacted topic holding each entity's checkpointed state, partitioned like the source."""
+    return f"{config.app_id}-{ENGINE}-state-changelog"
+
+
+class _Discard:
+    """The output of a replay: what it would produce was committed the first time."""
+
+    def produce(self, *args, **kwargs) -> None:
+        pass
+
+
+class NativeStep:
+    """The engine as a TransactionalLoop step: process() is the whole per-batch computation."""
+
+    def __init__(self, config: EngineConfig, deduper: Deduper | None, changelog: str,
+                 checkpoint_s: float = CHECKPOINT_S, max_dirty: int = MAX_DIRTY) -> None:
+        self.config = config
+        self.spec: PipelineSpec = config.spec
+        self.door = FrontDoor(config.spec, deduper, stage=STAGE)
+        self._replay_door = FrontDoor(config.spec, deduper, stage=STAGE)  # its counts stay out of the heartbeat
+        self.changelog = changelog
+        self.featurize = Featurizer(config.spec)
+        self.partitions: dict[int, PartitionState] = {}
+        self.checkpoint_s, self.max_dirty = checkpoint_s, max_dirty
+        self._checkpoint_due = 0.0  # monotonic time of the next checkpoint
+        self.restore_report = RestoreReport()
+        self.checkpoints = 0
+        self.refused = 0  # valid records whose values the feature logic cannot aggregate
+
+    def entities(self) -> int:
+        return sum(len(s.entities) for s in list(self.partitions.values()))  # list(): atomic, beats read it
+
+    # -- partitions come and go between batches --------------------------------------------------------
+    def assigned(self, partitions: list[TopicPartition]) -> None:
+        """Restore each partition; each TopicPartition's offset is the group's committed one (< 0: none)."""
+        self._restore({tp.partition: tp.offset for tp in partitions})
+
+    def revoked(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.partitions.pop(tp.partition, None)
+
+    def aborted(self, batch: Sequence, committed: list[TopicPartition]) -> None:
+        """The aborted batch changed the states of its partitions: rebuild them as committed."""
+        touched = {m.partition() for m in batch}
+        self._restore({tp.partition: tp.offset for tp in committed if tp.partition in touched})
+
+    def _restore(self, committed: dict[int, int]) -> None:
+        if not committed:
+            return
+        started = time.monotonic()
+        states, markers, read = read_changelog(self.config.kafka, self.changelog, sorted(committed))
+        ranges = {}
+        for p, state in states.items():
+            c = committed[p]
+            if c < 0:  # the group never committed here: nothing was processed, whatever the changelog says
+                state.entities.clear()
+                continue
+            state.next_offset = c
+            state.marked = markers.get(p)
+            ranges[p] = (markers.get(p, OFFSET_BEGINNING), c)
+        self.partitions.update(states)
+        replayed = replay_source(self.config.kafka, self.spec.topics.source, ranges, self._replay)
+        report = self.restore_report
+        report.changelog_records += read
+        report.replayed += replayed
+        report.seconds += time.monotonic() - started
+        log.info("restored %s partitions %s: %d changelog records, %d source records replayed (%s), "
+                 "%d entities, %.1fs", self.spec.topics.source, sorted(committed), read, replayed,
+                 ", ".join(f"{p}: {a}..{b}" for p, (a, b) in ranges.items()) or "none", self.entities(),
+                 time.monotonic() - started)
+
+    def _replay(self, messages: list) -> None:
+        self._apply(self._replay_door.admit(messages, _Discard()), _Discard())
+
+    # -- the hot path ------------------------------------------------------------------------------------
+    def process(self, messages: Sequence, out: Output) -> None:
+        self._apply(self.door.admit(messages, out), out)
+        partitions = self.partitions
+        for p, offset in {m.partition(): m.offset() for m in messages}.items():
+            part = partitions.get(p)
+            if part is None:
+                part = partitions[p] = PartitionState()
+            part.next_offset = offset + 1
+        due = time.monotonic() >= self._checkpoint_due
+        if due or sum(len(s.dirty) for s in partitions.values()) >= self.max_dirty:
+            self.checkpoint(out)
+
+    def _apply(self, admitted: list, out: Output) -> None:
+        """The feature row of each admitted event, on the live state of its entity."""
+        logic = self.featurize.logic
+        row_value = self.featurize.message
+        produce = out.produce
+        features_topic = self.spec.topics.features
+        partitions = self.partitions
+        for msg, ev in admitted:
+            p = msg.partition()
+            part = partitions.get(p)
+            if part is None:
+                part = partitions[p] = PartitionState()
+            table = part.entities
+            key = ev.key.encode()
+            state = table.get(key)
+            if state is None:
+                state = logic.new_state()
+            elif type(state) is bytes:
+                state = table[key] = logic.loads(state)
+            try:
+                row = logic.update(state, ev.event_time_ms, ev.values)
+            except ValueError as exc:  # the state is untouched
+                letter = dead_letter(self.spec.topics.dlq, msg, str(exc), STAGE)
+                produce(letter.topic, letter.value, letter.key, headers=letter.headers)
+                self.refused += 1
+                continue
+            if not row.late:
+                table[key] = state
+                part.dirty.add(key)
+            produce(features_topic, row_value(ev, row), key, partition=p)
+
+    def checkpoint(self, out: Output) -> None:
+        """Write every changed entity and each partition's marker into the current transaction."""
+        dumps, produce, topic = self.featurize.logic.dumps, out.produce, self.changelog
+        for p, part in self.partitions.items():
+            table = part.entities
+            for key in part.dirty:
+                state = table[key]
+                produce(topic, state if type(state) is bytes else dumps(state), key, partition=p)
+            part.dirty.clear()
+            if part.next_offset is not None and part.next_offset != part.marked:
+                produce(topic, marker_value(part.next_offset), MARKER_KEY, partition=p)
+                part.marked = part.next_offset
+        self.checkpoints += 1
+        self._checkpoint_due = time.monotonic() + self.checkpoint_s
+
+
+def source_partitions(kafka: KafkaConfig, topic: str) -> int:
+    """How many partitions the topic has (the changelog gets as many)."""
+    metadata = admin(kafka).list_topics(topic, timeout=30)
+    found = metadata.topics.get(topic)
+    if found is None or found.error is not None or not found.partitions:
+        raise RuntimeError(f"source topic {topic!r} does not exist; `eddy up` creates it")
+    return len(found.partitions)
+
+
+def build_native(config: EngineConfig, redis_client, checkpoint_s: float = CHECKPOINT_S,
+                 replica: int = 0) -> tuple[NativeStep, TransactionalLoop]:
+    """The engine's step and the loop that runs it (creating the changelog topic when missing)."""
+    spec = config.spec
+    changelog = changelog_topic(config)
+    ensure_topics(config.kafka, [changelog], source_partitions(config.kafka, spec.topics.source),
+                  configs={"cleanup.policy": "compact"})
+    step = NativeStep(config, Deduper(redis_client, spec.name), changelog, checkpoint_s=checkpoint_s)
+    loop = TransactionalLoop(config.kafka, config.app_id, [spec.topics.source],
+                             transactional_id=f"{config.app_id}-{ENGINE}-{replica}",
+                             batch_size=config.batch_size, batch_wait_s=config.batch_wait_s,
+                             min_interval_s=config.commit_interval_s)
+    return step, loop
+
+
+def run_native(config: EngineConfig, checkpoint_s: float = CHECKPOINT_S) -> None:
+    """Run the native engine in this process until SIGTERM."""
+    import redis
+
+    spec = config.spec
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    client = redis.Redis.from_url(config.redis_url)
+    step, loop = build_native(config, client, checkpoint_s)
+    heartbeat = Heartbeat(client, spec.name, STAGE)
+
+    def beat() -> None:
+        counts, restored = step.door.counts, step.restore_report
+        heartbeat.beat(counts.valid + counts.invalid + counts.duplicates, force=True, engine=ENGINE,
+                       valid=counts.valid - step.refused, dlq=counts.invalid + step.refused,
+                       duplicates=counts.duplicates, entities=step.entities(), checkpoints=step.checkpoints,
+                       restored=restored.changelog_records, replayed=restored.replayed, **loop.stats.summary())
+
+    def beat_every_second() -> None:
+        while not stop.wait(1.0):
+            try:
+                beat()
+            except Exception:  # noqa: BLE001 - a heartbeat never ends the engine, nor itself
+                log.exception("heartbeat failed")
+
+    beat()
+    threading.Thread(target=beat_every_second, name="heartbeat", daemon=True).start()
+    log.info("native engine: %s -> %s (state checkpoints every %.0fs in %s)", spec.topics.source,
+             spec.topics.features, checkpoint_s, step.changelog)
+    try:
+        loop.run(step, stop.is_set)
+    finally:
+        stop.set()
+        beat()
