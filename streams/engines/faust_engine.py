@@ -151,6 +151,7 @@ def build_app(config: EngineConfig):
                        key_type=bytes, value_type=bytes)
     door = FrontDoor(spec, Deduper(redis.Redis.from_url(config.redis_url), spec.name), stage=STAGE)
     featurize = Featurizer(spec)
+    logic = featurize.logic
 
     def transactional_id(partition: int) -> str:
         # The id Faust commits the source partition's offsets under. Faust picks the id of a send from
@@ -173,13 +174,21 @@ def build_app(config: EngineConfig):
             tid = transactional_id(partition)
             async with gate:
                 sink = _Collect()
+                live: dict[bytes, object] = {}  # states this batch changed, parsed once, written once
                 for _msg, ev in door.admit([_Message(e.message) for e in batch], sink):
                     key = ev.key.encode()
-                    new_state, value = featurize.apply(store.get(key), ev)
-                    if new_state is not None:
-                        store[key] = new_state
-                        await send(changelog, key, new_state, partition, None, None, transactional_id=tid)
-                    await send(spec.topics.features, key, value, partition, None, None, transactional_id=tid)
+                    state = live.get(key)
+                    if state is None:
+                        stored = store.get(key)
+                        state = logic.loads(stored) if stored else logic.new_state()
+                    row = logic.update(state, ev.event_time_ms, ev.values)
+                    if not row.late:
+                        live[key] = state
+                    await send(spec.topics.features, key, featurize.message(ev, row), partition, None, None,
+                               transactional_id=tid)
+                for key, state in live.items():
+                    store[key] = value = logic.dumps(state)
+                    await send(changelog, key, value, partition, None, None, transactional_id=tid)
                 for topic, key, value, headers in sink.items:
                     await send(topic, key, value, partition, None, headers, transactional_id=tid)
                 for event in batch:  # acked inside the gate, so the next commit covers the whole batch
