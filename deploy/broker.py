@@ -17,7 +17,7 @@ from streams.kafka import wait_for_broker
 
 NAME = "broker"
 # Sized for a 2-core / 24 GiB machine that also runs Spark, Flink and the scorers.
-JVM_OPTS = ["-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true"]
+JVM_OPTS = ["-Xms256m", "-Xmx1g", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", "-Djava.awt.headless=true"]
 START_DEADLINE_S = 90.0
 
 LOG4J2 = """\
