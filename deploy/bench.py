@@ -29,11 +29,13 @@ from streams.generator import GeneratorConfig, TransactionGenerator
 from streams.kafka import KafkaConfig, ensure_topics
 from streams.metrics import read_metrics
 
+LOAD_LINGER_MS = 5  # the fixed-load producer batches for up to 5 ms (librdkafka's default linger)
+
 
 def _consumer(kafka: KafkaConfig, topics: list[str], **extra) -> Consumer:
     consumer = Consumer(kafka.client(**{"group.id": f"bench-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest",
                                         "enable.auto.commit": False, "isolation.level": "read_committed",
-                                        "fetch.wait.max.ms": 5, **extra}))
+                                        "fetch.wait.max.ms": 100, **extra}))
     consumer.subscribe(topics)
     return consumer
 
@@ -86,7 +88,10 @@ def _timestamps(kafka: KafkaConfig, topic: str, want: set[str] | None, count: in
     deadline = time.monotonic() + timeout_s
     try:
         while len(out) < count and time.monotonic() < deadline and not done(out):
-            for m in consumer.consume(5000, 0.5):
+            # what has arrived now, else wait for one record: received times are not held back
+            # until a batch fills
+            got = consumer.consume(5000, 0) or consumer.consume(1, 0.2)
+            for m in got:
                 if m.error() is None:
                     event_id = orjson.loads(m.value())["event_id"]
                     if want is None or event_id in want:
@@ -177,7 +182,8 @@ def fixed_load(settings: Settings, spec: PipelineSpec, rate: int, seconds: float
         settings.kafka, spec.topics.predictions, None, 10**9, timeout_s=seconds + 120, received=received,
         done=all_in)))
     reader.start()
-    SyntheticProducer(settings.kafka, spec.topics.source, None, gen).run(count, float(rate), backfill=False)
+    SyntheticProducer(settings.kafka, spec.topics.source, None, gen, linger_ms=LOAD_LINGER_MS).run(
+        count, float(rate), backfill=False)
     produced.set()
     sources = _timestamps(settings.kafka, spec.topics.source, None, 10**9, timeout_s=30,
                           done=lambda out: sum(1 for k in out if k.startswith(ids_prefix)) >= count)
@@ -188,6 +194,7 @@ def fixed_load(settings: Settings, spec: PipelineSpec, rate: int, seconds: float
     visible = [received[k] - sources[k] for k in sources if k in received]
     feature_stage = [featured[k] - sources[k] for k in sources if k in featured]
     return {"rate": rate, "seconds": seconds, "events": count, "predicted": len(latencies),
+            "load_producer_linger_ms": LOAD_LINGER_MS,
             "latency_ms": _percentiles(latencies), "visible_latency_ms": _percentiles(visible),
             "feature_stage_latency_ms": _percentiles(feature_stage)}
 
@@ -276,18 +283,22 @@ def scoring_stage(spec: PipelineSpec, device_setting: str, rows: int = 200_000) 
 
 
 def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: float, engine: str,
-              on_progress, keep: bool = False) -> dict[str, Any]:
+              on_progress, keep: bool = False, ingest: bool = False) -> dict[str, Any]:
+    """The stack measured is broker, Redis, feature engine, online writer and scorers; with
+    ingest, lakehouse ingestion (Spark) runs beside them too."""
     home = Path(tempfile.mkdtemp(prefix="eddy-bench-"))
     settings = replace(base, home=home, kafka=KafkaConfig(f"127.0.0.1:{free_port()}", base.kafka.properties),
                        redis_url=f"redis://127.0.0.1:{free_port()}/0", lakehouse=str(home / "lakehouse"),
-                       engine=engine)
+                       engine=engine, ingest=ingest)
     spec = load_spec(settings.pipeline)
     # The stack's processes read the model key from their EDDY_HOME: give them the one used here.
     key_file = home / "model.key"
     key_file.touch(mode=0o600)
     key_file.write_bytes(base.model_key.reveal())
     result: dict[str, Any] = {"machine": {"cpus": _cpus(), "python": platform.python_version(),
-                                          "platform": platform.platform()}, "engine": engine}
+                                          "platform": platform.platform()}, "engine": engine,
+                              "lakehouse_ingestion": ingest, "scorers": settings.scorers,
+                              "commit_interval_s": settings.commit_interval_s}
     try:
         on_progress(f"starting a private stack in {home}")
         stack.up(settings, spec)
