@@ -8,6 +8,7 @@ against per-event. Everything lands in one JSON document (CONTRACT section 8).""
 
 from __future__ import annotations
 
+import gc
 import platform
 import tempfile
 import threading
@@ -15,6 +16,7 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -238,48 +240,88 @@ def swap_time(settings: Settings, spec: PipelineSpec, rate: int = 1000) -> dict[
     return {"version": version, "seconds": round(first[0] / 1000 - published, 3) if first else None}
 
 
-def scoring_stage(spec: PipelineSpec, device_setting: str, rows: int = 200_000) -> dict[str, Any]:
-    """The scorer's per-batch work (parse, one model call, serialise) at batch 1024 against batch 1."""
+class _Record:
+    """A consumed features record, as the scorer reads it."""
+
+    __slots__ = ("_value", "_offset")
+
+    def __init__(self, value: bytes, offset: int) -> None:
+        self._value, self._offset = value, offset
+
+    def value(self) -> bytes:
+        return self._value
+
+    def key(self) -> bytes:
+        return b"c"
+
+    def topic(self) -> str:
+        return "features"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def headers(self):
+        return None
+
+
+class _Count:
+    def __init__(self) -> None:
+        self.records = 0
+
+    def produce(self, *args, **kwargs) -> None:
+        self.records += 1
+
+
+def scoring_stage(spec: PipelineSpec, device_setting: str, rows: int = 200_000, batch: int = 4096) -> dict[str, Any]:
+    """The scorer's own per-batch step (Scorer.process: parse, one model call, predictions out) on
+    batches of `batch` records against batches of one, and the model call alone at several sizes."""
     import torch
 
     from models.baseline import baseline_model
-    from models.scoring import LoadedModel, pick_device
+    from models.scorer import Scorer, ScorerConfig
+    from models.scoring import LoadedModel
 
     torch.set_num_threads(1)
-    device = pick_device(device_setting)
+    scorer = Scorer(ScorerConfig(KafkaConfig("127.0.0.1:1"), spec, "redis://127.0.0.1:1/0", device_setting, b"k"),
+                    redis_client=None)
+    device = scorer.device
     model, normaliser = baseline_model(spec)
-    loaded = LoadedModel(model, normaliser, device=device)
-    loaded.warm_up()
+    scorer.serving = loaded = LoadedModel(model, normaliser, SimpleNamespace(version="baseline-1"), device=device)
+    loaded.warm_up((1, 64, 1024, batch))
     rng = np.random.default_rng(0)
     names = spec.model_inputs
-    records = [orjson.dumps({"event_id": f"e{i}", "features": {n: float(rng.gamma(2.0, 10.0)) for n in names}})
-               for i in range(4096)]
+    records = [_Record(orjson.dumps({"event_id": f"e{i}", spec.key: f"c{i % 997}", "event_time": "2026-11-22T10:00:00.000Z",
+                                     "features": {n: float(rng.gamma(2.0, 10.0)) for n in names}, "late": False}), i)
+               for i in range(batch)]
 
-    def stage(batch: int, total: int) -> float:
+    def stage(size: int, total: int) -> float:
+        out = _Count()
+        gc.freeze()  # as the scorer's loop does once a second
         started = time.perf_counter()
-        done = 0
-        while done < total:
-            chunk = [orjson.loads(records[(done + j) % len(records)]) for j in range(batch)]
-            scores = loaded.score([r["features"] for r in chunk])
-            for r, s in zip(chunk, scores.tolist(), strict=True):
-                orjson.dumps({"event_id": r["event_id"], "score": s, "features": r["features"]})
-            done += batch
-        return done / (time.perf_counter() - started)
+        for done in range(0, total, size):
+            first = done % len(records)
+            scorer.process(records[first:first + size], out)
+        assert out.records >= total
+        return out.records / (time.perf_counter() - started)
 
-    def model_only(batch: int) -> float:
-        x = np.abs(rng.normal(size=(batch, len(names)))) * 10
+    def model_only(size: int) -> float:
+        x = np.abs(rng.normal(size=(size, len(names)))) * 10
         loaded.score(x)
-        reps = max(3, 2_000_000 // batch // 50)
+        reps = max(3, 2_000_000 // size // 50)
         started = time.perf_counter()
         for _ in range(reps):
             loaded.score(x)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return batch * reps / (time.perf_counter() - started)
+        return size * reps / (time.perf_counter() - started)
 
-    return {"device": str(device), "micro_batched_events_per_s": round(stage(1024, rows), 1),
-            "per_event_events_per_s": round(stage(1, min(rows, 20_000)), 1),
-            "model_rows_per_s": {str(b): round(model_only(b), 1) for b in (1, 64, 1024)}}
+    batched, single = stage(batch, rows), stage(1, min(rows, 20_000))
+    return {"device": str(device), "batch": batch, "micro_batched_events_per_s": round(batched, 1),
+            "per_event_events_per_s": round(single, 1), "ratio": round(batched / single, 1),
+            "model_rows_per_s": {str(b): round(model_only(b), 1) for b in (1, 64, 1024, batch)}}
 
 
 def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: float, engine: str,

@@ -7,6 +7,7 @@ between batches, never inside one, so each batch names exactly one model version
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
@@ -29,6 +30,7 @@ from streams.validation import iso_ms
 
 log = logging.getLogger(__name__)
 STAGE = "scorer"
+_PREDICTION_FIELDS = frozenset({"score", "model_version", "scored_at"})
 
 
 @dataclass(frozen=True)
@@ -102,11 +104,15 @@ class Scorer:
         self.swap_if_ready()
         model = self.serving
         spec = self.spec
+        required = ("event_id", spec.key, "event_time")
         records, kept = [], []
         for msg in messages:
             try:
                 record = orjson.loads(msg.value())
-                record["features"]  # noqa: B018 - a record without features is refused below
+                if type(record["features"]) is not dict:
+                    raise TypeError("its features are not an object")
+                for name in required:
+                    record[name]  # noqa: B018 - a record without its id, key or time is refused
             except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
                 letter = dead_letter(spec.topics.dlq, msg, f"unreadable features record: {exc}", STAGE)
                 out.produce(letter.topic, letter.value, letter.key, headers=letter.headers)
@@ -117,16 +123,27 @@ class Scorer:
         scores = self._score(model, kept, records, out)
         if not records:
             return
-        version = model.manifest.version
-        scored_at = iso_ms(int(time.time() * 1000))
-        topic, key_field = spec.topics.predictions, spec.key
-        for msg, record, score in zip(kept, records, scores.tolist(), strict=True):
-            out.produce(topic, orjson.dumps({
-                "event_id": record["event_id"], key_field: record[key_field], "event_time": record["event_time"],
-                "score": score, "model_version": version, "features": record["features"], "scored_at": scored_at,
-            }), msg.key())
+        self._emit(model.manifest.version, kept, records, scores.tolist(), out)
         self.rows += len(records)
         self.batches += 1
+
+    def _emit(self, version: str, kept: list, records: list[dict], scores: list[float], out: Output) -> None:
+        """One prediction per record: the features record's own bytes with score, model_version and
+        scored_at put in front (no second serialisation of the features), or, for a record that
+        does not start as eddy's engines write it, the prediction built from the parsed record."""
+        topic, key_field = self.spec.topics.predictions, self.spec.key
+        scored_at = iso_ms(int(time.time() * 1000))
+        head = b',"model_version":%s,"scored_at":"%s",' % (orjson.dumps(version), scored_at.encode())
+        produce, finite = out.produce, math.isfinite
+        for msg, record, score in zip(kept, records, scores, strict=True):
+            raw = msg.value()
+            if raw[:1] == b"{" and finite(score) and not _PREDICTION_FIELDS.intersection(record):
+                produce(topic, b'{"score":%r%s%s' % (score, head, raw[1:]), msg.key())
+            else:
+                produce(topic, orjson.dumps({
+                    "event_id": record["event_id"], key_field: record[key_field], "event_time": record["event_time"],
+                    "score": score if finite(score) else None, "model_version": version,
+                    "features": record["features"], "scored_at": scored_at}), msg.key())
 
     def _score(self, model, kept: list, records: list[dict], out: Output):
         """One model call for the batch; a row the model cannot take goes to the DLQ and the rest is
