@@ -356,6 +356,8 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
         swap = swap_time(settings, spec)
         on_progress("scoring stage: micro-batched against per-event")
         scoring = scoring_stage(spec, settings.device)
+        if ingest:
+            result["lakehouse"] = lakehouse(settings, spec, events, on_progress)
     finally:
         if not keep:
             stack.down(settings)
@@ -366,7 +368,7 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
         "latency_ms": main_load["latency_ms"],
         "loads": result_loads,
         "per_stage_events_per_s": whole["per_stage_peak_events_per_s"],
-        "scoring_rows_per_s": scoring["model_rows_per_s"]["1024"],
+        "scoring_rows_per_s": scoring["model_rows_per_s"][str(scoring["batch"])],
         "scoring": scoring,
         "device": scoring["device"],
         "drain": whole,
@@ -375,6 +377,27 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
                       "per_event_scoring_events_per_s": scoring["per_event_events_per_s"]},
     })
     return result
+
+
+def lakehouse(settings: Settings, spec: PipelineSpec, events: int, on_progress) -> dict[str, Any]:
+    from deploy import bench_lake
+    from streams.producer import SyntheticProducer
+
+    def fill(n: int) -> None:
+        _fill(settings.kafka, spec.topics.source, n, seed=4, start_ms=int(time.time() * 1000) - 3_600_000,
+              span_ms=3_600_000)
+
+    def produce_at(rate: int, seconds: float) -> None:
+        now_ms = int(time.time() * 1000)
+        gen = TransactionGenerator(GeneratorConfig(seed=5, start_ms=now_ms, id_prefix=f"F{now_ms}"))
+        SyntheticProducer(settings.kafka, spec.topics.source, None, gen, linger_ms=LOAD_LINGER_MS).run(
+            int(rate * seconds), float(rate), backfill=False)
+
+    on_progress(f"lakehouse: catch-up of {events:,} events' records with ingestion restarted")
+    catch = bench_lake.catch_up(settings, spec, fill, events, on_progress)
+    on_progress(f"lakehouse: {catch['rows_per_s']:,.0f} rows/s; freshness at 1,000 events/s for 30s")
+    fresh = bench_lake.freshness(settings, spec, produce_at, 1000, 30.0)
+    return {"catch_up": catch, "freshness": fresh, **bench_lake.memory(settings)}
 
 
 def _cpus() -> int:

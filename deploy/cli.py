@@ -318,9 +318,18 @@ def print_bench(result: dict) -> None:
     table.add_row("hot swap: publish -> first prediction by the new model", f"{result['swap_to_first_prediction_s']} s")
     for stage, rate in result["per_stage_events_per_s"].items():
         table.add_row(f"stage {stage} peak events/s", f"{rate:,.0f}")
-    table.add_row(f"scoring rows/s at batch 1024 ({result['device']})", f"{result['scoring_rows_per_s']:,.0f}")
-    table.add_row("scoring stage micro-batched events/s", f"{result['scoring']['micro_batched_events_per_s']:,.0f}")
-    table.add_row("scoring stage per-event events/s", f"{base['per_event_scoring_events_per_s']:,.0f}")
+    scoring = result["scoring"]
+    table.add_row(f"model rows/s at batch {scoring['batch']:,} ({result['device']})", f"{result['scoring_rows_per_s']:,.0f}")
+    table.add_row(f"scorer step events/s, batches of {scoring['batch']:,} / of 1",
+                  f"{scoring['micro_batched_events_per_s']:,.0f} / {base['per_event_scoring_events_per_s']:,.0f} "
+                  f"({scoring['ratio']}x)")
+    lake = result.get("lakehouse")
+    if lake:
+        catch, fresh = lake["catch_up"], lake["freshness"]
+        table.add_row("lakehouse catch-up rows/s (all tables)", f"{catch['rows_per_s']:,.0f} ({catch['rows']:,} rows)")
+        table.add_row(f"lakehouse freshness p50 / p99 at {fresh['rate']:,}/s, trigger {fresh['trigger_s']}s",
+                      f"{fresh['ms']['p50']} / {fresh['ms']['p99']} ms")
+        table.add_row("lakehouse ingestion memory (process + JVM)", f"{lake['rss_mb']} MB")
     out.print(table)
 
 
