@@ -14,7 +14,6 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,7 +23,6 @@ import orjson
 from confluent_kafka import Consumer, Producer
 
 from deploy import stack
-from deploy.processes import free_port
 from deploy.settings import Settings
 from features.spec import PipelineSpec, load_spec
 from streams.generator import GeneratorConfig, TransactionGenerator
@@ -329,14 +327,8 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
     """The stack measured is broker, Redis, feature engine, online writer and scorers; with
     ingest, lakehouse ingestion (Spark) runs beside them too."""
     home = Path(tempfile.mkdtemp(prefix="eddy-bench-"))
-    settings = replace(base, home=home, kafka=KafkaConfig(f"127.0.0.1:{free_port()}", base.kafka.properties),
-                       redis_url=f"redis://127.0.0.1:{free_port()}/0", lakehouse=str(home / "lakehouse"),
-                       engine=engine, ingest=ingest)
+    settings = stack.private_settings(base, home, engine=engine, ingest=ingest)
     spec = load_spec(settings.pipeline)
-    # The stack's processes read the model key from their EDDY_HOME: give them the one used here.
-    key_file = home / "model.key"
-    key_file.touch(mode=0o600)
-    key_file.write_bytes(base.model_key.reveal())
     result: dict[str, Any] = {"machine": {"cpus": _cpus(), "python": platform.python_version(),
                                           "platform": platform.platform()}, "engine": engine,
                               "lakehouse_ingestion": ingest, "scorers": settings.scorers,

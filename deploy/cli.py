@@ -169,11 +169,18 @@ def features_get(
 
 @app.command()
 def demo(home: HomeOpt = None) -> None:
-    """The loop on the local stack, unattended; starts and stops the stack itself."""
+    """The loop on a stack of its own (EDDY_HOME/demo, free ports), unattended; starts and stops it."""
+    import shutil
+
+    from deploy import stack
     from deploy.demo import run_demo
 
-    settings = settings_from("demo", home=home)
-    run_demo(settings, out)
+    base = settings_from("demo", home=home)
+    demo_home = base.home / "demo"
+    if demo_home.exists():  # the demo's own scratch space, fresh each run (stopped first if a run was cut short)
+        stack.down(base.with_overrides(home=demo_home))
+        shutil.rmtree(demo_home, ignore_errors=True)
+    run_demo(stack.private_settings(base, demo_home), out)
 
 
 @app.command()

@@ -27,20 +27,29 @@ from streams.kafka import group_lag
 from streams.producer import SyntheticProducer
 
 HISTORY_EVENTS = 40_000
+DAY_MS = 86_400_000
+GAP_MS = DAY_MS / HISTORY_EVENTS  # mean event-time gap of the stream, history and live alike
 LIVE_RATE = 300
 LIVE_SECONDS = 40
+LIVE_EVENTS = LIVE_RATE * LIVE_SECONDS
+LIVE_SPAN_MS = int(LIVE_EVENTS * GAP_MS)
 FLAG_AT = 0.5
 
 
 class PredictionWatcher:
-    """Reads predictions as they commit, for the live view and the analytics."""
+    """Reads transactions and predictions as they commit, for the live view and the analytics;
+    latency is a prediction's Kafka timestamp minus its transaction's."""
 
-    def __init__(self, settings: Settings, topic: str) -> None:
+    def __init__(self, settings: Settings, source: str, topic: str) -> None:
         self.consumer = Consumer(settings.kafka.client(**{
             "group.id": f"eddy-demo-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest",
-            "enable.auto.commit": False, "isolation.level": "read_committed"}))
-        self.consumer.subscribe([topic])
+            "enable.auto.commit": False, "isolation.level": "read_committed", "fetch.wait.max.ms": 100}))
+        self.source, self.topic = source, topic
+        self.consumer.subscribe([source, topic])
         self.rows: list[dict] = []
+        self.live: list[dict] = []
+        self.live_ids: set[str] = set()  # the events of the live stream, told by the demo
+        self._sent_at: dict[str, int] = {}
         self.latency_ms: deque[float] = deque(maxlen=2000)
         self.rate = 0.0
         self._stop = threading.Event()
@@ -49,13 +58,19 @@ class PredictionWatcher:
     def _run(self) -> None:
         last_t, last_n = time.monotonic(), 0
         while not self._stop.is_set():
-            for m in self.consumer.consume(2000, 0.2):
-                if m.error() is None:
-                    row = orjson.loads(m.value())
-                    self.rows.append(row)
-                    if row["event_id"].startswith("live"):
-                        event_ms = np.datetime64(row["event_time"].rstrip("Z"), "ms").astype(np.int64)
-                        self.latency_ms.append(m.timestamp()[1] - int(event_ms))
+            for m in self.consumer.consume(2000, 0) or self.consumer.consume(1, 0.2):
+                if m.error() is not None:
+                    continue
+                if m.topic() == self.source:
+                    self._sent_at[orjson.loads(m.value())["event_id"]] = m.timestamp()[1]
+                    continue
+                row = orjson.loads(m.value())
+                self.rows.append(row)
+                if row["event_id"] in self.live_ids:
+                    self.live.append(row)
+                    sent = self._sent_at.get(row["event_id"])
+                    if sent is not None:
+                        self.latency_ms.append(m.timestamp()[1] - sent)
             now = time.monotonic()
             if now - last_t >= 1.0:
                 self.rate, last_t, last_n = (len(self.rows) - last_n) / (now - last_t), now, len(self.rows)
@@ -75,7 +90,7 @@ def _wait_for(watcher: PredictionWatcher, count: int, console: Console, timeout_
 
 
 def _view(settings, spec, watcher: PredictionWatcher, produced: int, lags: dict, note: str) -> Table:
-    live = [r for r in watcher.rows if r["event_id"].startswith("live")]
+    live = watcher.live
     lat = np.array(watcher.latency_ms)
     table = Table(title="eddy demo: live stream", show_header=False)
     table.add_row("events produced (live)", f"{produced:,} at {LIVE_RATE}/s")
@@ -97,15 +112,17 @@ def run_demo(settings: Settings, console: Console) -> dict:
     report = stack.up(settings, spec)
     for name, part in report.parts.items():
         console.print(f"  {name:<16} pid {part['pid']}  log {part['log']}")
-    watcher = PredictionWatcher(settings, spec.topics.predictions)
+    watcher = PredictionWatcher(settings, spec.topics.source, spec.topics.predictions)
     watcher.thread.start()
     try:
         console.rule("2. a day of history with labels")
         before = len(watcher.rows)
         now_ms = int(time.time() * 1000)
-        history = TransactionGenerator(GeneratorConfig(seed=7, cards=3000, start_ms=now_ms - 86_400_000,
-                                                       mean_gap_ms=86_400_000 / HISTORY_EVENTS,
-                                                       id_prefix=f"hist{now_ms}"))
+        # One population of cards for history and live stream alike. The live stream continues the
+        # same timeline at the same pace of event time (a card's rhythm, so its windowed features,
+        # stay as in training), replayed at LIVE_RATE events/s: the last LIVE_SPAN_MS of event time.
+        history = TransactionGenerator(GeneratorConfig(seed=7, cards=3000, start_ms=now_ms - DAY_MS - LIVE_SPAN_MS,
+                                                       mean_gap_ms=GAP_MS, id_prefix=f"d{now_ms}"))
         produced = SyntheticProducer(settings.kafka, spec.topics.source, spec.labels.topic, history).run(
             HISTORY_EVENTS, None, backfill=True)
         console.print(f"  produced {produced.events:,} events ({produced.frauds} fraud) and {produced.labels:,} "
@@ -119,16 +136,17 @@ def run_demo(settings: Settings, console: Console) -> dict:
         from_lake = {"rows": lakehouse_rows(settings, spec), "register": lambda e: register_model(settings.lakehouse, e)}
         first = retrain(settings.kafka, spec, settings.artifacts_dir, settings.model_key.reveal(), settings.device,
                         "auto", on_progress=lambda line: None, **from_lake)
-        console.print(f"  {first.version}: holdout PR-AUC {first.metrics['pr_auc']:.3f} against "
-                      f"{first.champion} {first.champion_metrics['pr_auc'] if first.champion_metrics else None}; "
-                      f"{'published' if first.published else 'not published'} ({first.seconds:.1f}s)")
+        champion = f"{first.champion_metrics['pr_auc']:.3f}" if first.champion_metrics else "-"
+        console.print(f"  {first.version}: holdout PR-AUC {first.metrics['pr_auc']:.3f} against {first.champion} "
+                      f"{champion}; {'published' if first.published else 'not published'} ({first.seconds:.1f}s)")
         summary["first"] = first
 
-        console.rule(f"4. live stream at {LIVE_RATE} events/s, a retrain midway")
-        live = TransactionGenerator(GeneratorConfig(seed=8, cards=20_000, start_ms=int(time.time() * 1000),
-                                                    id_prefix=f"live{now_ms}", fraud_rate=0.02))
-        producer = SyntheticProducer(settings.kafka, spec.topics.source, spec.labels.topic, live, label_delay_ms=2000)
-        thread = threading.Thread(target=producer.run, args=(LIVE_RATE * LIVE_SECONDS, float(LIVE_RATE), False))
+        console.rule(f"4. live stream at {LIVE_RATE} events/s (the day goes on, {LIVE_SPAN_MS / 3_600_000:.1f} h "
+                     "of event time), a retrain midway")
+        prefix = history.config.id_prefix
+        watcher.live_ids.update(f"{prefix}-{n}" for n in range(HISTORY_EVENTS + 1, HISTORY_EVENTS + LIVE_EVENTS + 1))
+        producer = SyntheticProducer(settings.kafka, spec.topics.source, spec.labels.topic, history)
+        thread = threading.Thread(target=producer.run, args=(LIVE_EVENTS, float(LIVE_RATE), True))
         thread.start()
         second_box: list = []
         retrainer = None
@@ -162,6 +180,7 @@ def run_demo(settings: Settings, console: Console) -> dict:
         _wait_for_lakehouse(settings, spec, len(watcher.rows), console)
         summary["analytics"] = _analytics(settings, spec, console)
         summary["live"] = live_metrics(settings.lakehouse, spec)
+        summary["on_live_stream"] = _on_live_stream(settings, spec, watcher.live, summary)
     finally:
         watcher.stop()
         console.rule("6. eddy down")
@@ -170,6 +189,38 @@ def run_demo(settings: Settings, console: Console) -> dict:
     summary["predictions"] = len(watcher.rows)
     _print_summary(summary, console)
     return summary
+
+
+def _on_live_stream(settings: Settings, spec, rows: list[dict], summary: dict) -> dict[str, dict]:
+    """Every model on the same events: the live stream's feature rows (as the stream computed them)
+    and their labels from bronze/labels, scored by the baseline and by each retrained version."""
+    from deltalake import DeltaTable
+
+    from lakehouse.ingest import table_location
+    from lakehouse.tables import ingested_tables
+    from models.artifacts import load_artifact
+    from models.baseline import baseline_model
+    from models.scoring import LoadedModel
+    from models.training import evaluate
+    from models.updates import artifact_path
+
+    if not rows or spec.model.kind != "mlp":
+        return {}
+    labels_table = next(t for t in ingested_tables(spec) if t.topic == spec.labels.topic)
+    frame = DeltaTable(table_location(settings.lakehouse, labels_table)).to_pandas(
+        columns=[spec.labels.id, spec.labels.label])
+    labels = dict(zip(frame[spec.labels.id], frame[spec.labels.label], strict=True))
+    rows = [r for r in rows if r["event_id"] in labels]
+    y = np.array([bool(labels[r["event_id"]]) for r in rows], dtype=np.float64)
+    models = {"baseline-1": LoadedModel(*baseline_model(spec))}
+    for name in ("first", "second"):
+        result = summary.get(name)
+        if result is not None:
+            models[result.version] = load_artifact(artifact_path(result.uri), settings.model_key.reveal(),
+                                                   spec.spec_hash, list(spec.model_inputs))
+    features = [r["features"] for r in rows]
+    return {version: {"events": len(rows), "positives": int(y.sum()), **evaluate(model.score(features), y)}
+            for version, model in models.items()}
 
 
 def _table_rows(settings: Settings, path: str) -> int:
@@ -235,14 +286,17 @@ def _print_summary(summary: dict, console: Console) -> None:
     console.rule("summary")
     first, second = summary.get("first"), summary.get("second")
     console.print(f"  {summary['predictions']:,} predictions in {summary['seconds']:.0f}s")
-    if first is not None:
-        console.print(f"  first retrain {first.version}: PR-AUC {first.metrics['pr_auc']:.3f}, "
-                      f"baseline {first.champion_metrics['pr_auc'] if first.champion_metrics else '-'}")
-    if second is not None:
-        console.print(f"  second retrain {second.version}: PR-AUC {second.metrics['pr_auc']:.3f}, "
-                      f"its champion {second.champion}: "
-                      f"{second.champion_metrics['pr_auc'] if second.champion_metrics else '-'}")
+    for label, result in (("first", first), ("second", second)):
+        if result is None:
+            continue
+        champion = f"{result.champion_metrics['pr_auc']:.3f}" if result.champion_metrics else "-"
+        console.print(f"  {label} retrain {result.version}: holdout PR-AUC {result.metrics['pr_auc']:.3f} against "
+                      f"{result.champion} {champion} on the same holdout; {result.rows:,} rows, {result.seconds:.1f}s; "
+                      f"{'published' if result.published else 'not published'}")
     for version, live in sorted((summary.get("live") or {}).items()):
         pr_auc = f"{live['pr_auc']:.3f}" if live["pr_auc"] is not None else "-"
-        console.print(f"  live (gold.predictions joined with bronze.labels): {version}: {live['labelled']:,} labelled "
+        console.print(f"  served (gold.predictions joined with bronze.labels): {version}: {live['labelled']:,} labelled "
                       f"predictions, {live['positives']} fraud, PR-AUC {pr_auc}")
+    for version, m in (summary.get("on_live_stream") or {}).items():
+        console.print(f"  every model on the whole live stream ({m['events']:,} events, {m['positives']} fraud): "
+                      f"{version}: PR-AUC {m['pr_auc']:.3f}, ROC-AUC {m['roc_auc']:.3f}")

@@ -28,6 +28,22 @@ class UpReport:
     baseline: str | None = None  # the baseline model version, when this `up` published it
 
 
+def private_settings(base: Settings, home: Path, **changes: Any) -> Settings:
+    """Settings for a stack of its own in `home` (local broker and Redis on free loopback ports, the
+    lakehouse under it), with base's model key written where its processes read it."""
+    from dataclasses import replace
+
+    from deploy.processes import free_port
+    from streams.kafka import KafkaConfig
+
+    home.mkdir(parents=True, exist_ok=True)
+    key_file = home / "model.key"
+    key_file.touch(mode=0o600)
+    key_file.write_bytes(base.model_key.reveal())
+    return replace(base, home=home, kafka=KafkaConfig(f"127.0.0.1:{free_port()}", base.kafka.properties),
+                   redis_url=f"redis://127.0.0.1:{free_port()}/0", lakehouse=str(home / "lakehouse"), **changes)
+
+
 def process_table(settings: Settings) -> ProcessTable:
     return ProcessTable(settings.run_dir, settings.logs_dir)
 
