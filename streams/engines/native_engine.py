@@ -99,9 +99,15 @@ class NativeStep:
             if c < 0:  # the group never committed here: nothing was processed, whatever the changelog says
                 state.entities.clear()
                 continue
-            state.next_offset = c
-            state.marked = markers.get(p)
-            ranges[p] = (markers.get(p, OFFSET_BEGINNING), c)
+            marker = markers.get(p)
+            if marker is not None and marker > c:  # the group's offsets were moved back by hand
+                log.warning("%s[%d]: the checkpoint covers offsets up to %d but the group resumes at %d; "
+                            "rebuilding the partition's state from its first record", self.spec.topics.source,
+                            p, marker, c)
+                state.entities.clear()
+                marker = None
+            state.next_offset, state.marked = c, marker
+            ranges[p] = (OFFSET_BEGINNING if marker is None else marker, c)
         self.partitions.update(states)
         replayed = replay_source(self.config.kafka, self.spec.topics.source, ranges, self._replay)
         report = self.restore_report
@@ -118,7 +124,7 @@ class NativeStep:
 
     # -- the hot path ------------------------------------------------------------------------------------
     def process(self, messages: Sequence, out: Output) -> None:
-        self._apply(self.door.admit(messages, out), out)
+        self.refused += self._apply(self.door.admit(messages, out), out)
         partitions = self.partitions
         for p, offset in {m.partition(): m.offset() for m in messages}.items():
             part = partitions.get(p)
@@ -129,13 +135,15 @@ class NativeStep:
         if due or sum(len(s.dirty) for s in partitions.values()) >= self.max_dirty:
             self.checkpoint(out)
 
-    def _apply(self, admitted: list, out: Output) -> None:
-        """The feature row of each admitted event, on the live state of its entity."""
+    def _apply(self, admitted: list, out: Output) -> int:
+        """The feature row of each admitted event, on the live state of its entity; returns how many
+        events the feature logic refused (dead-lettered)."""
         logic = self.featurize.logic
         row_value = self.featurize.message
         produce = out.produce
         features_topic = self.spec.topics.features
         partitions = self.partitions
+        refused = 0
         for msg, ev in admitted:
             p = msg.partition()
             part = partitions.get(p)
@@ -153,12 +161,13 @@ class NativeStep:
             except ValueError as exc:  # the state is untouched
                 letter = dead_letter(self.spec.topics.dlq, msg, str(exc), STAGE)
                 produce(letter.topic, letter.value, letter.key, headers=letter.headers)
-                self.refused += 1
+                refused += 1
                 continue
             if not row.late:
                 table[key] = state
                 part.dirty.add(key)
             produce(features_topic, row_value(ev, row), key, partition=p)
+        return refused
 
     def checkpoint(self, out: Output) -> None:
         """Write every changed entity and each partition's marker into the current transaction."""
