@@ -29,6 +29,7 @@ from streams.generator import GeneratorConfig, TransactionGenerator
 from streams.kafka import KafkaConfig, ensure_topics
 from streams.metrics import read_metrics
 
+WARM_UP_TOPIC = "eddy-bench-warm-up"
 LOAD_LINGER_MS = 5  # the fixed-load producer batches for up to 5 ms (librdkafka's default linger)
 
 
@@ -160,9 +161,20 @@ def settle(settings: Settings, timeout_s: float = 180.0) -> float:
     return time.monotonic() - started
 
 
+def load_producer(settings: Settings, spec: PipelineSpec, gen: TransactionGenerator):
+    """The fixed-load producer, connected and holding its idempotent producer id before the first
+    measured record: a new client's first records otherwise wait for that, and count as latency."""
+    from streams.producer import SyntheticProducer
+
+    producer = SyntheticProducer(settings.kafka, spec.topics.source, None, gen, linger_ms=LOAD_LINGER_MS)
+    ensure_topics(settings.kafka, [WARM_UP_TOPIC], 1)
+    producer.producer.produce(WARM_UP_TOPIC, b"warm-up")
+    producer.producer.flush(30)
+    return producer
+
+
 def fixed_load(settings: Settings, spec: PipelineSpec, rate: int, seconds: float) -> dict[str, Any]:
     """Produce at `rate` with wall-clock event times; latency = prediction ts - transaction ts."""
-    from streams.producer import SyntheticProducer
 
     settle(settings)
     count = int(rate * seconds)
@@ -182,8 +194,7 @@ def fixed_load(settings: Settings, spec: PipelineSpec, rate: int, seconds: float
         settings.kafka, spec.topics.predictions, None, 10**9, timeout_s=seconds + 120, received=received,
         done=all_in)))
     reader.start()
-    SyntheticProducer(settings.kafka, spec.topics.source, None, gen, linger_ms=LOAD_LINGER_MS).run(
-        count, float(rate), backfill=False)
+    load_producer(settings, spec, gen).run(count, float(rate), backfill=False)
     produced.set()
     sources = _timestamps(settings.kafka, spec.topics.source, None, 10**9, timeout_s=30,
                           done=lambda out: sum(1 for k in out if k.startswith(ids_prefix)) >= count)
@@ -373,7 +384,6 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
 
 def lakehouse(settings: Settings, spec: PipelineSpec, events: int, on_progress) -> dict[str, Any]:
     from deploy import bench_lake
-    from streams.producer import SyntheticProducer
 
     def fill(n: int) -> None:
         _fill(settings.kafka, spec.topics.source, n, seed=4, start_ms=int(time.time() * 1000) - 3_600_000,
@@ -382,8 +392,7 @@ def lakehouse(settings: Settings, spec: PipelineSpec, events: int, on_progress) 
     def produce_at(rate: int, seconds: float) -> None:
         now_ms = int(time.time() * 1000)
         gen = TransactionGenerator(GeneratorConfig(seed=5, start_ms=now_ms, id_prefix=f"F{now_ms}"))
-        SyntheticProducer(settings.kafka, spec.topics.source, None, gen, linger_ms=LOAD_LINGER_MS).run(
-            int(rate * seconds), float(rate), backfill=False)
+        load_producer(settings, spec, gen).run(int(rate * seconds), float(rate), backfill=False)
 
     on_progress(f"lakehouse: catch-up of {events:,} events' records with ingestion restarted")
     catch = bench_lake.catch_up(settings, spec, fill, events, on_progress)

@@ -1,11 +1,12 @@
 """The native feature engine: the shared front door and feature logic on confluent-kafka's
 transactional loop, with no stream framework in between.
 
-Each batch is one Kafka transaction holding its features records, its dead letters and the source
-offsets, so a killed worker loses and doubles nothing. Entity state lives in memory as live objects
-and is checkpointed every checkpoint_s inside a batch's transaction (native_state: changed entities
-plus an offset marker per partition); a partition the group assigns is restored from its changelog
-and a replay of the source since the checkpoint, before any of its records is processed."""
+Each batch is one Kafka transaction holding its features records, its dead letters, the entity
+states due to be written (native_state: each changed entity about checkpoint_s after its change,
+with an offset marker per partition) and the source offsets, so a killed worker loses and doubles
+nothing. Entity state lives in memory as live objects; a partition the group assigns is restored
+from its changelog and a replay of the source since the marker, before any of its records is
+processed."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from streams.engines.native_state import (
     MARKER_KEY,
     PartitionState,
     RestoreReport,
+    entity_value,
     marker_value,
     read_changelog,
     replay_source,
@@ -37,8 +39,10 @@ from streams.metrics import Heartbeat
 
 log = logging.getLogger(__name__)
 ENGINE = "native"
-CHECKPOINT_S = 5.0         # how often changed entity states are written (bounds the replay at restore)
-MAX_DIRTY = 200_000        # ... or as soon as this many entities changed
+CHECKPOINT_S = 5.0         # how long after its change an entity's state is written (bounds the replay at restore)
+MAX_DIRTY = 200_000        # ... or sooner, oldest first, while more than this many wait
+WRITES_PER_BATCH = 1_000   # due states written per batch at most (more only beyond MAX_DIRTY): a burst of
+                           # changes is written over several batches, not in one long pause
 
 
 def changelog_topic(config: EngineConfig) -> str:
@@ -66,9 +70,8 @@ class NativeStep:
         self.featurize = Featurizer(config.spec)
         self.partitions: dict[int, PartitionState] = {}
         self.checkpoint_s, self.max_dirty = checkpoint_s, max_dirty
-        self._checkpoint_due = 0.0  # monotonic time of the next checkpoint
         self.restore_report = RestoreReport()
-        self.checkpoints = 0
+        self.written = 0  # entity states written to the changelog
         self.refused = 0  # valid records whose values the feature logic cannot aggregate
 
     def entities(self) -> int:
@@ -106,10 +109,15 @@ class NativeStep:
                             p, marker, c)
                 state.entities.clear()
                 marker = None
+            if marker is None:  # nothing is known to be complete: every entity from the start
+                state.as_of.clear()
             state.next_offset, state.marked = c, marker
             ranges[p] = (OFFSET_BEGINNING if marker is None else marker, c)
         self.partitions.update(states)
         replayed = replay_source(self.config.kafka, self.spec.topics.source, ranges, self._replay)
+        for p in states:
+            self.partitions[p].as_of.clear()
+            self._note_changes(self.partitions[p], len(self.partitions[p].dirty))
         report = self.restore_report
         report.changelog_records += read
         report.replayed += replayed
@@ -120,10 +128,17 @@ class NativeStep:
                  time.monotonic() - started)
 
     def _replay(self, messages: list) -> None:
-        self._apply(self._replay_door.admit(messages, _Discard()), _Discard())
+        """Replayed events go to their entity only past the offset its restored state is complete up to."""
+        admitted = []
+        for msg, ev in self._replay_door.admit(messages, _Discard()):
+            part = self.partitions[msg.partition()]
+            if msg.offset() >= part.as_of.get(ev.key.encode(), -1):
+                admitted.append((msg, ev))
+        self._apply(admitted, _Discard())
 
     # -- the hot path ------------------------------------------------------------------------------------
     def process(self, messages: Sequence, out: Output) -> None:
+        sizes = {p: len(part.dirty) for p, part in self.partitions.items()}
         self.refused += self._apply(self.door.admit(messages, out), out)
         partitions = self.partitions
         for p, offset in {m.partition(): m.offset() for m in messages}.items():
@@ -131,9 +146,14 @@ class NativeStep:
             if part is None:
                 part = partitions[p] = PartitionState()
             part.next_offset = offset + 1
-        due = time.monotonic() >= self._checkpoint_due
-        if due or sum(len(s.dirty) for s in partitions.values()) >= self.max_dirty:
-            self.checkpoint(out)
+        for p, part in partitions.items():
+            self._note_changes(part, len(part.dirty) - sizes.get(p, 0))
+        self.write_due(out)
+
+    @staticmethod
+    def _note_changes(part: PartitionState, newly_dirty: int) -> None:
+        if newly_dirty > 0:
+            part.changed_at.append((time.monotonic(), newly_dirty))
 
     def _apply(self, admitted: list, out: Output) -> int:
         """The feature row of each admitted event, on the live state of its entity; returns how many
@@ -165,24 +185,43 @@ class NativeStep:
                 continue
             if not row.late:
                 table[key] = state
-                part.dirty.add(key)
+                if key not in part.dirty:
+                    part.dirty[key] = msg.offset()
             produce(features_topic, row_value(ev, row), key, partition=p)
         return refused
 
-    def checkpoint(self, out: Output) -> None:
-        """Write every changed entity and each partition's marker into the current transaction."""
+    def write_due(self, out: Output) -> None:
+        """Into the current transaction: the states changed for checkpoint_s or longer (and the
+        oldest beyond max_dirty waiting), then each partition's marker where it moved."""
         dumps, produce, topic = self.featurize.logic.dumps, out.produce, self.changelog
+        due_before = time.monotonic() - self.checkpoint_s
+        waiting = sum(len(part.dirty) for part in self.partitions.values())
+        excess = max(0, waiting - self.max_dirty)
+        budget_each = max(1, WRITES_PER_BATCH // max(1, len(self.partitions)))  # an even share: none starves
         for p, part in self.partitions.items():
-            table = part.entities
-            for key in part.dirty:
-                state = table[key]
-                produce(topic, state if type(state) is bytes else dumps(state), key, partition=p)
-            part.dirty.clear()
-            if part.next_offset is not None and part.next_offset != part.marked:
-                produce(topic, marker_value(part.next_offset), MARKER_KEY, partition=p)
-                part.marked = part.next_offset
-        self.checkpoints += 1
-        self._checkpoint_due = time.monotonic() + self.checkpoint_s
+            count, budget = 0, budget_each
+            changed_at = part.changed_at
+            while changed_at and changed_at[0][0] <= due_before and count < budget:
+                at, n = changed_at.popleft()
+                if count + n > budget:  # the rest of that batch's changes waits for the next batch
+                    changed_at.appendleft((at, count + n - budget))
+                    n = budget - count
+                count += n
+            if excess and waiting:
+                count += -(-excess * len(part.dirty) // waiting)  # this partition's share, rounded up
+            count = min(count, len(part.dirty))
+            if count:
+                table, dirty, as_of = part.entities, part.dirty, part.next_offset
+                for _ in range(count):
+                    key, _first = dirty.popitem(last=False)
+                    state = table[key]
+                    produce(topic, entity_value(as_of, state if type(state) is bytes else dumps(state)), key,
+                            partition=p)
+                self.written += count
+            marker = part.replay_from()
+            if marker is not None and marker != part.marked:
+                produce(topic, marker_value(marker), MARKER_KEY, partition=p)
+                part.marked = marker
 
 
 def source_partitions(kafka: KafkaConfig, topic: str) -> int:
@@ -225,7 +264,7 @@ def run_native(config: EngineConfig, checkpoint_s: float = CHECKPOINT_S) -> None
         counts, restored = step.door.counts, step.restore_report
         heartbeat.beat(counts.valid + counts.invalid + counts.duplicates, force=True, engine=ENGINE,
                        valid=counts.valid - step.refused, dlq=counts.invalid + step.refused,
-                       duplicates=counts.duplicates, entities=step.entities(), checkpoints=step.checkpoints,
+                       duplicates=counts.duplicates, entities=step.entities(), states_written=step.written,
                        restored=restored.changelog_records, replayed=restored.replayed, **loop.stats.summary())
 
     def beat_every_second() -> None:
@@ -237,8 +276,8 @@ def run_native(config: EngineConfig, checkpoint_s: float = CHECKPOINT_S) -> None
 
     beat()
     threading.Thread(target=beat_every_second, name="heartbeat", daemon=True).start()
-    log.info("native engine: %s -> %s (state checkpoints every %.0fs in %s)", spec.topics.source,
-             spec.topics.features, checkpoint_s, step.changelog)
+    log.info("native engine: %s -> %s (entity states written %.0fs after they change, to %s)",
+             spec.topics.source, spec.topics.features, checkpoint_s, step.changelog)
     try:
         loop.run(step, stop.is_set)
     finally:

@@ -1,18 +1,21 @@
-"""Entity state of the native engine: live objects in memory per source partition, checkpointed to a
-compacted changelog topic, restored from it plus a replay of the source since the checkpoint.
+"""Entity state of the native engine: live objects in memory per source partition, written to a
+compacted changelog topic a while after they change, restored from it plus a replay of the source.
 
-A checkpoint writes, in one batch's transaction, every entity changed since the previous checkpoint
-and one marker record per partition (the empty key) holding the source offset the checkpoint covers:
-each entity's state then reflects exactly the partition's events before that offset. The batch's
-consumed offsets commit in the same transaction, so the group's committed offset C is never behind
-the marker L. Restoring a partition reads its changelog, then replays the source records in [L, C)
-through the same front door and feature logic, emitting nothing (their outputs are committed
-already): the state is then exactly what an uninterrupted run would hold at C."""
+An entity's changelog record holds its state and the source offset it is complete up to (every
+event of the entity before that offset is in it, none after). Each batch writes, in its own
+transaction, the entities that have been changed for longer than checkpoint_s (so the work is spread
+over the batches, not a pause every checkpoint_s), and a marker per partition (the empty key): the
+offset L of the oldest change not written yet. The batch's consumed offsets commit in the same
+transaction, so the group's committed offset C is never behind L. Restoring a partition reads its
+changelog, then replays the source records in [L, C) through the same front door and feature logic,
+each to its entity only when past that entity's own offset, emitting nothing (those outputs were
+committed): the state is then exactly what an uninterrupted run would hold at C."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -29,16 +32,32 @@ MARKER_KEY = b""  # never an entity key: the front door refuses an empty key
 @dataclass
 class PartitionState:
     """One source partition: entity key -> state (bytes until first needed: restoring parses nothing),
-    the keys changed since the last checkpoint, and the next source offset to process."""
+    the entities changed and not written yet (oldest change first, with its source offset), and when
+    each batch's changes began."""
 
     entities: dict[bytes, EntityState | bytes] = field(default_factory=dict)
-    dirty: set[bytes] = field(default_factory=set)
+    dirty: OrderedDict[bytes, int] = field(default_factory=OrderedDict)
+    changed_at: deque = field(default_factory=deque)  # (monotonic time, entities newly dirty), per batch
     next_offset: int | None = None   # the source offset after the last record processed
-    marked: int | None = None        # the offset of the latest marker written
+    marked: int | None = None        # the offset in the latest marker written
+    as_of: dict[bytes, int] = field(default_factory=dict)  # while restoring: each entity's offset
+
+    def replay_from(self) -> int | None:
+        """The marker's offset: the oldest change not written yet, else the next offset."""
+        return next(iter(self.dirty.values())) if self.dirty else self.next_offset
 
 
 def marker_value(next_offset: int) -> bytes:
     return orjson.dumps({"next_offset": next_offset})
+
+
+def entity_value(as_of: int, state: bytes) -> bytes:
+    """A changelog record's value: the offset the state is complete up to, then the state."""
+    return as_of.to_bytes(8, "big", signed=True) + state
+
+
+def split_entity_value(value: bytes) -> tuple[int, bytes]:
+    return int.from_bytes(value[:8], "big", signed=True), value[8:]
 
 
 @dataclass
@@ -83,12 +102,14 @@ def read_changelog(kafka: KafkaConfig, topic: str, partitions: Sequence[int],
                     raise RuntimeError(f"reading {topic}[{m.partition()}]: {error}")
                 read += 1
                 key, value = m.key(), m.value()
+                part = states[m.partition()]
                 if key == MARKER_KEY:
                     markers[m.partition()] = orjson.loads(value)["next_offset"]
                 elif value is None:
-                    states[m.partition()].entities.pop(key, None)
+                    part.entities.pop(key, None)
+                    part.as_of.pop(key, None)
                 else:
-                    states[m.partition()].entities[key] = value
+                    part.as_of[key], part.entities[key] = split_entity_value(value)
     finally:
         consumer.close()
     return states, markers, read
