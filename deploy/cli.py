@@ -184,6 +184,21 @@ def demo(home: HomeOpt = None) -> None:
 
 
 @app.command()
+def backfill(home: HomeOpt = None, pipeline: PipelineOpt = None) -> None:
+    """Recompute every event's features in Spark from bronze into silver.features_backfill (retrain's point-in-time source)."""
+    import time
+
+    from deploy.lake import run_backfill
+    from features.spec import load_spec
+
+    settings = settings_from("backfill", home=home, pipeline=pipeline)
+    started = time.monotonic()
+    with err.status("recomputing features from the lakehouse's bronze table"):
+        rows = run_backfill(settings, load_spec(settings.pipeline))
+    out.print(f"silver.features_backfill: {rows:,} rows in {time.monotonic() - started:.1f}s")
+
+
+@app.command()
 def retrain(
     publish_mode: Annotated[str, typer.Option("--publish", help="auto (when better), always or never")] = "auto",
     epochs: Annotated[int, typer.Option("--epochs", help="training epochs")] = 8,

@@ -83,15 +83,45 @@ def ingest_config(settings: Settings) -> IngestConfig:
 
 
 def lakehouse_rows(settings: Settings, spec: PipelineSpec):
-    """The training-set reader `eddy retrain` uses: labelled feature rows from the lakehouse."""
+    """The training-set reader `eddy retrain` uses: labelled feature rows from the lakehouse, with
+    Feast's point-in-time retrieval over silver/features_backfill for features the stream's rows lack."""
     def rows():
         from lakehouse.training import labelled_features
         from models.retrain import records_from_frame
 
         session = spark_session(settings, "eddy-retrain")
-        return records_from_frame(spec, labelled_features(session, settings.lakehouse, spec))
+        return records_from_frame(spec, labelled_features(session, settings.lakehouse, spec,
+                                                          point_in_time=backfill_point_in_time(settings, spec, session)))
 
     return rows
+
+
+def backfill_point_in_time(settings: Settings, spec: PipelineSpec, session: SparkSession):
+    """frame (key, event_time) -> the same rows with each feature as of that time, from Feast's
+    Spark offline store over silver/features_backfill; None when `eddy backfill` has not run."""
+    from delta.tables import DeltaTable
+
+    from lakehouse.ingest import table_location
+    from lakehouse.offline import historical_features, offline_feature_store
+    from lakehouse.tables import backfill_table
+
+    table = backfill_table(spec)
+    if not DeltaTable.isDeltaTable(session, table_location(settings.lakehouse, table)):
+        return None
+
+    def point_in_time(frame):
+        store = offline_feature_store(session, spec, settings.lakehouse, settings.home / "feast-backfill",
+                                      settings.redis_url, table=table)
+        return historical_features(session, store, spec, frame)
+
+    return point_in_time
+
+
+def run_backfill(settings: Settings, spec: PipelineSpec) -> int:
+    """`eddy backfill`: silver/features_backfill recomputed from bronze; returns its rows."""
+    from models.backfill import write_backfill
+
+    return write_backfill(spark_session(settings, "eddy-backfill"), settings.lakehouse, spec)
 
 
 def run_ingest_component(settings: Settings, spec: PipelineSpec) -> None:

@@ -105,6 +105,7 @@ class Ingestion:
                 rows_of(table, self.spec, records).writeStream.format("delta")
                 .queryName(f"{QUERY_NAME}-{table.layer}-{table.name}")
                 .outputMode("append")
+                .option("mergeSchema", "true")  # a spec that gains a feature adds its column
                 .option("checkpointLocation", join(self.config.checkpoint_location, table.layer, table.name))
                 .trigger(processingTime=f"{int(self.config.trigger_s * 1000)} milliseconds")
                 .start(table_location(self.config.root, table)))

@@ -50,15 +50,16 @@ def features_table(spec: PipelineSpec) -> Table:
     return next(t for t in ingested_tables(spec) if t.layer == "silver" and t.name == "features")
 
 
-def features_query(spec: PipelineSpec, root: str) -> str:
+def features_query(spec: PipelineSpec, root: str, table: Table | None = None) -> str:
     """The silver/features rows Feast may join: late rows left out (the online store never takes
     them either), and one row per (key, event_time): of equal times the later record, which saw
     more events (as the online writer keeps it); a replayed record is a duplicate of one already
     there. Without this, Feast's join returns a label once per tied row.
 
     event_date is in the window's partition so Feast's event_date and event_time filters reach
-    the scan (partition pruning) through the window."""
-    table = features_table(spec)
+    the scan (partition pruning) through the window. `table` is silver/features unless given (the
+    backfill has its shape)."""
+    table = table or features_table(spec)
     kept = [name for name, _ in table.columns
             if name not in {"late", "ingested_at"} and name not in dict(KAFKA_COLUMNS)]
     columns = ", ".join(f"`{name}`" for name in kept)
@@ -69,19 +70,21 @@ def features_query(spec: PipelineSpec, root: str) -> str:
             f"FROM delta.`{location}` WHERE late IS NOT TRUE) WHERE eddy_rank_ = 1")
 
 
-def spark_offline_source(spec: PipelineSpec, root: str) -> OfflineSource:
-    """Feast's Spark offline store with the view's batch source on silver/features at `root`: a
-    query source (for the late filter and the dedup above) that also records the Delta path."""
+def spark_offline_source(spec: PipelineSpec, root: str, table: Table | None = None) -> OfflineSource:
+    """Feast's Spark offline store with the view's batch source on silver/features (or `table`, of
+    its shape) at `root`: a query source (for the late filter and the dedup above) that also
+    records the Delta path."""
+    table = table or features_table(spec)
 
     def batch_source(name: str, timestamp_field: str) -> Any:
         from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
         from feast.table_format import DeltaFormat
 
         source = SparkSource(
-            name=name, query=features_query(spec, root), path=table_location(root, features_table(spec)),
+            name=name, query=features_query(spec, root, table), path=table_location(root, table),
             table_format=DeltaFormat(), timestamp_field=timestamp_field,
             date_partition_column=PARTITION_COLUMN, date_partition_column_format="%Y-%m-%d",
-            description=f"silver/features of pipeline {spec.name}, late rows left out",
+            description=f"{table.path} of pipeline {spec.name}, late rows left out",
         )
         # The registry's own form (unset options read back as ""), so a second feature_store()
         # finds the applied view equal and leaves the registry alone.
@@ -91,16 +94,16 @@ def spark_offline_source(spec: PipelineSpec, root: str) -> OfflineSource:
 
 
 def offline_feature_store(session: SparkSession, spec: PipelineSpec, root: str, repo_dir: Path,
-                          redis_url: str) -> feast.FeatureStore:
-    """The Feast store whose offline store is Spark over silver/features at `root`, set up under
-    repo_dir (a repo of its own: not the online writer's). The Redis online store is only named:
-    nothing here connects to it."""
+                          redis_url: str, table: Table | None = None) -> feast.FeatureStore:
+    """The Feast store whose offline store is Spark over silver/features (or `table`) at `root`,
+    set up under repo_dir (a repo of its own: not the online writer's, one per table). The Redis
+    online store is only named: nothing here connects to it."""
     _check_session(session)
     if not _IDENTIFIER.match(view_name(spec)):
         raise ConfigError(f"pipeline name {spec.name!r}: Feast's Spark store puts the feature view's name in "
                           "SQL unquoted; name the pipeline with letters, digits and '_' only")
     with _feast_on(session):
-        return feature_store(spec, repo_dir, redis_url, offline=spark_offline_source(spec, root))
+        return feature_store(spec, repo_dir, redis_url, offline=spark_offline_source(spec, root, table))
 
 
 def historical_features(session: SparkSession, store: feast.FeatureStore, spec: PipelineSpec,

@@ -77,9 +77,17 @@ def ingested_tables(spec: PipelineSpec) -> list[Table]:
     return tables
 
 
+def backfill_table(spec: PipelineSpec) -> Table:
+    """silver/features_backfill: each event's feature row recomputed in batch from bronze (`eddy
+    backfill`), with the source record's Kafka position; the shape of silver/features."""
+    row = (("event_id", "string"), (spec.key, "string"), ("event_time", "timestamp"))
+    return Table("silver", "features_backfill", None,
+                 row + feature_columns(spec) + (("late", "boolean"),) + KAFKA_COLUMNS + ((PARTITION_COLUMN, "date"),))
+
+
 def all_tables(spec: PipelineSpec) -> list[Table]:
-    """Every table a query can name: the ingested ones and the model registry."""
-    return ingested_tables(spec) + [MODELS]
+    """Every table a query can name: the ingested ones, the backfill and the model registry."""
+    return ingested_tables(spec) + [backfill_table(spec), MODELS]
 
 
 MODELS = Table("gold", "models", None, (
