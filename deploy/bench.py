@@ -27,6 +27,7 @@ from deploy.settings import Settings
 from features.spec import PipelineSpec, load_spec
 from streams.generator import GeneratorConfig, TransactionGenerator
 from streams.kafka import KafkaConfig, ensure_topics
+from streams.loop import HeldRecord
 from streams.metrics import read_metrics
 
 WARM_UP_TOPIC = "eddy-bench-warm-up"
@@ -249,33 +250,6 @@ def swap_time(settings: Settings, spec: PipelineSpec, rate: int = 1000) -> dict[
     return {"version": version, "seconds": round(first[0] / 1000 - published, 3) if first else None}
 
 
-class _Record:
-    """A consumed features record, as the scorer reads it."""
-
-    __slots__ = ("_value", "_offset")
-
-    def __init__(self, value: bytes, offset: int) -> None:
-        self._value, self._offset = value, offset
-
-    def value(self) -> bytes:
-        return self._value
-
-    def key(self) -> bytes:
-        return b"c"
-
-    def topic(self) -> str:
-        return "features"
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self._offset
-
-    def headers(self):
-        return None
-
-
 class _Count:
     def __init__(self) -> None:
         self.records = 0
@@ -302,8 +276,10 @@ def scoring_stage(spec: PipelineSpec, device_setting: str, rows: int = 200_000, 
     loaded.warm_up((1, 64, 1024, batch))
     rng = np.random.default_rng(0)
     names = spec.model_inputs
-    records = [_Record(orjson.dumps({"event_id": f"e{i}", spec.key: f"c{i % 997}", "event_time": "2026-11-22T10:00:00.000Z",
-                                     "features": {n: float(rng.gamma(2.0, 10.0)) for n in names}, "late": False}), i)
+    records = [HeldRecord(orjson.dumps({"event_id": f"e{i}", spec.key: f"c{i % 997}",
+                                        "event_time": "2026-11-22T10:00:00.000Z", "late": False,
+                                        "features": {n: float(rng.gamma(2.0, 10.0)) for n in names}}),
+                          b"c", "features", 0, i)
                for i in range(batch)]
 
     def stage(size: int, total: int) -> float:

@@ -159,13 +159,7 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
     ingest_raw = str(flags.get("ingest") if "ingest" in flags else env.get("EDDY_INGEST") or "on").lower()
     if ingest_raw not in ("on", "off", "true", "false", "1", "0"):
         raise ConfigError(f"EDDY_INGEST: {ingest_raw!r} is not on or off")
-    trigger_raw = env.get("EDDY_INGEST_TRIGGER") or "2s"
-    try:
-        trigger_s = parse_duration(trigger_raw) / 1000
-        if trigger_s <= 0:
-            raise SpecError("not positive")
-    except SpecError:
-        raise ConfigError(f"EDDY_INGEST_TRIGGER: {trigger_raw!r} is not a duration like 2s or 500ms") from None
+    trigger_s = _duration_s(env, "EDDY_INGEST_TRIGGER", "2s or 500ms", default="2s")
     spark_conf: dict[str, str] = {}
     spark_conf_path = env.get("EDDY_SPARK_CONF")
     if spark_conf_path:
@@ -182,21 +176,8 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
             raise ValueError
     except ValueError:
         raise ConfigError(f"EDDY_RETRAIN_EVERY_LABELS: {every_labels_raw!r} is not a positive number of labels") from None
-    every_raw = env.get("EDDY_RETRAIN_EVERY")
-    try:
-        every_s = parse_duration(every_raw) / 1000 if every_raw else None
-        if every_s is not None and every_s <= 0:
-            raise SpecError("not positive")
-    except SpecError:
-        raise ConfigError(f"EDDY_RETRAIN_EVERY: {every_raw!r} is not a duration like 30m or 6h") from None
-
-    commit_raw = env.get("EDDY_COMMIT_INTERVAL")
-    try:
-        commit_s = parse_duration(commit_raw) / 1000 if commit_raw else None
-        if commit_s is not None and commit_s <= 0:
-            raise SpecError("not positive")
-    except SpecError:
-        raise ConfigError(f"EDDY_COMMIT_INTERVAL: {commit_raw!r} is not a duration like 50ms or 1s") from None
+    every_s = _duration_s(env, "EDDY_RETRAIN_EVERY", "30m or 6h")
+    commit_s = _duration_s(env, "EDDY_COMMIT_INTERVAL", "50ms or 1s")
 
     return Settings(
         home=home,
@@ -218,6 +199,20 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
         retrain_every_s=every_s,
         commit_interval_s=commit_s,
     )
+
+
+def _duration_s(env: Mapping[str, str], name: str, example: str, default: str | None = None) -> float | None:
+    """A positive duration setting in seconds (None when unset and no default); ConfigError names the fix."""
+    raw = env.get(name) or default
+    if not raw:
+        return None
+    try:
+        seconds = parse_duration(raw) / 1000
+        if seconds <= 0:
+            raise SpecError("not positive")
+    except SpecError:
+        raise ConfigError(f"{name}: {raw!r} is not a duration like {example}") from None
+    return seconds
 
 
 def child_environment(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:

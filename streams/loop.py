@@ -26,6 +26,38 @@ class Output(Protocol):
     def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None, *args, **kwargs) -> None: ...
 
 
+class HeldRecord:
+    """A record held in memory with the confluent-kafka Message methods the stages read, for feeding
+    a stage without a broker (benchmarks of its per-batch step, unit tests)."""
+
+    __slots__ = ("_value", "_key", "_topic", "_partition", "_offset")
+
+    def __init__(self, value: bytes | None, key: bytes | None = None, topic: str = "", partition: int = 0,
+                 offset: int = 0) -> None:
+        self._value, self._key, self._topic, self._partition, self._offset = value, key, topic, partition, offset
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def headers(self) -> None:
+        return None
+
+    def error(self) -> None:
+        return None
+
+
 class Step(Protocol):
     """The work of one stage. process() is called once per batch, inside the batch's transaction;
     everything it produces on `out` commits with the batch's offsets or not at all.

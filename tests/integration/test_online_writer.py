@@ -18,6 +18,7 @@ from features.feast_repo import online_features, open_feature_store
 from features.spec import parse_spec
 from streams.featurize import Featurizer
 from streams.kafka import ensure_topics
+from streams.loop import HeldRecord
 from streams.metrics import read_metrics
 from streams.online_writer import WriterStats, group_id, latest_rows, run_online_writer
 from streams.validation import Validator
@@ -183,23 +184,6 @@ def test_eddy_features_get_prints_the_latest_values(settings, stack_env, tmp_pat
         "no event of it has been processed yet"]
 
 
-class _Msg:
-    def __init__(self, value: bytes, offset: int) -> None:
-        self._value, self._offset = value, offset
-
-    def value(self) -> bytes:
-        return self._value
-
-    def topic(self) -> str:
-        return "features"
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self._offset
-
-
 def test_latest_rows_of_a_batch():
     """No broker: within a batch the newest row wins, of equal times the later record; late and
     malformed records are skipped and counted."""
@@ -216,7 +200,7 @@ def test_latest_rows_of_a_batch():
               row("b", "2026-11-22T10:00:09.000Z", 2, late=True), b"not json", b'{"card_id": "c"}',
               row("b", "2026-11-22T10:00:00.501Z", 3)]
     stats = WriterStats()
-    latest = latest_rows(spec, [_Msg(v, i) for i, v in enumerate(values)], stats)
+    latest = latest_rows(spec, [HeldRecord(v, None, "features", 0, i) for i, v in enumerate(values)], stats)
     assert latest.keys == ["a", "b"]
     assert latest.event_ms == [T0 + 1000, T0 + 501]
     assert [f["txn_count_1m"] for f in latest.features] == [2, 3]

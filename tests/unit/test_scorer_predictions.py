@@ -15,31 +15,9 @@ from models.baseline import baseline_model
 from models.scorer import Scorer, ScorerConfig
 from models.scoring import LoadedModel
 from streams.kafka import KafkaConfig
+from streams.loop import HeldRecord
 
 SPEC = load_spec(Path(__file__).resolve().parents[2] / "pipelines" / "fraud.yaml")
-
-
-class Msg:
-    def __init__(self, value: bytes, offset: int) -> None:
-        self._value, self._offset = value, offset
-
-    def value(self):
-        return self._value
-
-    def key(self):
-        return b"c-1"
-
-    def topic(self):
-        return "features"
-
-    def partition(self):
-        return 0
-
-    def offset(self):
-        return self._offset
-
-    def headers(self):
-        return None
 
 
 class Out:
@@ -71,7 +49,7 @@ def test_predictions_carry_the_record_its_score_version_and_time():
     spaced = features_record(3)
     tricky = features_record(4, score=0.99)  # a field of its own called score must not shadow ours
     values = [orjson.dumps(r) for r in plain] + [b"  " + orjson.dumps(spaced), orjson.dumps(tricky)]
-    s.process([Msg(v, i) for i, v in enumerate(values)], out)
+    s.process([HeldRecord(v, b"c-1", "features", 0, i) for i, v in enumerate(values)], out)
     assert [(t, k) for t, _, k, _ in out.records] == [("predictions", b"c-1")] * 5
     got = [orjson.loads(v) for _, v, _, _ in out.records]
     expected_scores = s.serving.score([r["features"] for r in [*plain, spaced, tricky]]).tolist()
@@ -91,7 +69,7 @@ def test_unreadable_records_go_to_the_dlq_and_the_rest_is_scored():
     no_id = {k: v for k, v in features_record(1).items() if k != "event_id"}
     values = [b"not json", orjson.dumps(no_id), orjson.dumps({**features_record(2), "features": [1, 2]}),
               orjson.dumps(features_record(3))]
-    s.process([Msg(v, i) for i, v in enumerate(values)], out)
+    s.process([HeldRecord(v, b"c-1", "features", 0, i) for i, v in enumerate(values)], out)
     dlq = [(v, dict(h)) for t, v, _, h in out.records if t == SPEC.topics.dlq]
     assert [v for v, _ in dlq] == values[:3]  # byte for byte
     assert all(h["eddy.stage"] == b"scorer" and b"unreadable features record" in h["eddy.error"] for _, h in dlq)
