@@ -34,11 +34,21 @@ WARM_UP_TOPIC = "eddy-bench-warm-up"
 LOAD_LINGER_MS = 5  # the fixed-load producer batches for up to 5 ms (librdkafka's default linger)
 
 
-def _consumer(kafka: KafkaConfig, topics: list[str], **extra) -> Consumer:
+def _consumer(kafka: KafkaConfig, topics: list[str], from_end: bool = False, **extra) -> Consumer:
+    """A read_committed reader of `topics` from their beginning, or (from_end) from their ends now."""
+    from confluent_kafka import TopicPartition
+
     consumer = Consumer(kafka.client(**{"group.id": f"bench-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest",
                                         "enable.auto.commit": False, "isolation.level": "read_committed",
                                         "fetch.wait.max.ms": 100, **extra}))
-    consumer.subscribe(topics)
+    if not from_end:
+        consumer.subscribe(topics)
+        return consumer
+    ends = []
+    for topic in topics:
+        for p in consumer.list_topics(topic, timeout=10).topics[topic].partitions:
+            ends.append(TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]))
+    consumer.assign(ends)
     return consumer
 
 
@@ -82,10 +92,12 @@ def kafka_passthrough(kafka: KafkaConfig, count: int, partitions: int) -> float:
 
 
 def _timestamps(kafka: KafkaConfig, topic: str, want: set[str] | None, count: int, timeout_s: float,
-                received: dict[str, float] | None = None, done=lambda found: False) -> dict[str, int]:
+                received: dict[str, float] | None = None, done=lambda found: False,
+                consumer: Consumer | None = None) -> dict[str, int]:
     """event_id -> Kafka timestamp (ms) of the records of `topic`, until `count` are seen; when given,
-    `received` gets the wall-clock ms at which each record reached this read_committed reader."""
-    consumer = _consumer(kafka, [topic])
+    `received` gets the wall-clock ms at which each record reached this read_committed reader
+    (`consumer`: one placed already, else a reader from the topic's beginning)."""
+    consumer = consumer or _consumer(kafka, [topic])
     out: dict[str, int] = {}
     deadline = time.monotonic() + timeout_s
     try:
@@ -191,9 +203,11 @@ def fixed_load(settings: Settings, spec: PipelineSpec, rate: int, seconds: float
     def all_in(out: dict) -> bool:
         return produced.is_set() and sum(1 for k in out if k.startswith(ids_prefix)) >= count
 
+    # placed at the predictions' ends before the load starts: it sees only new ones, as they commit
+    at_end = _consumer(settings.kafka, [spec.topics.predictions], from_end=True)
     reader = threading.Thread(target=lambda: found.update(_timestamps(
         settings.kafka, spec.topics.predictions, None, 10**9, timeout_s=seconds + 120, received=received,
-        done=all_in)))
+        done=all_in, consumer=at_end)))
     reader.start()
     load_producer(settings, spec, gen).run(count, float(rate), backfill=False)
     produced.set()
