@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import orjson
 import torch
 
@@ -52,9 +53,9 @@ def test_predictions_carry_the_record_its_score_version_and_time():
     s.process([HeldRecord(v, b"c-1", "features", 0, i) for i, v in enumerate(values)], out)
     assert [(t, k) for t, _, k, _ in out.records] == [("predictions", b"c-1")] * 5
     got = [orjson.loads(v) for _, v, _, _ in out.records]
-    expected_scores = s.serving.score([r["features"] for r in [*plain, spaced, tricky]]).tolist()
+    expected_scores = s.serving.score([r["features"] for r in [*plain, spaced, tricky]])
     for record, prediction, score in zip([*plain, spaced, tricky], got, expected_scores, strict=True):
-        assert prediction["score"] == score and 0.0 <= score <= 1.0
+        assert np.float32(prediction["score"]) == score and 0.0 <= score <= 1.0  # the float32, exactly
         assert prediction["model_version"] == "v7" and prediction["scored_at"].endswith("Z")
         for name in ("event_id", "card_id", "event_time", "features"):
             assert prediction[name] == record[name]
@@ -75,3 +76,23 @@ def test_unreadable_records_go_to_the_dlq_and_the_rest_is_scored():
     assert all(h["eddy.stage"] == b"scorer" and b"unreadable features record" in h["eddy.error"] for _, h in dlq)
     assert [orjson.loads(v)["event_id"] for t, v, _, _ in out.records if t == "predictions"] == ["e-3"]
     assert s.bad_records == 3
+
+
+def test_a_batch_spliced_at_once_equals_the_same_records_built_one_by_one():
+    s = scorer()
+    s.serving.manifest = SimpleNamespace(version="v%s-8")  # a % in the version is not a format
+    plain = [orjson.dumps(features_record(i)) for i in range(1, 6)]
+    together, apart = Out(), Out()
+    s.process([HeldRecord(v, b"c-%d" % i, "features", 0, i) for i, v in enumerate(plain)], together)
+    s.process([HeldRecord(v, b"c-%d" % i, "features", 0, i) for i, v in enumerate(plain)]
+              + [HeldRecord(orjson.dumps(features_record(9, score=1)), b"c-9", "features", 0, 9)], apart)
+    assert [k for _, _, k, _ in together.records] == [b"c-%d" % i for i in range(5)]
+    scores = s.serving.score([orjson.loads(v)["features"] for v in plain])
+    for (_, value, _, _), raw, score in zip(together.records, plain, scores, strict=True):
+        scored_at = orjson.loads(value)["scored_at"]
+        assert value == b'{"score":%s,"model_version":"v%%s-8","scored_at":"%s",%s' % (
+            str(score).encode(), scored_at.encode(), raw[1:])  # numpy's float32 text is the shortest, as orjson's
+    strip = [{k: v for k, v in orjson.loads(value).items() if k != "scored_at"} for _, value, _, _ in together.records]
+    assert strip == [{k: v for k, v in orjson.loads(value).items() if k != "scored_at"}
+                     for _, value, _, _ in apart.records[:5]]
+    assert s.rows == 11 and s.bad_records == 0
