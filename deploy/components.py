@@ -31,7 +31,7 @@ def engine_config(settings: Settings, spec: PipelineSpec, **defaults) -> EngineC
     if settings.commit_interval_s is not None:
         defaults["commit_interval_s"] = settings.commit_interval_s
     return EngineConfig(kafka=settings.kafka, spec=spec, redis_url=settings.redis_url,
-                        data_dir=settings.home / "engines" / settings.engine, partitions=settings.partitions,
+                        data_dir=settings.engine_dir, partitions=settings.partitions,
                         jars_dir=settings.jars_dir, **defaults)
 
 

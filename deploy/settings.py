@@ -79,6 +79,11 @@ class Settings:
         )
 
     @property
+    def engine_dir(self) -> Path:
+        """The feature engine's own folder: Faust's data, Flink's checkpoints and its JVM's log."""
+        return self.home / "engines" / self.engine
+
+    @property
     def logs_dir(self) -> Path:
         return self.home / "logs"
 
@@ -230,8 +235,11 @@ def child_environment(settings: Settings, extra: Mapping[str, str] | None = None
         EDDY_SCORERS=str(settings.scorers),
         EDDY_INGEST="on" if settings.ingest else "off",
         EDDY_SPARK_MASTER=settings.spark_master,
-        SPARK_LOCAL_IP="127.0.0.1",
         PYTHONUNBUFFERED="1",
     )
+    if settings.spark_master.startswith("local"):  # a driver a cluster must reach binds no loopback
+        env["SPARK_LOCAL_IP"] = "127.0.0.1"
+    if settings.engine == "flink":  # the JVM PyFlink starts logs beside the engine's data, not into pyflink
+        env.setdefault("FLINK_LOG_DIR", str(settings.engine_dir / "log"))
     env.update(extra or {})
     return env

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -77,6 +76,8 @@ def session_conf(config: SparkConfig) -> dict[str, str]:
         "spark.databricks.delta.schema.autoMerge.enabled": "false",
         "spark.redaction.regex": "(?i)secret|password|token|jaas|sasl",
     }
+    if local:  # the driver is all of Spark: on loopback, whatever this host's name resolves to
+        conf["spark.driver.host"] = "127.0.0.1"
     conf.update(config.conf)
     return conf
 
@@ -84,7 +85,6 @@ def session_conf(config: SparkConfig) -> dict[str, str]:
 def start_session(config: SparkConfig) -> SparkSession:
     """A SparkSession with Delta and the Kafka source; the JVM's log goes where log4j points it,
     and Python sees only WARN and above from Spark."""
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder

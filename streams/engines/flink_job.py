@@ -222,8 +222,6 @@ def _key_by_entity(t_env, key_field: str):
 def run_job(config: EngineConfig) -> None:
     """Run on the local mini-cluster until stopped; with config.bounded, until the source's end offsets."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    # The JVM PyFlink starts logs beside the engine's data, not into the installed pyflink package.
-    os.environ.setdefault("FLINK_LOG_DIR", str(config.data_dir / "log"))
     build_job(config).execute(config.app_id)
 
 

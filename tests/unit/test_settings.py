@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deploy.settings import load_settings, redact_url
+from deploy.settings import child_environment, load_settings, redact_url
 from features.errors import ConfigError
 from streams.kafka import KafkaConfig, parse_properties
 
@@ -72,3 +72,15 @@ def test_redact_url_and_kafka_repr():
     assert redact_url("redis://user:pw@h:1/0") == "redis://user:***@h:1/0"
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
     assert "pw" not in repr(KafkaConfig("h:1", {"sasl.jaas.config": "pw"}))
+
+
+def test_child_environment_binds_loopback_only_for_a_local_spark_and_logs_flink_beside_its_data(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPARK_LOCAL_IP", raising=False)
+    monkeypatch.delenv("FLINK_LOG_DIR", raising=False)
+    local = child_environment(load_settings({"engine": "flink"}, environ={"EDDY_HOME": str(tmp_path)}))
+    assert local["SPARK_LOCAL_IP"] == "127.0.0.1" and local["EDDY_ENGINE"] == "flink"
+    assert local["FLINK_LOG_DIR"] == str(tmp_path / "engines" / "flink" / "log")
+    cluster = child_environment(load_settings(environ={"EDDY_HOME": str(tmp_path),
+                                                       "EDDY_SPARK_MASTER": "spark://10.0.0.5:7077"}))
+    assert "SPARK_LOCAL_IP" not in cluster and "FLINK_LOG_DIR" not in cluster
+    assert cluster["EDDY_SPARK_MASTER"] == "spark://10.0.0.5:7077"
