@@ -117,7 +117,7 @@ def _timestamps(kafka: KafkaConfig, topic: str, want: set[str] | None, count: in
     return out
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
+def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {"p50": None, "p95": None, "p99": None, "count": 0}
     arr = np.asarray(values)
@@ -160,15 +160,16 @@ def drain(settings: Settings, spec: PipelineSpec, count: int, on_progress) -> di
             "events_per_s": round(len(predictions) / elapsed, 1), "per_stage_peak_events_per_s": peaks}
 
 
-def settle(settings: Settings, timeout_s: float = 180.0) -> float:
-    """Wait until every consumer group of the stack has caught up, so one measurement does not pay
-    for the backlog of the one before; returns the seconds waited."""
+def settle(settings: Settings, timeout_s: float = 180.0, but: str | None = None) -> float:
+    """Wait until every consumer group of the stack (but a group ending in `but`) has caught up, so
+    one measurement does not pay for the backlog of the one before; returns the seconds waited."""
     from streams.kafka import group_lag
 
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
         lags = group_lag(settings.kafka, timeout_s=5)
-        if all(n == 0 for topics in lags.values() for n in topics.values()):
+        if all(n == 0 for group, topics in lags.items() if not (but and group.endswith(but))
+               for n in topics.values()):
             break
         time.sleep(0.5)
     return time.monotonic() - started
@@ -221,8 +222,8 @@ def fixed_load(settings: Settings, spec: PipelineSpec, rate: int, seconds: float
     feature_stage = [featured[k] - sources[k] for k in sources if k in featured]
     return {"rate": rate, "seconds": seconds, "events": count, "predicted": len(latencies),
             "load_producer_linger_ms": LOAD_LINGER_MS,
-            "latency_ms": _percentiles(latencies), "visible_latency_ms": _percentiles(visible),
-            "feature_stage_latency_ms": _percentiles(feature_stage)}
+            "latency_ms": percentiles(latencies), "visible_latency_ms": percentiles(visible),
+            "feature_stage_latency_ms": percentiles(feature_stage)}
 
 
 def swap_time(settings: Settings, spec: PipelineSpec, rate: int = 1000) -> dict[str, Any]:

@@ -13,25 +13,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from deploy import components, stack
+from deploy.bench import percentiles, settle
 from deploy.settings import Settings, child_environment
 from features.spec import PipelineSpec
 from lakehouse.ingest import join, row_count
 from lakehouse.tables import ingested_tables
-from streams.kafka import group_lag
 from streams.metrics import read_metrics
 
 COMPONENT = "lakehouse"
-
-
-def _percentiles(values: list[float]) -> dict[str, Any]:
-    if not values:
-        return {"p50": None, "p99": None, "count": 0}
-    arr = np.asarray(values)
-    return {"p50": round(float(np.percentile(arr, 50)), 1), "p99": round(float(np.percentile(arr, 99)), 1),
-            "count": len(values)}
 
 
 def _rows(settings: Settings, spec: PipelineSpec) -> dict[str, int]:
@@ -44,7 +34,7 @@ def catch_up(settings: Settings, spec: PipelineSpec, fill, events: int, on_progr
     table.stop(COMPONENT)
     before = _rows(settings, spec)
     fill(events)
-    _settle(settings)
+    settle(settings, 300, but="-lakehouse")  # the stream stages; ingestion is stopped
     on_progress(f"{events:,} events through the stream stages; starting ingestion")
     started = time.monotonic()
     record = table.start(COMPONENT, components.argv(COMPONENT), child_environment(settings))
@@ -69,15 +59,6 @@ def catch_up(settings: Settings, spec: PipelineSpec, fill, events: int, on_progr
     ingested = sum(rows.values()) - sum(before.values())
     return {"rows": ingested, "seconds": round(done - ready, 2), "rows_per_s": round(ingested / max(done - ready, 1e-9), 1),
             "spark_start_s": round(ready - started, 2), "complete": all(rows[p] >= n for p, n in want.items())}
-
-
-def _settle(settings: Settings, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        lags = group_lag(settings.kafka, timeout_s=5)
-        if all(n == 0 for group, topics in lags.items() if not group.endswith("-lakehouse") for n in topics.values()):
-            return
-        time.sleep(0.5)
 
 
 class _Watcher:
@@ -126,9 +107,9 @@ def freshness(settings: Settings, spec: PipelineSpec, produce_at, rate: int, sec
     produce_at(rate, seconds)
     time.sleep(max(10.0, 4 * settings.ingest_trigger_s))  # the last rows land
     watcher.stop()
-    per_table = {p: _percentiles(v) for p, v in watcher.freshness_ms.items()}
+    per_table = {p: percentiles(v) for p, v in watcher.freshness_ms.items()}
     every = [x for v in watcher.freshness_ms.values() for x in v]
-    return {"rate": rate, "seconds": seconds, "trigger_s": settings.ingest_trigger_s, "ms": _percentiles(every),
+    return {"rate": rate, "seconds": seconds, "trigger_s": settings.ingest_trigger_s, "ms": percentiles(every),
             "per_table_ms": per_table}
 
 
