@@ -9,10 +9,13 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import psutil
+
 from features.errors import ServiceError
+from features.waiting import poll
 
 
 @dataclass(frozen=True)
@@ -25,25 +28,28 @@ class Record:
     log: str
     started_at: float
     address: str = ""
-    start_ticks: int | None = None
+    created: float | None = None  # psutil's create_time: with the pid, the identity of the process
 
     def alive(self) -> bool:
-        return pid_matches(self.pid, self.start_ticks)
+        return pid_matches(self.pid, self.created)
 
 
-def _start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot, or None when it is gone or a zombie."""
+def _created(pid: int) -> float | None:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
-    except OSError:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
         return None
-    return None if fields[0] == "Z" else int(fields[19])
 
 
-def pid_matches(pid: int, start_ticks: int | None) -> bool:
-    """True when pid runs and is still the process we started: same start time, so no reused pid."""
-    ticks = _start_ticks(pid)
-    return ticks is not None and (start_ticks is None or ticks == start_ticks)
+def pid_matches(pid: int, created: float | None) -> bool:
+    """True when pid runs (a zombie counts as gone) and is still the process we started: same creation
+    time, so no reused pid. Creation times count from the boot time in whole seconds, which the kernel
+    may move by one as the clock is disciplined, hence the tolerance."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and (created is None or abs(proc.create_time() - created) < 2)
+    except psutil.NoSuchProcess:
+        return False
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -65,29 +71,17 @@ def free_port() -> int:
 
 
 def port_holder(port: int) -> str:
-    """A short description of who listens on port (pid and program) when /proc tells, else ''."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            cols = line.split()
-            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(cols[9])
-    if not inodes:
+    """A short description of who listens on port (pid and program) when the system tells, else ''."""
+    try:
+        listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr]
+    except psutil.AccessDenied:  # some systems show other users' sockets to root only
         return ""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            for fd in (proc / "fd").iterdir():
-                if os.readlink(fd) in {f"socket:[{i}]" for i in inodes}:
-                    exe = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-                    return f"pid {proc.name} ({Path(exe).name})"
-        except OSError:
-            continue
+    for conn in listening:
+        if conn.laddr.port == port and conn.pid is not None:
+            try:
+                return f"pid {conn.pid} ({psutil.Process(conn.pid).name()})"
+            except psutil.NoSuchProcess:
+                continue
     return ""
 
 
@@ -118,8 +112,10 @@ class ProcessTable:
     def get(self, name: str) -> Record | None:
         path = self.run_dir / f"{name}.json"
         try:
-            return Record(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
+            data = json.loads(path.read_text())
+            # Keys of other versions (start_ticks before psutil) are left out: such a record is matched by pid.
+            return Record(**{k: v for k, v in data.items() if k in _RECORD_FIELDS})
+        except (OSError, ValueError, TypeError, AttributeError):
             return None
 
     def all(self) -> list[Record]:
@@ -148,46 +144,48 @@ class ProcessTable:
                 env=dict(env), cwd=cwd, start_new_session=True,
             )
         _CHILDREN[proc.pid] = proc
-        record = Record(name, proc.pid, list(argv), str(log), time.time(), address, _start_ticks(proc.pid))
+        record = Record(name, proc.pid, list(argv), str(log), time.time(), address, _created(proc.pid))
         (self.run_dir / f"{name}.json").write_text(json.dumps(asdict(record)))
         return record
 
     def wait_healthy(self, record: Record, check: Callable[[], bool], deadline_s: float, what: str) -> float:
         """Poll check() until True; ServiceError naming the log if the process dies or the deadline passes."""
         start = time.monotonic()
-        while time.monotonic() - start < deadline_s:
+
+        def healthy() -> bool:
             if not record.alive():
                 _reap(record.pid)
                 self.forget(record.name)
                 raise ServiceError(f"{what} exited during start: {last_error_line(Path(record.log))} (log: {record.log})")
-            if check():
-                return time.monotonic() - start
-            time.sleep(0.2)
-        self.stop(record.name)
-        raise ServiceError(f"{what} did not become healthy within {deadline_s:.0f}s (log: {record.log})")
+            return check()
+
+        if not poll(healthy, deadline_s):
+            self.stop(record.name)
+            raise ServiceError(f"{what} did not become healthy within {deadline_s:.0f}s (log: {record.log})")
+        return time.monotonic() - start
 
     def stop(self, name: str, timeout_s: float = 20.0) -> bool:
         """SIGTERM the process group, SIGKILL after timeout_s; True if something was stopped."""
         record = self.get(name)
         if record is None:
             return False
-        stopped = False
-        if record.alive():
-            stopped = True
+        # Polled rather than psutil.wait_procs: that waits out its whole timeout for a zombie whose parent
+        # (another eddy process, or an init that does not reap) has not collected it yet.
+        stopped = record.alive()
+        if stopped:
             _signal_group(record.pid, signal.SIGTERM)
-            end = time.monotonic() + timeout_s
-            while record.alive() and time.monotonic() < end:
-                time.sleep(0.1)
-            if record.alive():
+            if not poll(lambda: not record.alive(), timeout_s, every_s=0.1):
                 _signal_group(record.pid, signal.SIGKILL)
-                while record.alive() and time.monotonic() < end + 5:
-                    time.sleep(0.05)
+                poll(lambda: not record.alive(), 5.0, every_s=0.05)
         _reap(record.pid)
         self.forget(name)
         return stopped
 
     def forget(self, name: str) -> None:
         (self.run_dir / f"{name}.json").unlink(missing_ok=True)
+
+
+_RECORD_FIELDS = {f.name for f in fields(Record)}
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -4,36 +4,34 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    SecretBytes,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, EnvSettingsSource, InitSettingsSource, NoDecode, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
 
 from features.errors import ConfigError, SpecError
 from features.spec import parse_duration
 from streams.kafka import KafkaConfig, parse_properties
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEVICES = ("auto", "cpu", "cuda")
-ENGINES = ("faust", "flink", "native")
-
-
-class Secret:
-    """A value that prints as *** everywhere; .reveal() is the only way to read it."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: bytes) -> None:
-        self._value = value
-
-    def reveal(self) -> bytes:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "***"
-
-    __str__ = __repr__
+Device = Literal["auto", "cpu", "cuda"]
+Engine = Literal["faust", "flink", "native"]
+DEVICES: tuple[str, ...] = get_args(Device)
+ENGINES: tuple[str, ...] = get_args(Engine)
 
 
 def redact_url(url: str) -> str:
@@ -47,36 +45,117 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything a process of eddy needs to know about where it runs; built once, passed down."""
+def _seconds(value: Any) -> Any:
+    """A duration text (500ms, 2s, 30m) as seconds; anything else is left for the float check."""
+    if not isinstance(value, str):
+        return value
+    try:
+        seconds = parse_duration(value) / 1000
+    except SpecError:
+        raise ValueError(value) from None
+    if seconds <= 0:
+        raise ValueError(value)
+    return seconds
 
-    home: Path
-    kafka: KafkaConfig
-    redis_url: str
-    lakehouse: str
-    pipeline: Path
-    device: str
-    engine: str
-    partitions: int
-    scorers: int
-    jars_dir: Path
-    model_key: Secret = field(repr=False)
-    ingest: bool = True                    # run lakehouse ingestion in the stack
-    ingest_trigger_s: float = 2.0
+
+Seconds = Annotated[PositiveFloat, BeforeValidator(_seconds)]
+_LOWER = BeforeValidator(lambda value: value.lower() if isinstance(value, str) else value)
+
+
+def _properties(path: Any, variable: str, what: str) -> dict[str, str]:
+    try:
+        text = Path(path).expanduser().read_text()
+    except OSError as exc:
+        raise ConfigError(f"{variable}: cannot read {path} ({exc.strerror}); point it at {what}") from None
+    return parse_properties(text, source=str(path))
+
+
+class Settings(BaseSettings):
+    """Everything a process of eddy needs to know about where it runs; built once, passed down.
+
+    Each field is read from EDDY_<NAME> (or the variable its alias names); a description is
+    what a valid value is, and load_settings puts it into the error for a bad one."""
+
+    model_config = SettingsConfigDict(env_prefix="EDDY_", env_ignore_empty=True, frozen=True, extra="ignore",
+                                      arbitrary_types_allowed=True)
+
+    # Fields are checked in this order, so that later ones may use home and kafka_config.
+    home: Annotated[Path, AfterValidator(lambda home: home.expanduser().resolve())] = Path(".eddy")
+    kafka_config: Path | None = None  # a client properties file (security.protocol, sasl.*, ssl.*)
+    kafka: Annotated[KafkaConfig, NoDecode] = Field(  # the bootstrap text, with kafka_config's properties
+        "127.0.0.1:9092", validation_alias="EDDY_KAFKA_BOOTSTRAP")
+    redis_url: str = Field("redis://127.0.0.1:6379/0",
+                           description="a redis:// URL; set it like redis://127.0.0.1:6379/0")
+    lakehouse: str = ""  # empty: home/lakehouse
+    pipeline: Path = Path("pipelines/fraud.yaml")
+    device: Annotated[Device, _LOWER] = Field("auto", description=f"one of {', '.join(DEVICES)}")
+    engine: Annotated[Engine, _LOWER] = Field("faust", description=f"one of {', '.join(ENGINES)}")
+    partitions: PositiveInt = Field(3, description="a positive integer")
+    scorers: int = Field(1, ge=1, le=16, description="a number of scorer replicas from 1 to 16")
+    jars_dir: Path = Field(REPO_ROOT / ".jars", validation_alias="EDDY_JARS")
+    model_key: SecretBytes = Field(b"")  # empty: a key generated once into home
+    ingest: bool = Field(True, description="on or off")  # run lakehouse ingestion in the stack
+    ingest_trigger_s: Seconds = Field(2.0, validation_alias="EDDY_INGEST_TRIGGER",
+                                      description="a duration like 2s or 500ms")
     spark_master: str = "local[2]"
-    spark_conf: Mapping[str, str] = field(default_factory=dict)   # spark.* settings from EDDY_SPARK_CONF
-    retrain_every_labels: int | None = None   # continuous retraining (off unless one of these is set)
-    retrain_every_s: float | None = None
-    commit_interval_s: float | None = None    # how often each stage commits (None: each stage's default)
+    spark_conf: Annotated[Mapping[str, str], NoDecode] = Field(  # spark.* settings from a properties file
+        default_factory=dict, validation_alias="EDDY_SPARK_CONF", repr=False)
+    # Continuous retraining, off unless one of these is set.
+    retrain_every_labels: PositiveInt | None = Field(None, description="a positive number of labels")
+    retrain_every_s: Seconds | None = Field(None, validation_alias="EDDY_RETRAIN_EVERY",
+                                            description="a duration like 30m or 6h")
+    # How often each stage commits (None: each stage's default).
+    commit_interval_s: Seconds | None = Field(None, validation_alias="EDDY_COMMIT_INTERVAL",
+                                              description="a duration like 50ms or 1s")
 
-    def __repr__(self) -> str:
-        return (
-            f"Settings(home={str(self.home)!r}, kafka={self.kafka!r}, redis_url={redact_url(self.redis_url)!r}, "
-            f"lakehouse={self.lakehouse!r}, pipeline={str(self.pipeline)!r}, device={self.device!r}, "
-            f"engine={self.engine!r}, partitions={self.partitions}, scorers={self.scorers}, ingest={self.ingest}, "
-            f"spark_master={self.spark_master!r}, model_key=***)"
-        )
+    @field_validator("kafka", mode="before")
+    @classmethod
+    def _kafka(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, KafkaConfig):
+            return value
+        config = info.data.get("kafka_config")
+        properties = _properties(config, "EDDY_KAFKA_CONFIG", "a properties file") if config else {}
+        return KafkaConfig(str(value), properties)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str) -> str:
+        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("not a redis URL")
+        return url
+
+    @field_validator("lakehouse", mode="before")
+    @classmethod
+    def _lakehouse_under_home(cls, value: Any, info: ValidationInfo) -> Any:
+        if value or "home" not in info.data:
+            return value
+        return str(info.data["home"] / "lakehouse")
+
+    @field_validator("pipeline")
+    @classmethod
+    def _pipeline_in_repo(cls, pipeline: Path) -> Path:
+        """A relative path that is not here but is in the repository means the repository's file."""
+        if not pipeline.is_absolute() and not pipeline.exists() and (REPO_ROOT / pipeline).exists():
+            return REPO_ROOT / pipeline
+        return pipeline
+
+    @field_validator("model_key", mode="before")
+    @classmethod
+    def _model_key(cls, value: Any, info: ValidationInfo) -> Any:
+        if value or "home" not in info.data:
+            return value
+        return _stored_key(info.data["home"])
+
+    @field_validator("spark_conf", mode="before")
+    @classmethod
+    def _spark_conf(cls, value: Any) -> Any:
+        if isinstance(value, str | Path):
+            return _properties(value, "EDDY_SPARK_CONF", "a properties file of spark.* settings")
+        return value
+
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "redis_url" else value
 
     @property
     def engine_dir(self) -> Path:
@@ -97,127 +176,56 @@ class Settings:
         return Path(self.lakehouse.removeprefix("file://")) / "models"
 
     def with_overrides(self, **changes: Any) -> Settings:
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        return self.model_copy(update={k: v for k, v in changes.items() if v is not None})
 
 
-def _model_key(home: Path, value: str | None) -> Secret:
-    """EDDY_MODEL_KEY, or a key generated once into EDDY_HOME (readable by the owner only)."""
-    if value:
-        return Secret(value.encode())
+def _stored_key(home: Path) -> bytes:
+    """The model key generated once into EDDY_HOME (readable by the owner only)."""
     path = home / "model.key"
     if path.exists():
-        return Secret(path.read_bytes().strip())
+        return path.read_bytes().strip()
     home.mkdir(parents=True, exist_ok=True)
     key = secrets.token_hex(32).encode()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(key)
-    return Secret(key)
+    return key
+
+
+class _Variables(EnvSettingsSource):
+    """The EDDY_* variables of the mapping load_settings was given (os.environ, or a test's dict)."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        super().__init__(Settings)
+        self.env_vars = parse_env_vars(environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
+_FLAG_NAMES = {"bootstrap": "EDDY_KAFKA_BOOTSTRAP"}  # flags are field names, or the alias of a field that has one
 
 
 def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from flags (which win) over EDDY_* variables over defaults. ConfigError names the fix."""
-    env = os.environ if environ is None else environ
-    flags = {k: v for k, v in (flags or {}).items() if v is not None}
-
-    home = Path(flags.get("home") or env.get("EDDY_HOME") or ".eddy").expanduser().resolve()
-    properties: dict[str, str] = {}
-    config_path = flags.get("kafka_config") or env.get("EDDY_KAFKA_CONFIG")
-    if config_path:
-        try:
-            text = Path(config_path).expanduser().read_text()
-        except OSError as exc:
-            raise ConfigError(f"EDDY_KAFKA_CONFIG: cannot read {config_path} ({exc.strerror}); point it at a properties file") from None
-        properties = parse_properties(text, source=str(config_path))
-    kafka = KafkaConfig(flags.get("bootstrap") or env.get("EDDY_KAFKA_BOOTSTRAP") or "127.0.0.1:9092", properties)
-
-    redis_url = flags.get("redis_url") or env.get("EDDY_REDIS_URL") or "redis://127.0.0.1:6379/0"
-    if urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"EDDY_REDIS_URL: {redact_url(redis_url)!r} is not a redis:// URL; set it like redis://127.0.0.1:6379/0")
-
-    pipeline = Path(flags.get("pipeline") or env.get("EDDY_PIPELINE") or "pipelines/fraud.yaml")
-    if not pipeline.is_absolute() and not pipeline.exists() and (REPO_ROOT / pipeline).exists():
-        pipeline = REPO_ROOT / pipeline
-
-    device = (flags.get("device") or env.get("EDDY_DEVICE") or "auto").lower()
-    if device not in DEVICES:
-        raise ConfigError(f"EDDY_DEVICE: {device!r} is not one of {', '.join(DEVICES)}")
-    engine = (flags.get("engine") or env.get("EDDY_ENGINE") or "faust").lower()
-    if engine not in ENGINES:
-        raise ConfigError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
-    partitions_raw = flags.get("partitions") or env.get("EDDY_PARTITIONS") or 3
+    given = {_FLAG_NAMES.get(k, k): v for k, v in (flags or {}).items() if v is not None}
+    sources = (InitSettingsSource(Settings, given), _Variables(os.environ if environ is None else environ))
     try:
-        partitions = int(partitions_raw)
-        if partitions < 1:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ConfigError(f"EDDY_PARTITIONS: {partitions_raw!r} is not a positive integer") from None
-
-    scorers_raw = flags.get("scorers") or env.get("EDDY_SCORERS") or 1
-    try:
-        scorers = int(scorers_raw)
-        if not 1 <= scorers <= 16:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ConfigError(f"EDDY_SCORERS: {scorers_raw!r} is not a number of scorer replicas from 1 to 16") from None
-
-    ingest_raw = str(flags.get("ingest") if "ingest" in flags else env.get("EDDY_INGEST") or "on").lower()
-    if ingest_raw not in ("on", "off", "true", "false", "1", "0"):
-        raise ConfigError(f"EDDY_INGEST: {ingest_raw!r} is not on or off")
-    trigger_s = _duration_s(env, "EDDY_INGEST_TRIGGER", "2s or 500ms", default="2s")
-    spark_conf: dict[str, str] = {}
-    spark_conf_path = env.get("EDDY_SPARK_CONF")
-    if spark_conf_path:
-        try:
-            spark_conf = parse_properties(Path(spark_conf_path).expanduser().read_text(), source=spark_conf_path)
-        except OSError as exc:
-            raise ConfigError(f"EDDY_SPARK_CONF: cannot read {spark_conf_path} ({exc.strerror}); "
-                              "point it at a properties file of spark.* settings") from None
-
-    every_labels_raw = env.get("EDDY_RETRAIN_EVERY_LABELS")
-    try:
-        every_labels = int(every_labels_raw) if every_labels_raw else None
-        if every_labels is not None and every_labels < 1:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"EDDY_RETRAIN_EVERY_LABELS: {every_labels_raw!r} is not a positive number of labels") from None
-    every_s = _duration_s(env, "EDDY_RETRAIN_EVERY", "30m or 6h")
-    commit_s = _duration_s(env, "EDDY_COMMIT_INTERVAL", "50ms or 1s")
-
-    return Settings(
-        home=home,
-        kafka=kafka,
-        redis_url=redis_url,
-        lakehouse=flags.get("lakehouse") or env.get("EDDY_LAKEHOUSE") or str(home / "lakehouse"),
-        pipeline=pipeline,
-        device=device,
-        engine=engine,
-        partitions=partitions,
-        scorers=scorers,
-        jars_dir=Path(env.get("EDDY_JARS") or REPO_ROOT / ".jars"),
-        model_key=_model_key(home, flags.get("model_key") or env.get("EDDY_MODEL_KEY")),
-        ingest=ingest_raw in ("on", "true", "1"),
-        ingest_trigger_s=trigger_s,
-        spark_master=env.get("EDDY_SPARK_MASTER") or "local[2]",
-        spark_conf=spark_conf,
-        retrain_every_labels=every_labels,
-        retrain_every_s=every_s,
-        commit_interval_s=commit_s,
-    )
+        return Settings(_build_sources=(sources, {}))  # pydantic-settings' way to pass sources built per call
+    except ValidationError as exc:
+        raise ConfigError(_problem(exc.errors()[0], given)) from None
 
 
-def _duration_s(env: Mapping[str, str], name: str, example: str, default: str | None = None) -> float | None:
-    """A positive duration setting in seconds (None when unset and no default); ConfigError names the fix."""
-    raw = env.get(name) or default
-    if not raw:
-        return None
-    try:
-        seconds = parse_duration(raw) / 1000
-        if seconds <= 0:
-            raise SpecError("not positive")
-    except SpecError:
-        raise ConfigError(f"{name}: {raw!r} is not a duration like {example}") from None
-    return seconds
+def _problem(error: Mapping[str, Any], flags: Mapping[str, Any]) -> str:
+    """One line for the first bad value: the flag or variable it came from, the value, what a valid one is."""
+    key = str(error["loc"][0])  # the field's alias (its variable) where it has one, else its name
+    name, field = next((n, f) for n, f in Settings.model_fields.items() if key in (n, f.validation_alias))
+    if field.validation_alias:
+        where = key
+    elif key in flags:
+        where = "--" + key.replace("_", "-")
+    else:
+        where = f"EDDY_{key.upper()}"
+    value = redact_url(error["input"]) if name == "redis_url" else error["input"]
+    valid = field.description or f"valid ({error['msg']})"
+    return f"{where}: {value!r} is not {valid}"
 
 
 def child_environment(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:

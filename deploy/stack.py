@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from deploy import broker, components, redis_local
 from deploy.processes import ProcessTable
@@ -31,17 +34,16 @@ class UpReport:
 def private_settings(base: Settings, home: Path, **changes: Any) -> Settings:
     """Settings for a stack of its own in `home` (local broker and Redis on free loopback ports, the
     lakehouse under it), with base's model key written where its processes read it."""
-    from dataclasses import replace
-
     from deploy.processes import free_port
     from streams.kafka import KafkaConfig
 
     home.mkdir(parents=True, exist_ok=True)
     key_file = home / "model.key"
     key_file.touch(mode=0o600)
-    key_file.write_bytes(base.model_key.reveal())
-    return replace(base, home=home, kafka=KafkaConfig(f"127.0.0.1:{free_port()}", base.kafka.properties),
-                   redis_url=f"redis://127.0.0.1:{free_port()}/0", lakehouse=str(home / "lakehouse"), **changes)
+    key_file.write_bytes(base.model_key.get_secret_value())
+    return base.model_copy(update=dict(
+        home=home, kafka=KafkaConfig(f"127.0.0.1:{free_port()}", base.kafka.properties),
+        redis_url=f"redis://127.0.0.1:{free_port()}/0", lakehouse=str(home / "lakehouse"), **changes))
 
 
 def process_table(settings: Settings) -> ProcessTable:
@@ -66,7 +68,7 @@ def up(settings: Settings, spec: PipelineSpec | None = None, with_components: bo
     if with_components:
         from models.updates import ensure_baseline
 
-        report.baseline = ensure_baseline(settings.kafka, spec, settings.artifacts_dir, settings.model_key.reveal())
+        report.baseline = ensure_baseline(settings.kafka, spec, settings.artifacts_dir, settings.model_key.get_secret_value())
         _start_components(settings, spec, table, report)
     return report
 
@@ -133,24 +135,16 @@ def _rss_mb(pid: int | None) -> float | None:
     """Resident memory of a process and its descendants (a component's JVM is its child)."""
     if pid is None:
         return None
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
-        todo.extend(children.get(current, []))
-        try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
-    return round(total / 1024, 1) if total else None
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return None
+    total = 0
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):  # one that exited meanwhile holds no memory
+            total += proc.memory_info().rss
+    return round(total / 2**20, 1) if total else None
 
 
 def status(settings: Settings) -> dict[str, Any]:

@@ -8,7 +8,6 @@ skipped, as Feast skips it, so a replayed or out-of-order row never replaces a n
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -20,6 +19,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException
 
 from features.feast_repo import feature_dtypes, feature_store, view_name
 from features.spec import PipelineSpec
+from features.waiting import poll
 from streams.kafka import KafkaConfig
 from streams.metrics import Heartbeat
 
@@ -33,7 +33,7 @@ _BAD_ROW = (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeEr
 
 def group_id(spec: PipelineSpec) -> str:
     """The writer's consumer group (and the name in its logs and metrics)."""
-    return f"eddy-{spec.name}-{COMPONENT}"
+    return spec.stage_id(COMPONENT)
 
 
 @dataclass
@@ -210,12 +210,7 @@ def _fits(value: Any, kind: str) -> bool:
 
 def _sleep_unless(should_stop: Callable[[], bool], seconds: float) -> bool:
     """Sleep up to `seconds`; True if should_stop() became true meanwhile."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if should_stop():
-            return True
-        time.sleep(min(0.05, deadline - time.monotonic()))
-    return should_stop()
+    return bool(poll(should_stop, seconds, every_s=0.05))
 
 
 def run_online_writer(kafka: KafkaConfig, spec: PipelineSpec, redis_url: str, repo_dir: Path,

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import time
 
+from features.waiting import TimedOut, wait_until
 from tests.conftest import run_eddy
 
 
 def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+    """wait_until for tests: a timeout fails the test with an AssertionError naming what was awaited."""
+    try:
+        return wait_until(predicate, timeout_s, what, every_s)
+    except TimedOut as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def status(env: dict[str, str]) -> dict:

@@ -53,12 +53,12 @@ def test_kafka_config_file_reaches_every_client_and_secrets_are_redacted(tmp_pat
     for secret in ("hunter2", "s3cr3t", "topsecret", "k3y"):
         assert secret not in shown
     assert "sasl.username': 'alice'" in shown and "***" in shown
-    assert s.model_key.reveal() == b"k3y"
+    assert s.model_key.get_secret_value() == b"k3y"
 
 
 def test_model_key_generated_once_and_private(tmp_path):
-    first = load_settings(environ={"EDDY_HOME": str(tmp_path)}).model_key.reveal()
-    second = load_settings(environ={"EDDY_HOME": str(tmp_path)}).model_key.reveal()
+    first = load_settings(environ={"EDDY_HOME": str(tmp_path)}).model_key.get_secret_value()
+    second = load_settings(environ={"EDDY_HOME": str(tmp_path)}).model_key.get_secret_value()
     assert first == second and len(first) == 64
     assert (tmp_path / "model.key").stat().st_mode & 0o777 == 0o600
 
