@@ -4,7 +4,7 @@ It starts a private stack (fresh EDDY_HOME, free loopback ports) so that nothing
 then measures: (a) a raw confluent-kafka consume->produce passthrough, the ceiling; (b) the drain rate
 of a backlog through features, scoring and predictions, with per-stage rates; (c) latency at fixed
 loads, from each transaction's Kafka timestamp to its prediction's; (d) the scoring stage, micro-batched
-against per-event. Everything lands in one JSON document (CONTRACT section 8)."""
+against per-event. Everything lands in one JSON document (docs/contract.md, "eddy bench")."""
 
 from __future__ import annotations
 
@@ -20,9 +20,18 @@ from typing import Any
 
 import numpy as np
 import orjson
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 
 from deploy import stack
+from deploy.measure import (
+    LOAD_LINGER_MS,
+    fill_backlog,
+    load_producer,
+    percentiles,
+    reader,
+    settle,
+    timestamps,
+)
 from deploy.settings import Settings
 from features.spec import PipelineSpec, load_spec
 from streams.generator import GeneratorConfig, TransactionGenerator
@@ -30,49 +39,13 @@ from streams.kafka import KafkaConfig, ensure_topics
 from streams.loop import YOUNG_GC_THRESHOLD, HeldRecord
 from streams.metrics import read_metrics
 
-WARM_UP_TOPIC = "eddy-bench-warm-up"
-LOAD_LINGER_MS = 5  # the fixed-load producer batches for up to 5 ms (librdkafka's default linger)
-
-
-def _consumer(kafka: KafkaConfig, topics: list[str], from_end: bool = False, **extra) -> Consumer:
-    """A read_committed reader of `topics` from their beginning, or (from_end) from their ends now."""
-    from confluent_kafka import TopicPartition
-
-    consumer = Consumer(kafka.client(**{"group.id": f"bench-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest",
-                                        "enable.auto.commit": False, "isolation.level": "read_committed",
-                                        "fetch.wait.max.ms": 100, **extra}))
-    if not from_end:
-        consumer.subscribe(topics)
-        return consumer
-    ends = []
-    for topic in topics:
-        for p in consumer.list_topics(topic, timeout=10).topics[topic].partitions:
-            ends.append(TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]))
-    consumer.assign(ends)
-    return consumer
-
-
-def _fill(kafka: KafkaConfig, topic: str, count: int, seed: int, start_ms: int, span_ms: int) -> None:
-    gen = TransactionGenerator(GeneratorConfig(seed=seed, start_ms=start_ms, mean_gap_ms=span_ms / count,
-                                               id_prefix=f"b{seed}"))
-    producer = Producer(kafka.client(**{"linger.ms": 20, "batch.num.messages": 10000, "compression.type": "lz4",
-                                        "queue.buffering.max.messages": 1_000_000, "enable.idempotence": True}))
-    done = 0
-    while done < count:
-        batch = gen.batch(min(10_000, count - done))
-        for key, value in zip(batch.keys, batch.values, strict=True):
-            producer.produce(topic, value, key)
-        producer.poll(0)
-        done += len(batch.keys)
-    producer.flush(60)
-
 
 def kafka_passthrough(kafka: KafkaConfig, count: int, partitions: int) -> float:
     """events/s of a plain batched consume -> produce loop over the same broker and partition count."""
     source, sink = f"bench-in-{uuid.uuid4().hex[:6]}", f"bench-out-{uuid.uuid4().hex[:6]}"
     ensure_topics(kafka, [source, sink], partitions)
-    _fill(kafka, source, count, seed=1, start_ms=int(time.time() * 1000) - 3_600_000, span_ms=3_600_000)
-    consumer = _consumer(kafka, [source])
+    fill_backlog(kafka, source, count, seed=1, start_ms=int(time.time() * 1000) - 3_600_000, span_ms=3_600_000)
+    consumer = reader(kafka, [source])
     producer = Producer(kafka.client(**{"linger.ms": 5, "batch.num.messages": 10000, "compression.type": "lz4",
                                         "queue.buffering.max.messages": 1_000_000}))
     seen, started = 0, None
@@ -89,40 +62,6 @@ def kafka_passthrough(kafka: KafkaConfig, count: int, partitions: int) -> float:
     took = time.perf_counter() - (started or time.perf_counter())
     consumer.close()
     return count / took
-
-
-def _timestamps(kafka: KafkaConfig, topic: str, want: set[str] | None, count: int, timeout_s: float,
-                received: dict[str, float] | None = None, done=lambda found: False,
-                consumer: Consumer | None = None) -> dict[str, int]:
-    """event_id -> Kafka timestamp (ms) of the records of `topic`, until `count` are seen; when given,
-    `received` gets the wall-clock ms at which each record reached this read_committed reader
-    (`consumer`: one placed already, else a reader from the topic's beginning)."""
-    consumer = consumer or _consumer(kafka, [topic])
-    out: dict[str, int] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(out) < count and time.monotonic() < deadline and not done(out):
-            # what has arrived now, else wait for one record: received times are not held back
-            # until a batch fills
-            got = consumer.consume(5000, 0) or consumer.consume(1, 0.2)
-            for m in got:
-                if m.error() is None:
-                    event_id = orjson.loads(m.value())["event_id"]
-                    if want is None or event_id in want:
-                        out[event_id] = m.timestamp()[1]
-                        if received is not None:
-                            received[event_id] = time.time() * 1000
-    finally:
-        consumer.close()
-    return out
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"p50": None, "p95": None, "p99": None, "count": 0}
-    arr = np.asarray(values)
-    return {"p50": round(float(np.percentile(arr, 50)), 1), "p95": round(float(np.percentile(arr, 95)), 1),
-            "p99": round(float(np.percentile(arr, 99)), 1), "count": len(values)}
 
 
 def _stage_rates(settings: Settings, spec: PipelineSpec) -> dict[str, float]:
@@ -149,42 +88,15 @@ def drain(settings: Settings, spec: PipelineSpec, count: int, on_progress) -> di
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _fill(settings.kafka, spec.topics.source, count, seed=2, start_ms=int(started * 1000) - 7_200_000,
+    fill_backlog(settings.kafka, spec.topics.source, count, seed=2, start_ms=int(started * 1000) - 7_200_000,
           span_ms=7_200_000)
     produced_s = time.time() - started
     on_progress(f"backlog of {count:,} produced in {produced_s:.1f}s; draining")
-    predictions = _timestamps(settings.kafka, spec.topics.predictions, None, count, timeout_s=1800)
+    predictions = timestamps(settings.kafka, spec.topics.predictions, None, count, timeout_s=1800)
     elapsed = (max(predictions.values()) / 1000 if predictions else time.time()) - started
     stop.set()
     return {"events": count, "predicted": len(predictions), "seconds": round(elapsed, 2),
             "events_per_s": round(len(predictions) / elapsed, 1), "per_stage_peak_events_per_s": peaks}
-
-
-def settle(settings: Settings, timeout_s: float = 180.0, but: str | None = None) -> float:
-    """Wait until every consumer group of the stack (but a group ending in `but`) has caught up, so
-    one measurement does not pay for the backlog of the one before; returns the seconds waited."""
-    from streams.kafka import group_lag
-
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        lags = group_lag(settings.kafka, timeout_s=5)
-        if all(n == 0 for group, topics in lags.items() if not (but and group.endswith(but))
-               for n in topics.values()):
-            break
-        time.sleep(0.5)
-    return time.monotonic() - started
-
-
-def load_producer(settings: Settings, spec: PipelineSpec, gen: TransactionGenerator):
-    """The fixed-load producer, connected and holding its idempotent producer id before the first
-    measured record: a new client's first records otherwise wait for that, and count as latency."""
-    from streams.producer import SyntheticProducer
-
-    producer = SyntheticProducer(settings.kafka, spec.topics.source, None, gen, linger_ms=LOAD_LINGER_MS)
-    ensure_topics(settings.kafka, [WARM_UP_TOPIC], 1)
-    producer.producer.produce(WARM_UP_TOPIC, b"warm-up")
-    producer.producer.flush(30)
-    return producer
 
 
 def fixed_load(settings: Settings, spec: PipelineSpec, rate: int, seconds: float) -> dict[str, Any]:
@@ -205,18 +117,18 @@ def fixed_load(settings: Settings, spec: PipelineSpec, rate: int, seconds: float
         return produced.is_set() and sum(1 for k in out if k.startswith(ids_prefix)) >= count
 
     # placed at the predictions' ends before the load starts: it sees only new ones, as they commit
-    at_end = _consumer(settings.kafka, [spec.topics.predictions], from_end=True)
-    reader = threading.Thread(target=lambda: found.update(_timestamps(
+    at_end = reader(settings.kafka, [spec.topics.predictions], from_end=True)
+    watcher = threading.Thread(target=lambda: found.update(timestamps(
         settings.kafka, spec.topics.predictions, None, 10**9, timeout_s=seconds + 120, received=received,
         done=all_in, consumer=at_end)))
-    reader.start()
+    watcher.start()
     load_producer(settings, spec, gen).run(count, float(rate), backfill=False)
     produced.set()
-    sources = _timestamps(settings.kafka, spec.topics.source, None, 10**9, timeout_s=30,
+    sources = timestamps(settings.kafka, spec.topics.source, None, 10**9, timeout_s=30,
                           done=lambda out: sum(1 for k in out if k.startswith(ids_prefix)) >= count)
     sources = {k: v for k, v in sources.items() if k.startswith(ids_prefix)}
-    reader.join()
-    featured = _timestamps(settings.kafka, spec.topics.features, set(sources), len(sources), timeout_s=60)
+    watcher.join()
+    featured = timestamps(settings.kafka, spec.topics.features, set(sources), len(sources), timeout_s=60)
     latencies = [found[k] - sources[k] for k in sources if k in found]
     visible = [received[k] - sources[k] for k in sources if k in received]
     feature_stage = [featured[k] - sources[k] for k in sources if k in featured]
@@ -243,7 +155,7 @@ def swap_time(settings: Settings, spec: PipelineSpec, rate: int = 1000) -> dict[
     version = f"bench-{uuid.uuid4().hex[:6]}"
     directory = settings.artifacts_dir / spec.name / version
     manifest = save_artifact(directory, model, normaliser, {"version": version, "spec_hash": spec.spec_hash},
-                             settings.model_key.reveal())
+                             settings.model_key.get_secret_value())
     now_ms = int(time.time() * 1000)
     gen = TransactionGenerator(GeneratorConfig(seed=3, start_ms=now_ms, id_prefix=f"S{now_ms}"))
     producer = threading.Thread(target=SyntheticProducer(settings.kafka, spec.topics.source, None, gen).run,
@@ -251,9 +163,9 @@ def swap_time(settings: Settings, spec: PipelineSpec, rate: int = 1000) -> dict[
     producer.start()
     time.sleep(2)
     published = time.time()
-    publish(settings.kafka, spec.topics.model_updates, manifest, directory.as_uri(), settings.model_key.reveal())
+    publish(settings.kafka, spec.topics.model_updates, manifest, directory.as_uri(), settings.model_key.get_secret_value())
     first: list[int] = []
-    consumer = _consumer(settings.kafka, [spec.topics.predictions], **{"auto.offset.reset": "latest"})
+    consumer = reader(settings.kafka, [spec.topics.predictions], **{"auto.offset.reset": "latest"})
     deadline = time.monotonic() + 60
     while not first and time.monotonic() < deadline:
         for m in consumer.consume(2000, 0.2):
@@ -355,7 +267,9 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
         on_progress("hot swap under a 1,000 events/s load")
         swap = swap_time(settings, spec)
         if ingest:
-            result["lakehouse"] = lakehouse(settings, spec, events, on_progress)
+            from deploy import bench_lake
+
+            result["lakehouse"] = bench_lake.lakehouse(settings, spec, events, on_progress)
     finally:
         if not keep:
             stack.down(settings)
@@ -379,25 +293,6 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
                       "per_event_scoring_events_per_s": scoring["per_event_events_per_s"]},
     })
     return result
-
-
-def lakehouse(settings: Settings, spec: PipelineSpec, events: int, on_progress) -> dict[str, Any]:
-    from deploy import bench_lake
-
-    def fill(n: int) -> None:
-        _fill(settings.kafka, spec.topics.source, n, seed=4, start_ms=int(time.time() * 1000) - 3_600_000,
-              span_ms=3_600_000)
-
-    def produce_at(rate: int, seconds: float) -> None:
-        now_ms = int(time.time() * 1000)
-        gen = TransactionGenerator(GeneratorConfig(seed=5, start_ms=now_ms, id_prefix=f"F{now_ms}"))
-        load_producer(settings, spec, gen).run(int(rate * seconds), float(rate), backfill=False)
-
-    on_progress(f"lakehouse: catch-up of {events:,} events' records with ingestion restarted")
-    catch = bench_lake.catch_up(settings, spec, fill, events, on_progress)
-    on_progress(f"lakehouse: {catch['rows_per_s']:,.0f} rows/s; freshness at 1,000 events/s for 30s")
-    fresh = bench_lake.freshness(settings, spec, produce_at, 1000, 30.0)
-    return {"catch_up": catch, "freshness": fresh, **bench_lake.memory(settings)}
 
 
 def _cpus() -> int:

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from deploy import components, stack
-from deploy.bench import percentiles, settle
+from deploy.measure import fill_backlog, load_producer, percentiles, settle
 from deploy.settings import Settings, child_environment
 from features.spec import PipelineSpec
 from lakehouse.ingest import join, row_count
 from lakehouse.tables import ingested_tables
+from streams.generator import GeneratorConfig, TransactionGenerator
 from streams.metrics import read_metrics
 
 COMPONENT = "lakehouse"
@@ -116,3 +117,20 @@ def freshness(settings: Settings, spec: PipelineSpec, produce_at, rate: int, sec
 def memory(settings: Settings) -> dict[str, Any]:
     part = stack.status(settings)["parts"].get(COMPONENT, {})
     return {"rss_mb": part.get("rss_mb")}
+
+
+def lakehouse(settings: Settings, spec: PipelineSpec, events: int, on_progress) -> dict[str, Any]:
+    def fill(n: int) -> None:
+        fill_backlog(settings.kafka, spec.topics.source, n, seed=4, start_ms=int(time.time() * 1000) - 3_600_000,
+              span_ms=3_600_000)
+
+    def produce_at(rate: int, seconds: float) -> None:
+        now_ms = int(time.time() * 1000)
+        gen = TransactionGenerator(GeneratorConfig(seed=5, start_ms=now_ms, id_prefix=f"F{now_ms}"))
+        load_producer(settings, spec, gen).run(int(rate * seconds), float(rate), backfill=False)
+
+    on_progress(f"lakehouse: catch-up of {events:,} events' records with ingestion restarted")
+    catch = catch_up(settings, spec, fill, events, on_progress)
+    on_progress(f"lakehouse: {catch['rows_per_s']:,.0f} rows/s; freshness at 1,000 events/s for 30s")
+    fresh = freshness(settings, spec, produce_at, 1000, 30.0)
+    return {"catch_up": catch, "freshness": fresh, **memory(settings)}

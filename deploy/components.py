@@ -64,7 +64,7 @@ def _scorer(replica: int) -> Callable[[Settings, PipelineSpec], None]:
 
         interval = {} if settings.commit_interval_s is None else {"commit_interval_s": settings.commit_interval_s}
         run_scorer(ScorerConfig(settings.kafka, spec, settings.redis_url, settings.device,
-                                settings.model_key.reveal(), replica=replica, **interval))
+                                settings.model_key.get_secret_value(), replica=replica, **interval))
 
     return run
 

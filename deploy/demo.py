@@ -134,7 +134,7 @@ def run_demo(settings: Settings, console: Console) -> dict:
 
         console.rule("3. first training from the lakehouse (champion: the baseline)")
         from_lake = {"rows": lakehouse_rows(settings, spec), "register": lambda e: register_model(settings.lakehouse, e)}
-        first = retrain(settings.kafka, spec, settings.artifacts_dir, settings.model_key.reveal(), settings.device,
+        first = retrain(settings.kafka, spec, settings.artifacts_dir, settings.model_key.get_secret_value(), settings.device,
                         "auto", on_progress=lambda line: None, **from_lake)
         champion = f"{first.champion_metrics['pr_auc']:.3f}" if first.champion_metrics else "-"
         console.print(f"  {first.version}: holdout PR-AUC {first.metrics['pr_auc']:.3f} against {first.champion} "
@@ -158,7 +158,7 @@ def run_demo(settings: Settings, console: Console) -> dict:
                 if retrainer is None and time.monotonic() - t0 > LIVE_SECONDS / 3:
                     note = "retraining on everything labelled so far..."
                     retrainer = threading.Thread(target=lambda: second_box.append(retrain(
-                        settings.kafka, spec, settings.artifacts_dir, settings.model_key.reveal(), settings.device,
+                        settings.kafka, spec, settings.artifacts_dir, settings.model_key.get_secret_value(), settings.device,
                         "auto", seed=1, **from_lake)))
                     retrainer.start()
                 if second_box and "retraining" in note:
@@ -166,8 +166,8 @@ def run_demo(settings: Settings, console: Console) -> dict:
                     note = (f"published {second.version}: watch the serving version change" if second.published
                             else f"{second.version} was not better than {second.champion}: not published")
                 lag = group_lag(settings.kafka, timeout_s=2)
-                lags = {"features": lag.get(f"eddy-{spec.name}-features", {}).get(spec.topics.source),
-                        "scorer": lag.get(f"eddy-{spec.name}-scorer", {}).get(spec.topics.features)}
+                lags = {"features": lag.get(spec.stage_id("features"), {}).get(spec.topics.source),
+                        "scorer": lag.get(spec.stage_id("scorer"), {}).get(spec.topics.features)}
                 view.update(_view(settings, spec, watcher, producer.report.events, lags, note))
                 time.sleep(1.0)
             if retrainer is not None:
@@ -216,7 +216,7 @@ def _on_live_stream(settings: Settings, spec, rows: list[dict], summary: dict) -
     for name in ("first", "second"):
         result = summary.get(name)
         if result is not None:
-            models[result.version] = load_artifact(artifact_path(result.uri), settings.model_key.reveal(),
+            models[result.version] = load_artifact(artifact_path(result.uri), settings.model_key.get_secret_value(),
                                                    spec.spec_hash, list(spec.model_inputs))
     features = [r["features"] for r in rows]
     return {version: {"events": len(rows), "positives": int(y.sum()), **evaluate(model.score(features), y)}

@@ -119,7 +119,7 @@ def backfill_point_in_time(settings: Settings, spec: PipelineSpec, session: Spar
 
 def run_backfill(settings: Settings, spec: PipelineSpec) -> int:
     """`eddy backfill`: silver/features_backfill recomputed from bronze; returns its rows."""
-    from models.backfill import write_backfill
+    from lakehouse.backfill import write_backfill
 
     return write_backfill(spark_session(settings, "eddy-backfill"), settings.lakehouse, spec)
 
@@ -175,7 +175,7 @@ def run_retrain_component(settings: Settings, spec: PipelineSpec) -> None:
         if policy.due(labels, time.monotonic()):
             policy.done(labels, time.monotonic())
             try:
-                result = retrain(settings.kafka, spec, settings.artifacts_dir, settings.model_key.reveal(),
+                result = retrain(settings.kafka, spec, settings.artifacts_dir, settings.model_key.get_secret_value(),
                                  settings.device, "auto", rows=rows,
                                  register=lambda entry: register_model(settings.lakehouse, entry))
                 state.update(retrains=state["retrains"] + 1, published=state["published"] + result.published,

@@ -14,7 +14,7 @@ from features.spec import load_spec, parse_duration
 from streams.generator import GeneratorConfig, TransactionGenerator
 from streams.producer import ProduceReport, SyntheticProducer
 
-# The fields every generated event carries (CONTRACT section 4); a spec needing others cannot use it.
+# The fields every generated event carries (docs/contract.md, "Topics"); a spec needing others cannot use it.
 EVENT_FIELDS = ("event_id", "event_time", "card_id", "merchant_id", "amount", "currency", "country", "channel")
 
 

@@ -1,4 +1,4 @@
-"""The pipeline spec: the YAML of CONTRACT section 6, validated into frozen dataclasses, and
+"""The pipeline spec: the YAML of docs/contract.md, validated into frozen dataclasses, and
 everything derived from it that the other layers read (topics, record schema, model inputs)."""
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ TYPES = ("string", "double", "float", "long", "int", "boolean", "timestamp")
 NUMERIC_TYPES = ("double", "float", "long", "int")
 MODEL_KINDS = ("mlp", "sequence")
 RESERVED_FEATURE_NAMES = frozenset({"late"})  # a column of every feature row
+# How far an event time may lie ahead of its record's Kafka timestamp before the event is refused:
+# a clock a few minutes fast is normal, an event hours ahead would make the entity's real events late.
+DEFAULT_MAX_FUTURE_MS = 5 * 60_000
 
 _UNITS_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _DURATION = re.compile(r"\s*(\d+)\s*(ms|s|m|h|d)\s*\Z")
@@ -87,6 +90,12 @@ class PipelineSpec:
     topics: Topics
     model: Model
     spec_hash: str
+    max_future_ms: int = DEFAULT_MAX_FUTURE_MS
+
+    def stage_id(self, stage: str) -> str:
+        """The stable id of one stage of this pipeline: its consumer group, transactional id prefix,
+        heartbeat, changelog topics and Flink uid prefix all derive from it."""
+        return f"eddy-{self.name}-{stage}"
 
     @property
     def field_types(self) -> dict[str, str]:
@@ -179,7 +188,7 @@ def _parse(data: Any) -> PipelineSpec:
     name = _text(top, "name", "name", _NAME)
     entity = _section(top["entity"], "entity", ("name", "key"))
     src = _section(top["source"], "source", ("topic", "id", "timestamp", "schema"),
-                   ("allowed_lateness",))
+                   ("allowed_lateness", "max_future"))
     schema = _schema(src["schema"])
     types = {f.name: f.type for f in schema}
     key = _field_ref(entity, "key", "entity.key", types)
@@ -189,6 +198,7 @@ def _parse(data: Any) -> PipelineSpec:
         raise _Invalid("source.timestamp", f"field {ts_field!r} is {types[ts_field]}; "
                                            "it must be of type timestamp")
     lateness = _duration(src.get("allowed_lateness", 0), "source.allowed_lateness", positive=False)
+    max_future = _duration(src.get("max_future", DEFAULT_MAX_FUTURE_MS), "source.max_future", positive=False)
     features = _features(top["features"], types, {key, id_field, ts_field} | RESERVED_FEATURE_NAMES)
     labels = None if top.get("labels") is None else _labels(top["labels"])
     topics = _topics(top.get("topics"), _text(src, "topic", "source.topic", _TOPIC), labels)
@@ -196,7 +206,7 @@ def _parse(data: Any) -> PipelineSpec:
     model = Model(_text(model_sec, "name", "model.name", _NAME),
                   _choice(model_sec, "kind", "model.kind", MODEL_KINDS))
     spec = PipelineSpec(name, _text(entity, "name", "entity.name", _IDENT), key, id_field,
-                        ts_field, lateness, schema, features, labels, topics, model, "")
+                        ts_field, lateness, schema, features, labels, topics, model, "", max_future)
     return replace(spec, spec_hash=_hash(spec))
 
 
@@ -334,6 +344,7 @@ def _hash(spec: PipelineSpec) -> str:
     canonical = {
         "name": spec.name, "entity": spec.entity, "key": spec.key, "id": spec.id_field,
         "timestamp": spec.timestamp_field, "allowed_lateness_ms": spec.allowed_lateness_ms,
+        "max_future_ms": spec.max_future_ms,
         "schema": {f.name: f.type for f in spec.schema},
         "features": [[f.name, f.agg, f.of, f.window_ms] for f in spec.features],
         "labels": None if spec.labels is None else spec.labels.__dict__,

@@ -156,7 +156,7 @@ class Validator:
                 return Invalid(f"field {name!r}: expected {expected} ({typ}), got {type(value).__name__}")
         key, event_id = record[self._key], record[self._id]
         if key == "" or event_id == "":
-            return Invalid(f"field {self._key if key == '' else self._id!r} is empty")
+            return Invalid(f"field {(self._key if key == '' else self._id)!r} is empty")
         if event_time is None:
             event_time = parse_timestamp(record[self._ts])
         return Event(str(key), str(event_id), event_time, record)

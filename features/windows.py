@@ -1,4 +1,4 @@
-"""The feature logic of CONTRACT section 5 as pure code: per-entity state plus one event in, a
+"""The feature logic of docs/contract.md ("Feature semantics") as pure code: per-entity state plus one event in, a
 feature row out. The Faust agent, the Flink function and the Spark backfill all call this."""
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""The Spark batch backfill of CONTRACT section 5: every event's feature row recomputed from the
-source's bronze table with the engines' own validator and feature logic, into
-silver/features_backfill, which Feast's offline store reads for point-in-time training sets (so a
-feature the spec gained after the events were streamed gets its values for them).
+"""The Spark batch backfill: every event's feature row recomputed from the source's bronze table with
+the engines' own validator and apply step, into silver/features_backfill, which Feast's offline store
+reads for point-in-time training sets (so a feature the spec gained after the events were streamed gets
+its values for them). Events the apply step refuses go to silver/features_backfill_refused with the
+reason, as the engines send them to the DLQ.
 
 The engines keep an entity's state per source partition and see its records in offset order; the
 backfill groups by (partition, entity) and sorts by offset, so each event gets the row the engines
@@ -16,7 +17,13 @@ from typing import TYPE_CHECKING
 
 from features.spec import PipelineSpec
 from lakehouse.ingest import table_location
-from lakehouse.tables import PARTITION_COLUMN, backfill_table, feature_columns, ingested_tables
+from lakehouse.tables import (
+    PARTITION_COLUMN,
+    backfill_refused_table,
+    backfill_table,
+    feature_columns,
+    ingested_tables,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -25,12 +32,15 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _rows(spec: PipelineSpec, records: Iterator) -> Iterator[tuple]:
-    """One Spark partition's records, sorted by (source partition, entity, offset) -> backfill rows."""
-    from features.windows import FeatureLogic
-    from streams.validation import Event, Validator
+    """One Spark partition's records, sorted by (source partition, entity, offset) -> one row each:
+    the backfill table's columns, then the refusal's reason (None for a feature row)."""
+    from features.apply import ApplyStep, Refused
+    from features.validation import Event, Validator
 
-    validator, logic = Validator(spec), FeatureLogic(spec)
+    validator, step = Validator(spec), ApplyStep(spec)
+    logic = step.logic
     columns = [(name, float if kind == "double" else int) for name, kind in feature_columns(spec)]
+    nothing = (None,) * len(columns)
     group, state = None, None
     for r in records:
         event = validator.parse(bytes(r.value))
@@ -38,16 +48,22 @@ def _rows(spec: PipelineSpec, records: Iterator) -> Iterator[tuple]:
             continue
         if (r.kafka_partition, event.key) != group:
             group, state = (r.kafka_partition, event.key), logic.new_state()
-        row = logic.update(state, event.event_time_ms, event.values)
+        arrival = round(r.kafka_timestamp.timestamp() * 1000)
+        row = step.apply(state, event, arrival)
         t = _EPOCH + timedelta(milliseconds=event.event_time_ms)
+        position = (r.kafka_topic, r.kafka_partition, r.kafka_offset, r.kafka_timestamp, t.date())
+        if isinstance(row, Refused):
+            yield (event.event_id, event.key, t, *nothing, None, *position, str(row))
+            continue
         values = row.features
         yield (event.event_id, event.key, t,
-               *(None if (v := values[name]) is None else kind(v) for name, kind in columns), row.late, r.kafka_topic,
-               r.kafka_partition, r.kafka_offset, r.kafka_timestamp, t.date())
+               *(None if (v := values[name]) is None else kind(v) for name, kind in columns), row.late,
+               *position, None)
 
 
 def backfill_rows(session: SparkSession, root: str, spec: PipelineSpec) -> DataFrame:
-    """The backfill's rows, computed from bronze/<source> at `root` (nothing written)."""
+    """The backfill's rows computed from bronze/<source> at `root` (nothing written): the backfill
+    table's columns plus `refused`, the apply step's reason where it refused the event."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
     from pyspark.sql.types import StructType
@@ -61,15 +77,24 @@ def backfill_rows(session: SparkSession, root: str, spec: PipelineSpec) -> DataF
                        F.col(f"`{spec.key}`").alias("eddy_key_"))
                .repartition("kafka_partition", "eddy_key_")
                .sortWithinPartitions("kafka_partition", "eddy_key_", "kafka_offset"))
-    schema = StructType.fromDDL(backfill_table(spec).ddl)
+    schema = StructType.fromDDL(backfill_table(spec).ddl + ", `refused` string")
     return session.createDataFrame(records.rdd.mapPartitions(lambda part: _rows(spec, part)), schema)
 
 
 def write_backfill(session: SparkSession, root: str, spec: PipelineSpec) -> int:
-    """Recompute silver/features_backfill (replacing what it held); returns its rows."""
-    table = backfill_table(spec)
-    location = table_location(root, table)
-    rows = backfill_rows(session, root, spec)
-    (rows.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
-     .partitionBy(PARTITION_COLUMN).save(location))
-    return session.read.format("delta").load(location).count()
+    """Recompute silver/features_backfill and silver/features_backfill_refused (replacing what they
+    held); returns the backfill's rows."""
+    from pyspark.sql import functions as F
+
+    rows = backfill_rows(session, root, spec).persist()
+    try:
+        table, refusals = backfill_table(spec), backfill_refused_table(spec)
+        kept = rows.where(F.col("refused").isNull()).select(*(f"`{name}`" for name, _ in table.columns))
+        refused = (rows.where(F.col("refused").isNotNull()).withColumnRenamed("refused", "reason")
+                   .select(*(f"`{name}`" for name, _ in refusals.columns)))
+        for frame, target in ((kept, table), (refused, refusals)):
+            (frame.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
+             .partitionBy(PARTITION_COLUMN).save(table_location(root, target)))
+    finally:
+        rows.unpersist()
+    return session.read.format("delta").load(table_location(root, table)).count()

@@ -85,9 +85,17 @@ def backfill_table(spec: PipelineSpec) -> Table:
                  row + feature_columns(spec) + (("late", "boolean"),) + KAFKA_COLUMNS + ((PARTITION_COLUMN, "date"),))
 
 
+def backfill_refused_table(spec: PipelineSpec) -> Table:
+    """silver/features_backfill_refused: the valid events the backfill's apply step refused (what the
+    engines dead-letter at the features stage), with the reason and the source record's Kafka position."""
+    return Table("silver", "features_backfill_refused", None,
+                 (("event_id", "string"), (spec.key, "string"), ("event_time", "timestamp"), ("reason", "string"))
+                 + KAFKA_COLUMNS + ((PARTITION_COLUMN, "date"),))
+
+
 def all_tables(spec: PipelineSpec) -> list[Table]:
-    """Every table a query can name: the ingested ones, the backfill and the model registry."""
-    return ingested_tables(spec) + [backfill_table(spec), MODELS]
+    """Every table a query can name: the ingested ones, the backfill and its refusals, the model registry."""
+    return ingested_tables(spec) + [backfill_table(spec), backfill_refused_table(spec), MODELS]
 
 
 MODELS = Table("gold", "models", None, (

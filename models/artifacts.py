@@ -1,6 +1,6 @@
 """Model artifacts: a directory of `model.safetensors` (weights and normalisation tensors) and a
 signed `manifest.json`; verification that refuses anything forged, altered or not safetensors
-before a single weight is parsed; and the signed model-updates message (CONTRACT section 4)."""
+before a single weight is parsed; and the signed model-updates message (docs/contract.md)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ import hmac
 import json
 import math
 import os
-import re
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from features.errors import ConfigError
+from features.validation import iso_ms
 from models.errors import (
     ArtifactError,
     BadManifest,
@@ -35,93 +34,20 @@ from models.errors import (
     SpecMismatch,
 )
 from models.inputs import Normaliser
-from models.modules import KINDS, build_model
+from models.manifest import FORMAT, MANIFEST_FILE, Manifest, short
+from models.modules import build_model
 from models.scoring import LoadedModel
-from streams.validation import iso_ms
 
-FORMAT = "eddy-model/1"
 WEIGHTS_FILE = "model.safetensors"
-MANIFEST_FILE = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_WEIGHTS_BYTES = 1 << 31
 MAX_HEADER_BYTES = 1 << 24
 # The dtypes eddy writes (and may write); anything else in a header is refused.
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "U8": 1}
-_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 _SETTABLE = frozenset({"version", "spec_hash", "name", "metrics", "parent", "created_at"})
-# CONTRACT section 4, plus action (publish | promote | rollback) and when it was published.
+# The model-update message's fields (docs/contract.md): action is publish | promote | rollback.
 MESSAGE_FIELDS = ("version", "uri", "sha256", "signature", "created_at", "metrics", "spec_hash", "action",
                   "published_at")
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """What manifest.json holds. `signature` is HMAC-SHA256 (hex) over the canonical JSON of
-    every other field, `sha256` included, so the signature also covers the weights."""
-
-    version: str
-    kind: str
-    config: dict[str, Any]
-    spec_hash: str
-    features: tuple[str, ...]
-    input_layout: dict[str, Any]
-    normalisation: dict[str, Any]
-    metrics: dict[str, Any]
-    created_at: str
-    parent: str | None
-    sha256: str
-    signature: str
-    name: str = ""
-    format: str = FORMAT
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        extra = data.pop("extra")
-        data["features"] = list(self.features)
-        return {**extra, **data}
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = MANIFEST_FILE) -> Manifest:
-        """Check every required field and its type; BadManifest names the first bad one."""
-        if not isinstance(data, dict):
-            raise BadManifest(f"{where}: expected a JSON object, got {type(data).__name__}")
-        for name, (types, check) in _SCHEMA.items():
-            if name not in data:
-                raise BadManifest(f"{where}: required field {name!r} is missing")
-            value = data[name]
-            if not isinstance(value, types) or isinstance(value, bool) or not check(value):
-                raise BadManifest(f"{where}: field {name!r} has an invalid value {_short(value)}")
-        known = {k: data[k] for k in _SCHEMA}
-        known["features"] = tuple(known["features"])
-        return cls(**known, extra={k: v for k, v in data.items() if k not in _SCHEMA})
-
-
-def _is_str_list(value: list) -> bool:
-    return bool(value) and all(isinstance(v, str) and v for v in value) and len(set(value)) == len(value)
-
-
-_SCHEMA: dict[str, tuple[type | tuple[type, ...], Any]] = {
-    "format": (str, lambda v: v == FORMAT),
-    "version": (str, bool),
-    "name": (str, lambda v: True),
-    "kind": (str, lambda v: v in KINDS),
-    "config": (dict, lambda v: True),
-    "spec_hash": (str, bool),
-    "features": (list, _is_str_list),
-    "input_layout": (dict, lambda v: True),
-    "normalisation": (dict, lambda v: True),
-    "metrics": (dict, lambda v: True),
-    "created_at": (str, bool),
-    "parent": ((str, type(None)), lambda v: True),
-    "sha256": (str, lambda v: bool(_HEX64.match(v))),
-    "signature": (str, lambda v: bool(_HEX64.match(v))),
-}
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def canonical_json(fields: Mapping[str, Any]) -> bytes:
@@ -363,10 +289,10 @@ def _tensor_span(name: str, entry: Any, body: int, where: str) -> tuple[int, int
     if dtype not in _DTYPE_BYTES:
         raise NotSafetensors(f"{where}: tensor {name!r} has dtype {dtype!r}; allowed: {', '.join(_DTYPE_BYTES)}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise NotSafetensors(f"{where}: tensor {name!r} has an invalid shape {_short(shape)}")
+        raise NotSafetensors(f"{where}: tensor {name!r} has an invalid shape {short(shape)}")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= body):
-        raise NotSafetensors(f"{where}: tensor {name!r} has data offsets {_short(offsets)} outside the data")
+        raise NotSafetensors(f"{where}: tensor {name!r} has data offsets {short(offsets)} outside the data")
     if offsets[1] - offsets[0] != math.prod(shape) * _DTYPE_BYTES[dtype]:
         raise NotSafetensors(f"{where}: tensor {name!r} of shape {shape} does not match its byte span")
     return offsets[0], offsets[1]

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from features.spec import Feature, PipelineSpec
-from models.artifacts import Manifest, save_artifact
+from models.artifacts import save_artifact
 from models.inputs import Z_CLIP, Normaliser
+from models.manifest import Manifest
 from models.modules import SequenceScorer, build_model
 
 PRIOR_RATE = 0.01  # the score of an unremarkable event: the positive rate eddy expects

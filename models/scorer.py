@@ -20,6 +20,7 @@ import orjson
 
 from features.errors import EddyError
 from features.spec import PipelineSpec
+from features.validation import iso_ms
 from models.errors import InputError
 from models.scoring import pick_device
 from models.state import HistoryStore, append_once, history_before
@@ -28,7 +29,6 @@ from streams.dlq import dead_letter
 from streams.kafka import KafkaConfig
 from streams.loop import Output, TransactionalLoop
 from streams.metrics import Heartbeat
-from streams.validation import iso_ms
 
 log = logging.getLogger(__name__)
 STAGE = "scorer"
@@ -53,7 +53,7 @@ class ScorerConfig:
 
     @property
     def group(self) -> str:
-        return f"eddy-{self.spec.name}-{STAGE}"
+        return self.spec.stage_id(STAGE)
 
 
 class Scorer:
@@ -151,33 +151,21 @@ class Scorer:
         return records, kept
 
     def _emit(self, version: str, kept: list, records: list[dict], scores: np.ndarray, out: Output) -> None:
-        """One prediction per record: the features record's own bytes with score, model_version and
-        scored_at put in front (no second serialisation of the features), or, for a record that
-        does not start as eddy's engines write it, the prediction built from the parsed record.
+        """One prediction per record (prediction(), or splice_predictions() where it gives the same bytes).
 
         A score is written as its float32's shortest text (null when not finite), all of a batch's in
         one call: float64 repr, 17 digits of which 8 are noise, cost more than the rest of a record."""
         topic = self.spec.topics.predictions
         scored_at = iso_ms(int(time.time() * 1000))
-        head = b',"model_version":%s,"scored_at":"%s",' % (orjson.dumps(version), scored_at.encode())
-        splice = b'{"score":%b' + head.replace(b"%", b"%%") + b"%b"
         texts = orjson.dumps(np.asarray(scores, dtype=np.float32), option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",")
         values = list(map(_value, kept))
-        produce, keys = out.produce, map(_key, kept)
-        if all(map(bytes.startswith, values, repeat(b"{"))) and all(map(_PREDICTION_FIELDS.isdisjoint, records)):
-            for value, key in zip(map(splice.__mod__, zip(texts, map(_tail, values), strict=True)), keys,
-                                  strict=True):
-                produce(topic, value, key)
-            return
-        key_field = self.spec.key
-        for raw, key, record, text in zip(values, keys, records, texts, strict=True):
-            if raw[:1] == b"{" and _PREDICTION_FIELDS.isdisjoint(record):
-                produce(topic, splice % (text, raw[1:]), key)
-            else:
-                produce(topic, orjson.dumps({
-                    "event_id": record["event_id"], key_field: record[key_field], "event_time": record["event_time"],
-                    "score": orjson.Fragment(text), "model_version": version,
-                    "features": record["features"], "scored_at": scored_at}), key)
+        produce = out.produce
+        if splice_applies(values, records):
+            built = splice_predictions(values, texts, version, scored_at)
+        else:
+            built = [prediction(record, text, version, scored_at) for record, text in zip(records, texts, strict=True)]
+        for value, key in zip(built, map(_key, kept), strict=True):
+            produce(topic, value, key)
 
     def _score(self, model, kept: list, records: list[dict], out: Output):
         """One model call for the batch; a row the model cannot take goes to the DLQ and the rest is
@@ -213,6 +201,29 @@ class Scorer:
         scores = model.score_sequences(sequences)
         self.history.put_many(stored)
         return scores
+
+
+def prediction(record: dict, score_text: bytes, version: str, scored_at: str) -> bytes:
+    """A prediction (docs/contract.md): the features record's own fields behind score (its text as
+    given), model_version and scored_at, which replace any fields of the record with those names."""
+    return orjson.dumps({"score": orjson.Fragment(score_text), "model_version": version, "scored_at": scored_at,
+                         **{k: v for k, v in record.items() if k not in _PREDICTION_FIELDS}})
+
+
+def splice_applies(values: list[bytes], records: list[dict]) -> bool:
+    """True when every record is a JSON object as eddy's engines write it (compact, no field of the
+    prediction's own): then splice_predictions() gives prediction()'s bytes without re-serialising."""
+    return (all(map(bytes.startswith, values, repeat(b"{")))
+            and all(map(_PREDICTION_FIELDS.isdisjoint, records))
+            and not any(map(bytes.startswith, values, repeat(b"{}"))))
+
+
+def splice_predictions(values: list[bytes], score_texts: list[bytes], version: str, scored_at: str) -> list[bytes]:
+    """prediction() for a batch of compact features records, by putting score, model_version and
+    scored_at in front of each record's own bytes (in C: no per-record Python)."""
+    head = b',"model_version":%s,"scored_at":"%s",' % (orjson.dumps(version), scored_at.encode())
+    splice = b'{"score":%b' + head.replace(b"%", b"%%") + b"%b"
+    return list(map(splice.__mod__, zip(score_texts, map(_tail, values), strict=True)))
 
 
 def run_scorer(config: ScorerConfig) -> None:

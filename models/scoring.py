@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,9 +15,7 @@ from torch import nn
 from features.errors import ConfigError
 from models.errors import InputError
 from models.inputs import Normaliser, histories_to_array
-
-if TYPE_CHECKING:
-    from models.artifacts import Manifest
+from models.manifest import Manifest
 
 DEVICE_SETTINGS = ("auto", "cpu", "cuda")
 

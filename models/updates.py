@@ -1,7 +1,7 @@
 """Model updates over Kafka: signed messages naming an artifact; scorers verify, load, warm up, swap.
 
 A message is `{"version", "uri", "sha256", "signature", "created_at", "metrics", "spec_hash", "action"}`
-(CONTRACT section 4, plus `action`: publish, promote or rollback). Nothing in it is trusted before its
+(docs/contract.md, "model-updates", with `action`: publish, promote or rollback). Nothing in it is trusted before its
 HMAC signature checks; the artifact is then checked again (sha256, signature, safetensors) by
 load_artifact before any weight is parsed."""
 
@@ -38,7 +38,7 @@ def supersedes(message: dict, current: dict | None) -> bool:
 
 def read_updates(kafka: KafkaConfig, spec: PipelineSpec, key: bytes) -> list[dict]:
     """Every validly signed update for this spec whose artifact verifies, in topic order (a snapshot)."""
-    consumer = Consumer(kafka.client(**{"group.id": f"eddy-{spec.name}-registry-{uuid.uuid4().hex[:8]}",
+    consumer = Consumer(kafka.client(**{"group.id": f"{spec.stage_id('registry')}-{uuid.uuid4().hex[:8]}",
                                         "enable.auto.commit": False, "isolation.level": "read_committed"}))
     topic = spec.topics.model_updates
     try:
@@ -143,7 +143,7 @@ class UpdateListener:
 
     def _run(self) -> None:
         consumer = Consumer(self.kafka.client(**{
-            "group.id": f"eddy-{self.spec.name}-model-updates-{uuid.uuid4().hex[:8]}",
+            "group.id": f"{self.spec.stage_id('model-updates')}-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False, "isolation.level": "read_committed"}))
         topic = self.spec.topics.model_updates
         partitions = list(consumer.list_topics(topic, timeout=30).topics[topic].partitions)
@@ -240,7 +240,7 @@ def ensure_baseline(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path
     from models.baseline import baseline_artifact
 
     topic = spec.topics.model_updates
-    probe = Consumer(kafka.client(**{"group.id": f"eddy-{spec.name}-probe", "enable.auto.commit": False}))
+    probe = Consumer(kafka.client(**{"group.id": spec.stage_id("probe"), "enable.auto.commit": False}))
     deadline = time.monotonic() + 30
     try:
         while True:  # a topic created a moment ago may not have a leader yet

@@ -1,19 +1,18 @@
-"""The per-event step both engines share: stored state + a valid event -> new state + a features record.
-
-Engines keep the state as opaque bytes (a Faust table, Flink keyed state); everything about what the
-bytes mean and what the features record looks like lives here, so both engines give the same numbers."""
+"""The per-event step the engines share around features.apply: the state bytes an engine stores, the
+features record it produces, and the dead letter of an event the apply step refuses."""
 
 from __future__ import annotations
 
 import orjson
 
+from features.apply import ApplyStep, Refused
 from features.spec import PipelineSpec
-from features.windows import FeatureLogic, FeatureRow
-from streams.validation import Event, iso_ms
+from features.validation import Event, iso_ms
+from features.windows import FeatureRow
 
 
 def feature_message(spec: PipelineSpec, event: Event, row: FeatureRow) -> bytes:
-    """The features-topic value of CONTRACT section 4."""
+    """The features-topic value (docs/contract.md, "features")."""
     return orjson.dumps({
         "event_id": event.event_id,
         spec.key: event.key,
@@ -23,19 +22,30 @@ def feature_message(spec: PipelineSpec, event: Event, row: FeatureRow) -> bytes:
     })
 
 
+def arrival_ms(msg) -> int | None:
+    """The epoch ms of a consumed record's Kafka timestamp (confluent-kafka's (type, ms) pair), or None."""
+    kind, ms = msg.timestamp()
+    return ms if kind and ms >= 0 else None
+
+
 class Featurizer:
-    """apply() is the whole per-event computation; the engine only stores the returned state bytes.
-    An engine that keeps live state objects calls logic.update() itself and message() for the value."""
+    """The apply step with the engines' encodings. An engine that keeps live state objects calls
+    step.apply() itself and message() for the value; one that stores bytes calls apply_bytes()."""
 
     def __init__(self, spec: PipelineSpec) -> None:
         self.spec = spec
-        self.logic = FeatureLogic(spec)
+        self.step = ApplyStep(spec)
+        self.logic = self.step.logic
 
-    def apply(self, state: bytes | None, event: Event) -> tuple[bytes | None, bytes]:
-        """(state bytes to store, or None when unchanged because the event was late; features value)."""
+    def apply_bytes(self, state: bytes | None, event: Event,
+                    arrival: int | None) -> tuple[bytes | None, bytes | Refused]:
+        """(state bytes to store, or None when unchanged; the features value, or why the event is
+        refused and goes to the DLQ)."""
         logic = self.logic
         current = logic.loads(state) if state else logic.new_state()
-        row = logic.update(current, event.event_time_ms, event.values)
+        row = self.step.apply(current, event, arrival)
+        if isinstance(row, Refused):
+            return None, row
         return (None if row.late else logic.dumps(current)), self.message(event, row)
 
     def message(self, event: Event, row: FeatureRow) -> bytes:

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from features.spec import PipelineSpec
+from features.validation import Event, Invalid, Validator
 from streams.dedupe import Deduper
 from streams.dlq import dead_letter
 from streams.loop import Output
-from streams.validation import Event, Invalid, Validator
 
 
 @dataclass

@@ -9,11 +9,13 @@ from collections.abc import Callable
 
 from confluent_kafka import Consumer, Producer
 
+from features.waiting import poll
 from streams.kafka import KafkaConfig
 
 
-def produce_all(kafka: KafkaConfig, topic: str, records: list[tuple[bytes | None, bytes | None]], headers=None) -> list:
-    """Produce (key, value) pairs in order; returns the delivered messages (with partition and offset)."""
+def produce_all(kafka: KafkaConfig, topic: str, records: list[tuple], headers=None) -> list:
+    """Produce (key, value) or (key, value, Kafka timestamp ms) records in order; returns the delivered
+    messages (with partition and offset)."""
     delivered: list = [None] * len(records)
     producer = Producer(kafka.client(**{"enable.idempotence": True, "linger.ms": 1}))
 
@@ -23,8 +25,9 @@ def produce_all(kafka: KafkaConfig, topic: str, records: list[tuple[bytes | None
             delivered[index] = msg
         return cb
 
-    for i, (key, value) in enumerate(records):
-        producer.produce(topic, value=value, key=key, headers=headers, on_delivery=report(i))
+    for i, (key, value, *stamp) in enumerate(records):
+        producer.produce(topic, value=value, key=key, headers=headers, on_delivery=report(i),
+                         timestamp=stamp[0] if stamp else 0)
     assert producer.flush(30) == 0
     return delivered
 
@@ -37,17 +40,18 @@ def read_committed(kafka: KafkaConfig, topic: str, count: int, timeout_s: float 
         "enable.auto.commit": False, "isolation.level": "read_committed"}))
     consumer.subscribe([topic])
     out: list = []
-    deadline = time.monotonic() + timeout_s
-    reached_at = None
+    reached_at: float | None = None  # when out first held count records
+
+    def done() -> bool:
+        nonlocal reached_at
+        out.extend(msg for msg in consumer.consume(1000, 0.2) if msg.error() is None)
+        if len(out) >= count:
+            reached_at = reached_at or time.monotonic()
+            return time.monotonic() - reached_at >= idle_s
+        return False
+
     try:
-        while time.monotonic() < deadline:
-            for msg in consumer.consume(1000, 0.2):
-                if msg.error() is None:
-                    out.append(msg)
-            if len(out) >= count:
-                reached_at = reached_at or time.monotonic()
-                if time.monotonic() - reached_at >= idle_s:
-                    break
+        poll(done, timeout_s, every_s=0)  # on timeout the caller sees the records that came
     finally:
         consumer.close()
     return out
@@ -82,13 +86,18 @@ def count_committed(kafka: KafkaConfig, topic: str, idle_s: float = 2.0, timeout
         "group.id": f"test-counter-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest",
         "enable.auto.commit": False, "isolation.level": "read_committed"}))
     consumer.subscribe([topic])
-    seen, last_new, deadline = 0, time.monotonic(), time.monotonic() + timeout_s
+    seen, last_new = 0, time.monotonic()
+
+    def quiet() -> bool:
+        nonlocal seen, last_new
+        got = [m for m in consumer.consume(1000, 0.2) if m.error() is None]
+        if got:
+            seen += len(got)
+            last_new = time.monotonic()
+        return time.monotonic() - last_new >= idle_s
+
     try:
-        while time.monotonic() - last_new < idle_s and time.monotonic() < deadline:
-            got = [m for m in consumer.consume(1000, 0.2) if m.error() is None]
-            if got:
-                seen += len(got)
-                last_new = time.monotonic()
+        poll(quiet, timeout_s, every_s=0)
     finally:
         consumer.close()
     return seen

@@ -2,9 +2,12 @@
 
 make_stream() builds, for any spec, records keyed by entity with out-of-order events inside the allowed
 lateness, late ones beyond it, events exactly on a window bound and exactly on the lateness bound, both
-timestamp forms, resent duplicates and invalid records. reference_rows() derives each first-seen valid
-event's expected row from CONTRACT section 5 by looping over the entity's earlier-arrived events; it shares
-no code with features/windows.py, so an engine test that matches it checks the real numbers."""
+timestamp forms, resent duplicates, invalid records, and events stamped further ahead of their record's
+Kafka timestamp than source.max_future allows (and one exactly on that bound). Each record carries the
+Kafka timestamp to produce it with: the history's own clock, the latest event time so far.
+reference_rows() derives each first-seen valid event's expected row from the feature semantics of
+docs/contract.md by looping over the entity's earlier-arrived events; it shares no code with
+features/windows.py or features/apply.py, so an engine test that matches it checks the real numbers."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import orjson
 
 from features.spec import PipelineSpec
 
-Stream = list[tuple[bytes | None, bytes | None]]
+Stream = list[tuple[bytes | None, bytes | None, int]]  # (key, value, Kafka timestamp in epoch ms)
 Row = tuple[dict[str, Any], bool]
 START_MS = 1_795_341_600_123  # 2026-11-22T10:00:00.123Z
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -42,15 +45,28 @@ def invalid_records(spec: PipelineSpec, event: dict[str, Any]) -> list[tuple[byt
     ]
 
 
+FUTURE_REASON = "ahead of the record's Kafka timestamp"
+
+
 def dead_letters(spec: PipelineSpec, stream: Stream) -> list[tuple[bytes | None, str]]:
-    """The invalid records make_stream put in `stream`, each with a part of its DLQ reason."""
-    template = next(record for _, raw in stream if (record := valid_record(spec, raw)) is not None)
-    return invalid_records(spec, template)
+    """The records of `stream` that go to the DLQ, each with a part of its reason: the invalid ones
+    make_stream put there, and the first-seen valid events stamped too far ahead of their arrival."""
+    template = next(record for _, raw, _ in stream if (record := valid_record(spec, raw)) is not None)
+    seen: set[str] = set()
+    ahead = []
+    for _, raw, arrival in stream:
+        record = valid_record(spec, raw)
+        if record is None or record[spec.id_field] in seen:
+            continue
+        seen.add(record[spec.id_field])
+        if _parse_time(record[spec.timestamp_field]) - arrival > spec.max_future_ms:
+            ahead.append((raw, FUTURE_REASON))
+    return invalid_records(spec, template) + ahead
 
 
 def duplicates(spec: PipelineSpec, stream: Stream) -> int:
     """Valid records whose id an earlier valid record carried."""
-    ids = [record[spec.id_field] for _, raw in stream if (record := valid_record(spec, raw)) is not None]
+    ids = [record[spec.id_field] for _, raw, _ in stream if (record := valid_record(spec, raw)) is not None]
     return len(ids) - len(set(ids))
 
 
@@ -80,7 +96,7 @@ def make_stream(spec: PipelineSpec, seed: int, entities: int = 6, per_entity: in
     order = [n for n in names for _ in range(per_entity)]
     rng.shuffle(order)
     cursor = dict.fromkeys(names, 0)
-    stream: Stream = []
+    stream: list[tuple[bytes | None, bytes | None]] = []
     sent: list[tuple[bytes, bytes]] = []
     for name in order:
         event = timelines[name][cursor[name]]
@@ -92,7 +108,28 @@ def make_stream(spec: PipelineSpec, seed: int, entities: int = 6, per_entity: in
             stream.append(rng.choice(sent))
     for value, _reason in invalid_records(spec, orjson.loads(stream[0][1])):
         stream.insert(rng.randrange(len(stream) + 1), (names[0].encode(), value))
-    return stream
+    return _stamped(spec, rng, stream)
+
+
+def _stamped(spec: PipelineSpec, rng: random.Random, stream: list[tuple[bytes | None, bytes | None]]) -> Stream:
+    """The records with the Kafka timestamps to produce them with (the latest event time so far, so no
+    ordinary event is ahead of its arrival), and two events of one entity stamped ahead of their
+    arrival: one by more than source.max_future (refused), one by exactly that much (admitted)."""
+    out: Stream = []
+    clock = START_MS
+    ahead_at = sorted(rng.sample(range(len(stream) // 3, len(stream)), 2))
+    for i, (key, value) in enumerate(stream):
+        record = valid_record(spec, value)
+        if record is not None:
+            clock = max(clock, _parse_time(record[spec.timestamp_field]))
+        out.append((key, value, clock))
+        if i in ahead_at:
+            beyond = 1 if i == ahead_at[0] else 0  # the bound itself is allowed
+            entity = f"{spec.entity}-ahead"
+            event = _event(spec, rng, f"{entity}-{i}", entity, clock + spec.max_future_ms + beyond)
+            event[spec.timestamp_field] = clock + spec.max_future_ms + beyond  # epoch ms: exact
+            out.append((entity.encode(), orjson.dumps(event), clock))
+    return out
 
 
 def _event(spec: PipelineSpec, rng: random.Random, event_id: str, key: str, t: int) -> dict[str, Any]:
@@ -162,11 +199,15 @@ def reference_rows(spec: PipelineSpec, stream: Stream) -> dict[str, Row]:
     """event id -> (features, late) for every first-seen valid record, straight from the definition."""
     accepted: dict[str, list[tuple[int, dict[str, Any]]]] = {}  # entity -> non-late events, arrival order
     rows: dict[str, Row] = {}
-    for _key, raw in stream:
+    refused: set[str] = set()
+    for _key, raw, arrival in stream:
         record = valid_record(spec, raw)
-        if record is None or record[spec.id_field] in rows:
+        if record is None or record[spec.id_field] in rows or record[spec.id_field] in refused:
             continue
         t = _parse_time(record[spec.timestamp_field])
+        if t - arrival > spec.max_future_ms:  # stamped too far ahead of its arrival: the DLQ's
+            refused.add(record[spec.id_field])
+            continue
         earlier = accepted.setdefault(record[spec.key], [])
         latest = max((s for s, _ in earlier), default=None)
         late = latest is not None and t < latest - spec.allowed_lateness_ms
@@ -235,6 +276,7 @@ def check_engine_output(settings, spec: PipelineSpec, expected: dict[str, Row], 
     assert got.keys() == expected.keys()
     late = [i for i, (_, is_late) in expected.items() if is_late]
     assert 10 <= len(late) < len(expected) // 4  # the stream holds late events, and mostly timely ones
+    assert any(FUTURE_REASON in reason for _, reason in invalid)  # and events refused by the apply step
     for event_id, (features, is_late) in expected.items():
         assert got[event_id]["late"] is is_late, event_id
         if not is_late:

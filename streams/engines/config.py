@@ -28,4 +28,4 @@ class EngineConfig:
     @property
     def app_id(self) -> str:
         """The stage's stable id: consumer group, transactional ids, changelog topics, Flink uid prefix."""
-        return f"eddy-{self.spec.name}-{STAGE}"
+        return self.spec.stage_id(STAGE)

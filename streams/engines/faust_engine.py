@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from features.apply import Refused
 from streams.dedupe import Deduper
+from streams.dlq import dead_letter
 from streams.engines.config import STAGE, EngineConfig
-from streams.featurize import Featurizer
+from streams.featurize import Featurizer, arrival_ms
 from streams.frontdoor import FrontDoor
 from streams.kafka import KafkaConfig
 from streams.metrics import Heartbeat
@@ -40,6 +42,10 @@ class _Message:
 
     def offset(self):
         return self._m.offset
+
+    def timestamp(self) -> tuple[int, int]:
+        ts = self._m.timestamp  # seconds as a float, from the record's epoch ms
+        return (0, -1) if ts is None else (1, round(ts * 1000))
 
     def headers(self):
         headers = self._m.headers
@@ -151,7 +157,7 @@ def build_app(config: EngineConfig):
                        key_type=bytes, value_type=bytes)
     door = FrontDoor(spec, Deduper(redis.Redis.from_url(config.redis_url), spec.name), stage=STAGE)
     featurize = Featurizer(spec)
-    logic = featurize.logic
+    logic, apply = featurize.logic, featurize.step.apply
 
     def transactional_id(partition: int) -> str:
         # The id Faust commits the source partition's offsets under. Faust picks the id of a send from
@@ -161,6 +167,7 @@ def build_app(config: EngineConfig):
 
     changelog = states.changelog_topic.get_topic_name()
     gate = _CommitGate()
+    refused = [0]  # valid records the apply step refused (dead-lettered)
 
     # One actor per partition: state, output and dead letters of an event go to that event's partition,
     # in the transaction that commits its source offset.
@@ -175,13 +182,18 @@ def build_app(config: EngineConfig):
             async with gate:
                 sink = _Collect()
                 live: dict[bytes, object] = {}  # states this batch changed, parsed once, written once
-                for _msg, ev in door.admit([_Message(e.message) for e in batch], sink):
+                for msg, ev in door.admit([_Message(e.message) for e in batch], sink):
                     key = ev.key.encode()
                     state = live.get(key)
                     if state is None:
                         stored = store.get(key)
                         state = logic.loads(stored) if stored else logic.new_state()
-                    row = logic.update(state, ev.event_time_ms, ev.values)
+                    row = apply(state, ev, arrival_ms(msg))
+                    if type(row) is Refused:  # the state is untouched
+                        letter = dead_letter(spec.topics.dlq, msg, row, STAGE)
+                        sink.produce(letter.topic, letter.value, letter.key, letter.headers)
+                        refused[0] += 1
+                        continue
                     if not row.late:
                         live[key] = state
                     await send(spec.topics.features, key, featurize.message(ev, row), partition, None, None,
@@ -200,7 +212,8 @@ def build_app(config: EngineConfig):
     async def report() -> None:
         counts = door.counts
         heartbeat.beat(counts.valid + counts.invalid + counts.duplicates, force=True, engine="faust",
-                       valid=counts.valid, dlq=counts.invalid, duplicates=counts.duplicates)
+                       valid=counts.valid - refused[0], dlq=counts.invalid + refused[0],
+                       duplicates=counts.duplicates)
 
     return app
 

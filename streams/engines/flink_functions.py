@@ -13,18 +13,19 @@ from pyflink.common.time import Time
 from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext
 from pyflink.datastream.state import MapStateDescriptor, StateTtlConfig, ValueStateDescriptor
 
+from features.apply import Refused
 from features.spec import PipelineSpec
+from features.validation import Invalid
 from streams.dedupe import DEFAULT_RETENTION_MS
 from streams.dlq import dead_letter
 from streams.engines.config import STAGE
-from streams.validation import Invalid
 
 BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
 HEADERS = Types.MAP(Types.STRING(), BYTES)
 # A source record as the keyed function receives it; the names are the source table's columns.
-SOURCE_ROW = Types.ROW_NAMED(["k", "v", "topic", "partition", "offset", "headers"],
-                             [BYTES, BYTES, Types.STRING(), Types.INT(), Types.LONG(), HEADERS])
-K, V, TOPIC, PARTITION, OFFSET, HEADERS_FIELD = range(6)
+SOURCE_ROW = Types.ROW_NAMED(["k", "v", "topic", "partition", "offset", "headers", "arrival"],
+                             [BYTES, BYTES, Types.STRING(), Types.INT(), Types.LONG(), HEADERS, Types.LONG()])
+K, V, TOPIC, PARTITION, OFFSET, HEADERS_FIELD, ARRIVAL = range(7)
 # What the features sink and the DLQ sink are given; the names are the sink tables' columns.
 FEATURE_ROW = Types.ROW_NAMED(["k", "v"], [BYTES, BYTES])
 DLQ_ROW = Types.ROW_NAMED(["k", "v", "headers"], [BYTES, BYTES, HEADERS])
@@ -58,6 +59,10 @@ class _RowMessage:
     def headers(self) -> list[tuple[str, bytes]]:
         return list((self._r[HEADERS_FIELD] or {}).items())
 
+    def timestamp(self) -> tuple[int, int]:
+        ms = self._r[ARRIVAL]
+        return (0, -1) if ms is None else (1, ms)
+
 
 class _Reporter:
     """The stage's heartbeat with the function's counts. Featurize beats on a processing-time timer from the
@@ -79,8 +84,8 @@ class _Reporter:
 
 class Featurize(KeyedProcessFunction):
     """Per record, keyed by the entity key read from it: invalid -> the DLQ side output; an id already
-    seen for this entity -> counted and dropped; otherwise Featurizer.apply over the entity's state
-    bytes -> the features row.
+    seen for this entity -> counted and dropped; otherwise the shared apply step over the entity's state
+    bytes -> the features row, or the DLQ side output when the step refuses the event.
 
     Seen ids are kept per entity (MapState, expiring after retention_ms): a resent record names the same
     entity, so it reaches the same key. Both states are restored with the source offsets from one
@@ -94,11 +99,11 @@ class Featurize(KeyedProcessFunction):
         self.owner_pid = owner_pid
 
     def open(self, runtime_context: RuntimeContext) -> None:
+        from features.validation import Validator
         from streams.featurize import Featurizer
-        from streams.validation import Validator
 
         self.parse = Validator(self.spec).parse
-        self.apply = Featurizer(self.spec).apply
+        self.apply = Featurizer(self.spec).apply_bytes
         self.dlq_topic = self.spec.topics.dlq
         # PICKLED, not BYTES: thread mode converts a BYTES state value to a tuple of ints and fails on None.
         self.state = runtime_context.get_state(ValueStateDescriptor("entity-state", Types.PICKLED_BYTE_ARRAY()))
@@ -145,10 +150,9 @@ class Featurize(KeyedProcessFunction):
         if self.seen.contains(event.event_id):
             self.counts["duplicates"] += 1
             return
-        try:
-            new_state, value = self.apply(self.state.value(), event)
-        except ValueError as exc:  # a value the features cannot aggregate: the record's fault, not a stop
-            yield DLQ_TAG, self._dead_letter(row, str(exc))
+        new_state, value = self.apply(self.state.value(), event, row[ARRIVAL])
+        if isinstance(value, Refused):  # the shared apply step's refusal: the record's fault, not a stop
+            yield DLQ_TAG, self._dead_letter(row, value)
             return
         self.seen.put(event.event_id, True)
         if new_state is not None:

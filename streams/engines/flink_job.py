@@ -2,9 +2,8 @@
 keyed state (flink_functions.Featurize) -> features and DLQ topics, exactly-once through Kafka transactions
 that commit with Flink's checkpoints. `run_job` runs it on PyFlink's local mini-cluster.
 
-On a cluster, with EDDY_* set as for `eddy up` and streams/, features/, deploy/ zipped into eddy.zip:
-`flink run -pym streams.engines.flink_job -pyfs eddy.zip -pyexec PYTHON -pypath SITE_PACKAGES [-s CHECKPOINT]
--- [--checkpoints URI]`; the cluster's config then supplies parallelism, state backend and checkpoint storage."""
+On a cluster the job is submitted through deploy.flink_main (see docs/operations.md); the cluster's
+configuration then supplies parallelism, state backend and checkpoint storage."""
 
 from __future__ import annotations
 
@@ -25,14 +24,18 @@ TRANSACTION_TIMEOUT_MS = 15 * 60 * 1000
 PYTHON_MODE = "thread"
 STATE_BACKEND = "hashmap"
 SOURCE, TICKS, FEATURES, DLQ = "eddy_source", "eddy_ticks", "eddy_features", "eddy_dlq"
-# The source row's columns, in the order flink_functions reads them (K, V, TOPIC, PARTITION, OFFSET, HEADERS).
+# The source table's columns; flink_functions reads (K, V, TOPIC, PARTITION, OFFSET, HEADERS, ARRIVAL).
 SOURCE_COLUMNS = """
     k BYTES,
     v BYTES,
     `topic` STRING METADATA VIRTUAL,
     `partition` INT METADATA VIRTUAL,
     `offset` BIGINT METADATA VIRTUAL,
-    `headers` MAP<STRING, BYTES> METADATA VIRTUAL"""
+    `headers` MAP<STRING, BYTES> METADATA VIRTUAL,
+    `ts` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL"""
+# The record's Kafka timestamp as epoch ms (Flink SQL has no direct cast from TIMESTAMP_LTZ to ms).
+ARRIVAL_MS = ("CAST(TIMESTAMPDIFF(SECOND, TO_TIMESTAMP_LTZ(0, 3), ts) AS BIGINT) * 1000"
+              " + MOD(EXTRACT(MILLISECOND FROM ts), 1000)")
 _RAW_KEY_VALUE = {"key.format": "raw", "key.fields": "k", "value.format": "raw",
                   "value.fields-include": "EXCEPT_KEY"}
 
@@ -206,9 +209,9 @@ def _key_by_entity(t_env, key_field: str):
 
     from streams.engines.flink_functions import SOURCE_ROW
 
-    columns = ", ".join(f"`{c}`" for c in ("k", "v", "topic", "partition", "offset", "headers"))
+    columns = ", ".join(f"`{c}`" for c in ("k", "v", "topic", "partition", "offset", "headers")) + f", {ARRIVAL_MS}"
     nothing = ", ".join(f"CAST(NULL AS {t})" for t in ("BYTES", "BYTES", "STRING", "INT", "BIGINT",
-                                                         "MAP<STRING, BYTES>"))
+                                                         "MAP<STRING, BYTES>", "BIGINT"))
     pairs = t_env.sql_query(
         f"SELECT COALESCE(JSON_VALUE(CAST(v AS STRING), '$.{key_field}'), '') AS entity, "
         f"ROW({columns}) AS record FROM {SOURCE} "
@@ -223,23 +226,3 @@ def run_job(config: EngineConfig) -> None:
     """Run on the local mini-cluster until stopped; with config.bounded, until the source's end offsets."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     build_job(config).execute(config.app_id)
-
-
-def _main(argv: list[str]) -> None:
-    """Entry point under `flink run`: settings from EDDY_* as everywhere, Flink specifics from the cluster."""
-    import argparse
-
-    from deploy.components import engine_config
-    from deploy.settings import load_settings
-    from features.spec import load_spec
-
-    parser = argparse.ArgumentParser(prog="flink_job")
-    parser.add_argument("--checkpoints", help="checkpoint storage URI (default: the cluster's)")
-    args = parser.parse_args(argv)
-    settings = load_settings()
-    config = engine_config(settings, load_spec(settings.pipeline))
-    build_job(config, cluster=True, checkpoints=args.checkpoints).execute(config.app_id)
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1:])

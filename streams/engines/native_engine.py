@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
+from features.apply import Refused
 from features.spec import PipelineSpec
 from streams.dedupe import Deduper
 from streams.dlq import dead_letter
@@ -31,7 +32,7 @@ from streams.engines.native_state import (
     read_changelog,
     replay_source,
 )
-from streams.featurize import Featurizer
+from streams.featurize import Featurizer, arrival_ms
 from streams.frontdoor import FrontDoor
 from streams.kafka import KafkaConfig, admin, ensure_topics
 from streams.loop import Output, TransactionalLoop
@@ -156,9 +157,9 @@ class NativeStep:
             part.changed_at.append((time.monotonic(), newly_dirty))
 
     def _apply(self, admitted: list, out: Output) -> int:
-        """The feature row of each admitted event, on the live state of its entity; returns how many
-        events the feature logic refused (dead-lettered)."""
-        logic = self.featurize.logic
+        """The feature row of each admitted event, on the live state of its entity (the shared apply
+        step); returns how many events it refused (dead-lettered)."""
+        apply, logic = self.featurize.step.apply, self.featurize.logic
         row_value = self.featurize.message
         produce = out.produce
         features_topic = self.spec.topics.features
@@ -176,10 +177,9 @@ class NativeStep:
                 state = logic.new_state()
             elif type(state) is bytes:
                 state = table[key] = logic.loads(state)
-            try:
-                row = logic.update(state, ev.event_time_ms, ev.values)
-            except ValueError as exc:  # the state is untouched
-                letter = dead_letter(self.spec.topics.dlq, msg, str(exc), STAGE)
+            row = apply(state, ev, arrival_ms(msg))
+            if type(row) is Refused:  # the state is untouched
+                letter = dead_letter(self.spec.topics.dlq, msg, row, STAGE)
                 produce(letter.topic, letter.value, letter.key, headers=letter.headers)
                 refused += 1
                 continue

@@ -10,6 +10,7 @@ import numpy as np
 import orjson
 
 from features.errors import ConfigError
+from features.validation import iso_ms
 from streams.generator.episodes import (
     EPISODE_WIDTH,
     MAX_AMOUNT,
@@ -31,7 +32,6 @@ from streams.generator.population import (
     CardProfile,
     Population,
 )
-from streams.validation import iso_ms
 
 _NS_MS = 1_000_000
 _NS_HOUR = 3_600 * 1_000_000_000

@@ -1,6 +1,6 @@
 """The Spark batch backfill on real Delta tables: from a bronze table holding the stream with every
 awkward case (out of order, late, duplicates, invalid records), each first-seen valid event's row
-equals the naive reference, as the engines' rows do (CONTRACT section 5); and a training set whose
+equals the naive reference, as the engines' rows do (docs/contract.md, feature semantics); and a training set whose
 spec gained a feature after silver/features was written gets that feature by Feast's point-in-time
 retrieval over the backfill."""
 
@@ -11,47 +11,39 @@ import zlib
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+import orjson
 import pandas as pd
 import pytest
 import yaml
 
 from deploy.settings import REPO_ROOT
 from features.spec import parse_spec
+from lakehouse.backfill import write_backfill
 from lakehouse.ingest import ensure_tables, table_location
 from lakehouse.offline import historical_features, offline_feature_store
-from lakehouse.session import SparkConfig, start_session
-from lakehouse.tables import backfill_table, ingested_tables, rows_of
+from lakehouse.tables import backfill_refused_table, backfill_table, ingested_tables, rows_of
 from lakehouse.training import labelled_features
-from models.backfill import write_backfill
-from tests.parity import make_stream, reference_rows, same_features
+from tests.parity import FUTURE_REASON, dead_letters, make_stream, reference_rows, same_features
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
 NOWHERE = "redis://127.0.0.1:1/0"
 FRAUD = yaml.safe_load((REPO_ROOT / "pipelines" / "fraud.yaml").read_text())
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def spark():
-    conf = {"spark.databricks.delta.snapshotPartitions": "2", "spark.ui.showConsoleProgress": "false",
-            "spark.sql.shuffle.partitions": "4"}
-    session = start_session(SparkConfig(REPO_ROOT / ".jars", master="local[2]", conf=conf))
-    yield session
-    session.stop()
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def write_bronze(spark, root: str, spec, stream) -> None:
-    """bronze/<source> as ingestion writes it, from (key, value) records in produce order: each key's
-    records in one partition, offsets in order."""
+    """bronze/<source> as ingestion writes it, from (key, value, Kafka timestamp ms) records in produce
+    order: each key's records in one partition, offsets in order."""
     from pyspark.sql.types import StructType
 
     source = next(t for t in ingested_tables(spec) if t.topic == spec.topics.source)
     ensure_tables(spark, root, [source])
     offsets, records = [0, 0, 0], []
-    for i, (key, value) in enumerate(stream):
+    for key, value, stamp in stream:
         p = zlib.crc32(key or b"") % 3
-        records.append((key, value, spec.topics.source, p, offsets[p], T0 + timedelta(milliseconds=i), []))
+        records.append((key, value, spec.topics.source, p, offsets[p], _EPOCH + timedelta(milliseconds=stamp), []))
         offsets[p] += 1
     kafka = spark.createDataFrame(records, StructType.fromDDL(
         "key binary, value binary, topic string, partition int, offset bigint, timestamp timestamp, "
@@ -73,6 +65,11 @@ def test_the_backfill_gives_each_event_the_reference_row(spark, tmp_path, pipeli
 
     got = deltalake.DeltaTable(table_location(root, backfill_table(spec))).to_pandas()
     assert sorted(got["event_id"]) == sorted(expected)  # one row per first-seen valid event, nothing else
+    # the apply step's refusals, as the engines dead-letter them: the event stamped too far ahead
+    refused = deltalake.DeltaTable(table_location(root, backfill_refused_table(spec))).to_pandas()
+    ahead = [orjson.loads(raw)[spec.id_field] for raw, reason in dead_letters(spec, stream) if reason == FUTURE_REASON]
+    assert len(ahead) == 1 and sorted(refused["event_id"]) == ahead
+    assert all(FUTURE_REASON in reason for reason in refused["reason"])
     names = [f.name for f in spec.features]
     late = 0
     for _, row in got.iterrows():
@@ -98,7 +95,7 @@ def test_a_feature_added_after_the_fact_comes_from_the_backfill_point_in_time(sp
                           "features": [f for f in FRAUD["features"] if f["name"] != "merchants_24h"]})
     batch = TransactionGenerator(GeneratorConfig(seed=3, cards=40, start_ms=int(T0.timestamp() * 1000),
                                                  mean_gap_ms=20_000, id_prefix="g")).batch(600)
-    stream = list(zip(batch.keys, batch.values, strict=True))
+    stream = list(zip(batch.keys, batch.values, batch.event_time_ms.tolist(), strict=True))
     root = str(tmp_path / "lake")
     write_bronze(spark, root, full, stream)
     write_backfill(spark, root, full)

@@ -6,25 +6,40 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 from collections import defaultdict
 
 import orjson
 import pytest
 
-from tests.conftest import run_eddy, stack_environment
+from tests.conftest import EDDY, REPO, run_eddy, stack_environment
 from tests.kafka_helpers import read_committed
 from tests.stack_helpers import wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow]
 
-# Enough events that each engine is still at work when the test (polling `eddy status`) kills it.
-EVENTS = {"faust": 30_000, "native": 200_000}
+# A backlog, then a live stream at a fixed rate during which the engine is killed: the kill falls in
+# a stream that is still arriving, whatever the machine's speed.
+BACKLOG = 20_000
+LIVE_RATE, LIVE_EVENTS = 2_000, 10_000
+
+
+def source_records(kafka, topic: str) -> int:
+    """How many records the topic holds (its partitions' end offsets)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    probe = Consumer(kafka.client(**{"group.id": "test-probe", "enable.auto.commit": False}))
+    try:
+        partitions = probe.list_topics(topic, timeout=10).topics[topic].partitions
+        return sum(probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions)
+    finally:
+        probe.close()
 
 
 def expected_rows(kafka, spec, events: int) -> dict[str, dict]:
     """What an uninterrupted run computes: the shared Featurizer over each partition in offset order."""
+    from features.validation import Validator
     from streams.featurize import Featurizer
-    from streams.validation import Validator
 
     source = read_committed(kafka, spec.topics.source, events)
     by_partition = defaultdict(list)
@@ -34,7 +49,7 @@ def expected_rows(kafka, spec, events: int) -> dict[str, dict]:
     for msgs in by_partition.values():
         for msg in sorted(msgs, key=lambda m: m.offset()):
             event = validator.parse(msg.value())
-            new_state, value = featurize.apply(states.get(event.key), event)
+            new_state, value = featurize.apply_bytes(states.get(event.key), event, msg.timestamp()[1])
             if new_state is not None:
                 states[event.key] = new_state
             rows[event.event_id] = orjson.loads(value)
@@ -47,25 +62,30 @@ def test_kill_9_of_the_engine_mid_stream_changes_no_row(tmp_path, engine):
     from features.spec import load_spec
 
     env = {**stack_environment(tmp_path / "home"), "EDDY_ENGINE": engine}
-    events = EVENTS[engine]
+    events = BACKLOG + LIVE_EVENTS
     settings = load_settings(environ=env)
     spec = load_spec(settings.pipeline)
     try:
         assert run_eddy(["up"], env).returncode == 0
-        produced = run_eddy(["produce", "--count", str(events), "--backfill", "2h", "--label-delay", "0",
+        produced = run_eddy(["produce", "--count", str(BACKLOG), "--backfill", "2h", "--label-delay", "0",
                              "--seed", "11", "--start", "2026-11-20T00:00:00Z"], env)
         assert produced.returncode == 0, produced.stderr
 
         def features_lag():
             lag = json.loads(run_eddy(["status", "--json"], env).stdout).get("lag", {})
-            return lag.get(f"eddy-{spec.name}-features", {}).get(spec.topics.source)
+            return lag.get(spec.stage_id("features"), {}).get(spec.topics.source)
 
-        # Kill it once it is well into the stream but not done.
-        wait_for(lambda: (lag := features_lag()) is not None and lag < events * 0.8, 120, "processing to start")
+        # Kill it once it has committed some of the backlog, while a live stream arrives.
+        wait_for(lambda: (lag := features_lag()) is not None and lag < BACKLOG * 0.8, 120, "processing to start")
+        live = subprocess.Popen([*EDDY, "produce", "--rate", str(LIVE_RATE), "--count", str(LIVE_EVENTS),
+                                 "--seed", "12", "--label-delay", "0"], env={**os.environ, **env}, cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: source_records(settings.kafka, spec.topics.source) > BACKLOG or live.poll() is not None,
+                 60, "the live stream to arrive")
         pid = json.loads(run_eddy(["status", "--json"], env).stdout)["parts"][f"features-{engine}"]["pid"]
         os.kill(pid, signal.SIGKILL)
-        lag_at_kill = features_lag()
-        assert lag_at_kill and lag_at_kill > 0, "the worker finished before it could be killed"
+        assert live.poll() is None, "the live stream ended before the kill"
+        assert live.wait(120) == 0, live.stderr.read()
 
         restarted = run_eddy(["up"], env)
         assert restarted.returncode == 0, restarted.stderr

@@ -57,7 +57,7 @@ class Round:
         stream = make_stream(spec, self.seed, entities=5, per_entity=30)
         delivered = produce_all(kafka, spec.topics.source, stream)
         self._keep(spec.topics.source, delivered)
-        for (_key, value), msg in zip(stream, delivered, strict=True):
+        for (_key, value, _stamp), msg in zip(stream, delivered, strict=True):
             record = valid_record(spec, value)
             if record is not None:
                 self.valid[(msg.partition(), msg.offset())] = record

@@ -10,10 +10,12 @@ from types import SimpleNamespace
 import numpy as np
 import orjson
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from features.spec import load_spec
 from models.baseline import baseline_model
-from models.scorer import Scorer, ScorerConfig
+from models.scorer import Scorer, ScorerConfig, prediction, splice_applies, splice_predictions
 from models.scoring import LoadedModel
 from streams.kafka import KafkaConfig
 from streams.loop import HeldRecord
@@ -54,14 +56,13 @@ def test_predictions_carry_the_record_its_score_version_and_time():
     assert [(t, k) for t, _, k, _ in out.records] == [("predictions", b"c-1")] * 5
     got = [orjson.loads(v) for _, v, _, _ in out.records]
     expected_scores = s.serving.score([r["features"] for r in [*plain, spaced, tricky]])
-    for record, prediction, score in zip([*plain, spaced, tricky], got, expected_scores, strict=True):
-        assert np.float32(prediction["score"]) == score and 0.0 <= score <= 1.0  # the float32, exactly
-        assert prediction["model_version"] == "v7" and prediction["scored_at"].endswith("Z")
+    for record, predicted, score in zip([*plain, spaced, tricky], got, expected_scores, strict=True):
+        assert np.float32(predicted["score"]) == score and 0.0 <= score <= 1.0  # the float32, exactly
+        assert predicted["model_version"] == "v7" and predicted["scored_at"].endswith("Z")
         for name in ("event_id", "card_id", "event_time", "features"):
-            assert prediction[name] == record[name]
-    assert set(got[0]) == {"event_id", "card_id", "event_time", "features", "late", "score", "model_version",
-                           "scored_at"}
-    assert set(got[4]) == {"event_id", "card_id", "event_time", "features", "score", "model_version", "scored_at"}
+            assert predicted[name] == record[name]
+    fields = {"event_id", "card_id", "event_time", "features", "late", "score", "model_version", "scored_at"}
+    assert all(set(predicted) == fields for predicted in got)  # the same fields on every path
     assert s.rows == 5 and s.bad_records == 0
 
 
@@ -96,3 +97,34 @@ def test_a_batch_spliced_at_once_equals_the_same_records_built_one_by_one():
     assert strip == [{k: v for k, v in orjson.loads(value).items() if k != "scored_at"}
                      for _, value, _, _ in apart.records[:5]]
     assert s.rows == 11 and s.bad_records == 0
+
+
+# Features records as the engines write them (streams.featurize.feature_message): any ids, keys, times
+# and feature values, including nulls, negative zero, huge and tiny floats and non-ASCII text.
+_text = st.text(min_size=1, max_size=12)
+_value = st.none() | st.integers(-2**53, 2**53) | st.floats(allow_nan=False, allow_infinity=False)
+_records = st.fixed_dictionaries({
+    "event_id": _text, "card_id": _text, "event_time": _text,
+    "features": st.dictionaries(_text, _value, max_size=6), "late": st.booleans()})
+
+
+@given(st.lists(st.tuples(_records, st.floats(0, 1, width=32)), min_size=1, max_size=8), _text)
+def test_the_splice_gives_the_plain_builders_bytes_for_the_engines_records(batch, version):
+    from features.validation import iso_ms
+
+    values = [orjson.dumps(record) for record, _ in batch]
+    records = [orjson.loads(v) for v in values]
+    texts = orjson.dumps(np.asarray([score for _, score in batch], dtype=np.float32),
+                         option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",")
+    scored_at = iso_ms(1_795_341_600_123)
+    assert splice_applies(values, records)
+    assert splice_predictions(values, texts, version, scored_at) == [
+        prediction(record, text, version, scored_at) for record, text in zip(records, texts, strict=True)]
+
+
+def test_the_splice_stands_aside_for_records_it_cannot_build_alike():
+    record = features_record(1)
+    assert not splice_applies([b" " + orjson.dumps(record)], [record])
+    assert not splice_applies([orjson.dumps({**record, "score": 1})], [{**record, "score": 1}])
+    built = orjson.loads(prediction({**record, "score": 1, "model_version": "x"}, b"0.5", "v1", "t"))
+    assert (built["score"], built["model_version"]) == (0.5, "v1")

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from features.spec import load_spec, parse_spec
-from streams.validation import Event, Invalid, Validator, iso_ms
+from features.validation import Event, Invalid, Validator, iso_ms
 
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 SPECS = [load_spec(PIPELINES / "fraud.yaml"), load_spec(PIPELINES / "sensors.yaml")]

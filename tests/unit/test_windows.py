@@ -1,4 +1,4 @@
-"""FeatureLogic against a naive reference written from CONTRACT section 5."""
+"""FeatureLogic against a naive reference written from the feature semantics of docs/contract.md."""
 
 from __future__ import annotations
 
