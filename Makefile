@@ -9,11 +9,13 @@ PYTEST_ARGS ?=
 setup:
 	@bash deploy/setup.sh
 
+# The whole suite (what CI runs), with the 25 slowest tests listed at the end.
 test: setup
-	@$(PY) -m pytest $(PYTEST_ARGS)
+	@$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
 
+# Unit tests only: no service, under a minute.
 unit: setup
-	@$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+	@$(PY) -m pytest tests/unit -m "not integration and not e2e" $(PYTEST_ARGS)
 
 demo: setup
 	@$(VENV)/bin/eddy demo
@@ -23,6 +25,7 @@ bench: setup
 
 lint: setup
 	@$(VENV)/bin/ruff check streams features models lakehouse deploy tests
+	@$(VENV)/bin/mypy streams features models lakehouse deploy
 
 # Re-resolve the pinned set after changing pyproject.toml's dependencies.
 lock:

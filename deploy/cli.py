@@ -7,12 +7,13 @@ import sys
 from typing import Annotated, Any
 
 import typer
+from confluent_kafka import KafkaException
 from rich.console import Console
 from rich.table import Table
 
 from deploy.logs import setup_logging
 from deploy.settings import Settings, load_settings
-from features.errors import EddyError
+from features.errors import ConfigError, EddyError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="eddy: event-driven streaming ML (Kafka -> features -> PyTorch scoring -> Delta).")
@@ -218,7 +219,7 @@ def retrain(
     settings = settings_from("retrain", home=home, pipeline=pipeline)
     spec = load_spec(settings.pipeline)
     with err.status("retraining...") as spinner:
-        result = run_retrain(settings.kafka, spec, settings.artifacts_dir, settings.model_key.reveal(),
+        result = run_retrain(settings.kafka, spec, settings.artifacts_dir, settings.model_key.get_secret_value(),
                              settings.device, publish_mode, epochs=epochs,
                              on_progress=lambda line: spinner.update(f"retraining: {line}"),
                              rows=lakehouse_rows(settings, spec) if source == "lakehouse" else None,
@@ -245,7 +246,7 @@ def models(
 
     settings = settings_from("models", home=home, pipeline=pipeline)
     rows = list_models(settings.kafka, load_spec(settings.pipeline), settings.artifacts_dir,
-                       settings.model_key.reveal(), lakehouse_root=settings.lakehouse)
+                       settings.model_key.get_secret_value(), lakehouse_root=settings.lakehouse)
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
         return
@@ -276,7 +277,7 @@ def promote(
     from models.registry import promote as run_promote
 
     settings = settings_from("promote", home=home, pipeline=pipeline)
-    run_promote(settings.kafka, load_spec(settings.pipeline), settings.artifacts_dir, settings.model_key.reveal(),
+    run_promote(settings.kafka, load_spec(settings.pipeline), settings.artifacts_dir, settings.model_key.get_secret_value(),
                 version)
     out.print(f"published {version}; scorers swap to it between batches")
 
@@ -289,7 +290,7 @@ def rollback(home: HomeOpt = None, pipeline: PipelineOpt = None) -> None:
 
     settings = settings_from("rollback", home=home, pipeline=pipeline)
     previous = run_rollback(settings.kafka, load_spec(settings.pipeline), settings.artifacts_dir,
-                            settings.model_key.reveal())
+                            settings.model_key.get_secret_value())
     out.print(f"rolled back to {previous}")
 
 
@@ -427,23 +428,39 @@ def run(component: Annotated[str, typer.Argument(help="component to run in this 
     COMPONENTS[component].run(settings, load_spec(settings.pipeline))
 
 
-def main() -> None:
-    """Console entry point: EddyError becomes one line on stderr and exit status 1."""
-    try:
-        app()
-    except EddyError as exc:
-        err.print(f"eddy: error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(1)
-    except Exception as exc:
-        from confluent_kafka import KafkaException
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point. A bad flag or setting is one line `eddy: error: ...` and exit status 2;
+    any other EddyError one line and status 1; never a traceback or a boxed panel for either."""
+    # typer bundles its own click (typer._click): its errors are not the click package's
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
-        if not isinstance(exc, KafkaException):
-            raise
-        err.print(f"eddy: error: Kafka: {exc.args[0].str()}; is the broker up (`eddy up`, `eddy status`)?",
-                  markup=False, highlight=False, soft_wrap=True)
-        sys.exit(1)
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="eddy", standalone_mode=False)
+    except NoArgsIsHelpError as exc:  # `eddy` or `eddy GROUP` alone: the help
+        print(exc.ctx.get_help() if exc.ctx else exc.format_message())
+        sys.exit(0)
+    except UsageError as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        _fail(f"{exc.format_message()}{hint}", 2)
+    except ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    except EddyError as exc:
+        _fail(str(exc), 1)
+    except KafkaException as exc:
+        _fail(f"Kafka: {exc.args[0].str()}; is the broker up (`eddy up`, `eddy status`)?", 1)
     except KeyboardInterrupt:
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, status: int) -> None:
+    err.print(f"eddy: error: {message}", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def run_eddy(args: list[str], env: dict[str, str], timeout: float = 180) -> subp
 
 @pytest.fixture(scope="session")
 def stack_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A running stack for the whole session; stopped at the end whatever happened."""
+    """A running broker and Redis for the whole session; stopped at the end whatever happened."""
     from deploy import stack
     from deploy.settings import load_settings
 
@@ -52,9 +52,60 @@ def stack_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
 
 @pytest.fixture(scope="session")
 def settings(stack_env: dict[str, str]):
+    """Settings of the session's broker and Redis."""
     from deploy.settings import load_settings
 
     return load_settings(environ=stack_env)
+
+
+@pytest.fixture(scope="session")
+def redis_settings(tmp_path_factory: pytest.TempPathFactory):
+    """Settings of a redis-server of its own (no broker: its Kafka address answers nothing), for the
+    tests that need Redis alone."""
+    from deploy import redis_local, stack
+    from deploy.settings import load_settings
+
+    settings = load_settings(environ=stack_environment(tmp_path_factory.mktemp("eddy-redis")))
+    try:
+        redis_local.ensure_redis(settings, stack.process_table(settings))
+        yield settings
+    finally:
+        stack.down(settings)
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One Spark session (local[2], the Delta and Kafka jars) for every test of the run that needs one."""
+    from lakehouse.session import SparkConfig, start_session
+
+    conf = {"spark.databricks.delta.snapshotPartitions": "2", "spark.ui.showConsoleProgress": "false",
+            "spark.sql.shuffle.partitions": "4"}
+    session = start_session(SparkConfig(REPO / ".jars", master="local[2]", conf=conf))
+    yield session
+    session.stop()
+
+
+# Which markers a test must carry for the services its fixtures start, so `-m` selections hold.
+_SERVICE_FIXTURES = {"stack_env": "kafka", "settings": "kafka", "fresh_topic": "kafka", "redis_settings": "redis",
+                     "spark": "spark"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """tests/integration carries `integration`, tests/e2e `e2e`; a unit test starts no service, and a
+    test that starts a service through a fixture carries that service's marker."""
+    wrong = []
+    for item in items:
+        folder = Path(item.fspath).relative_to(REPO / "tests").parts[0]
+        if folder in ("integration", "e2e"):
+            item.add_marker(folder)
+        needs = {_SERVICE_FIXTURES[f] for f in getattr(item, "fixturenames", ()) if f in _SERVICE_FIXTURES}
+        if folder == "unit" and needs:
+            wrong.append(f"{item.nodeid}: a unit test uses {', '.join(sorted(needs))} (move it to tests/integration)")
+        missing = needs - {m.name for m in item.iter_markers()}
+        if missing:
+            wrong.append(f"{item.nodeid}: starts {', '.join(sorted(missing))} without the marker")
+    if wrong:
+        raise pytest.UsageError("tests whose markers do not hold:\n  " + "\n  ".join(wrong))
 
 
 @pytest.fixture

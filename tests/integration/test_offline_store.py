@@ -19,7 +19,6 @@ from lakehouse.offline import (
     historical_features,
     offline_feature_store,
 )
-from lakehouse.session import SparkConfig, start_session
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
@@ -58,15 +57,6 @@ LABELS = [
     (("l11", None, T0, False), None),           # no key
     (("l12", "a", None, True), None),           # no time
 ]
-
-
-@pytest.fixture(scope="module")
-def spark():
-    # 2 partitions for Delta's snapshot state instead of 50: halves the first read of a tiny table
-    conf = {"spark.databricks.delta.snapshotPartitions": "2", "spark.ui.showConsoleProgress": "false"}
-    session = start_session(SparkConfig(REPO_ROOT / ".jars", master="local[2]", conf=conf))
-    yield session
-    session.stop()
 
 
 def write_features(spark, root: str) -> str:

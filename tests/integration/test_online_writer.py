@@ -4,7 +4,6 @@ row lands in the online store, read back through the Feast SDK and `eddy feature
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from pathlib import Path
 
@@ -16,12 +15,12 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from features.feast_repo import online_features, open_feature_store
 from features.spec import parse_spec
+from features.validation import Validator
+from features.waiting import poll
 from streams.featurize import Featurizer
 from streams.kafka import ensure_topics
-from streams.loop import HeldRecord
 from streams.metrics import read_metrics
-from streams.online_writer import WriterStats, group_id, latest_rows, run_online_writer
-from streams.validation import Validator
+from streams.online_writer import group_id, run_online_writer
 from tests.conftest import run_eddy
 from tests.kafka_helpers import Background
 
@@ -36,8 +35,9 @@ EVENTS = [
 ]
 
 
-def private_spec(settings, tmp_path: Path):
-    """The fraud spec with a name and topics of this test's own, also written to a file for the CLI."""
+def private_spec(settings, tmp_path: Path, topics: bool = True):
+    """The fraud spec with a name and topics of this test's own (created unless not `topics`), also
+    written to a file for the CLI."""
     data = yaml.safe_load(settings.pipeline.read_text())
     suffix = uuid.uuid4().hex[:8]
     data["name"] = f"fraud-{suffix}"
@@ -45,7 +45,8 @@ def private_spec(settings, tmp_path: Path):
     data["topics"] = {"features": f"feat-{suffix}", "predictions": f"pred-{suffix}", "dlq": f"tx-{suffix}.dlq",
                       "model_updates": f"mu-{suffix}"}
     spec = parse_spec(data)
-    ensure_topics(settings.kafka, [spec.topics.features], partitions=3)
+    if topics:
+        ensure_topics(settings.kafka, [spec.topics.features], partitions=3)
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(data))
     return spec, path
@@ -59,7 +60,7 @@ def feature_rows(spec) -> list[dict]:
                             "merchant_id": merchant, "amount": amount, "currency": "EUR", "country": "DE",
                             "channel": "online"})
         event = validator.parse(raw)
-        new_state, value = featurize.apply(states.get(event.key), event)
+        new_state, value = featurize.apply_bytes(states.get(event.key), event, None)
         if new_state is not None:
             states[event.key] = new_state
         rows.append(orjson.loads(value))
@@ -98,20 +99,19 @@ def wait_for_zero_lag(kafka, group: str, topic: str, timeout_s: float = 90.0) ->
     probe = Consumer(kafka.client(**{"group.id": group, "enable.auto.commit": False}))
     try:
         partitions = [TopicPartition(topic, p) for p in probe.list_topics(topic, timeout=10).topics[topic].partitions]
-        deadline = time.monotonic() + timeout_s
         committed: dict[int, int] = {}
         ends: dict[int, int] = {}
-        while time.monotonic() < deadline:
+
+        def caught_up() -> bool:
             try:
-                committed = {tp.partition: tp.offset for tp in probe.committed(partitions, timeout=10)}
+                committed.update({tp.partition: tp.offset for tp in probe.committed(partitions, timeout=10)})
             except KafkaException:  # the group coordinator of a fresh broker may still be loading
-                time.sleep(0.5)
-                continue
-            ends = {tp.partition: probe.get_watermark_offsets(tp, timeout=10)[1] for tp in partitions}
-            if all(ends[p] == 0 or committed[p] == ends[p] for p in ends):
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"lag of {group} on {topic} not 0 after {timeout_s}s: committed {committed}, ends {ends}")
+                return False
+            ends.update({tp.partition: probe.get_watermark_offsets(tp, timeout=10)[1] for tp in partitions})
+            return all(ends[p] == 0 or committed[p] == ends[p] for p in ends)
+
+        if not poll(caught_up, timeout_s):
+            raise AssertionError(f"lag of {group} on {topic} not 0 after {timeout_s}s: committed {committed}, ends {ends}")
     finally:
         probe.close()
 
@@ -184,46 +184,23 @@ def test_eddy_features_get_prints_the_latest_values(settings, stack_env, tmp_pat
         "no event of it has been processed yet"]
 
 
-def test_latest_rows_of_a_batch():
-    """No broker: within a batch the newest row wins, of equal times the later record; late and
-    malformed records are skipped and counted."""
-    from features.spec import load_spec
-
-    spec = load_spec(Path(__file__).resolve().parents[2] / "pipelines" / "fraud.yaml")
-
-    def row(card, t, n, late=False):
-        return orjson.dumps({"event_id": f"{card}-{n}", "card_id": card, "event_time": t, "late": late,
-                             "features": {"txn_count_1m": n}})
-
-    values = [row("a", "2026-11-22T10:00:01.000Z", 1), row("b", "2026-11-22T10:00:00.500Z", 1),
-              row("a", "2026-11-22T10:00:01.000Z", 2), row("a", "2026-11-22T10:00:00.999Z", 3),
-              row("b", "2026-11-22T10:00:09.000Z", 2, late=True), b"not json", b'{"card_id": "c"}',
-              row("b", "2026-11-22T10:00:00.501Z", 3)]
-    stats = WriterStats()
-    latest = latest_rows(spec, [HeldRecord(v, None, "features", 0, i) for i, v in enumerate(values)], stats)
-    assert latest.keys == ["a", "b"]
-    assert latest.event_ms == [T0 + 1000, T0 + 501]
-    assert [f["txn_count_1m"] for f in latest.features] == [2, 3]
-    assert (stats.late, stats.bad, stats.superseded) == (1, 2, 3)
-
-
 @pytest.mark.redis
-def test_the_fast_writer_stores_what_feasts_own_writer_stores(settings, tmp_path):
+def test_the_fast_writer_stores_what_feasts_own_writer_stores(redis_settings, tmp_path):
     """The same rows through FeatureStore.write_to_online_store and through FeastRedisWriter leave
     byte-identical Redis hashes (Feast's key, field hashes, ValueProto and Timestamp bytes, nulls)."""
     from features.feast_repo import feature_dtypes, feature_frame, feature_store, view_name
     from streams.feast_redis import FeastRedisWriter
 
-    spec, _ = private_spec(settings, tmp_path)
+    spec, _ = private_spec(redis_settings, tmp_path, topics=False)
     latest = expected_latest(feature_rows(spec))
     cards = sorted(latest)
     event_ms = [T0 + 1000 * i + 7 for i in range(len(cards))]
     features = [latest[c] for c in cards]
     assert any(v is None for f in features for v in f.values())  # a null travels too
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis.Redis.from_url(redis_settings.redis_url)
 
     def stored(project: str, write) -> list[dict]:
-        store = feature_store(spec, tmp_path / project, settings.redis_url, project=project)
+        store = feature_store(spec, tmp_path / project, redis_settings.redis_url, project=project)
         writer = FeastRedisWriter(store, view_name(spec), spec.key, feature_dtypes(spec), client)
         write(store, writer)
         return [client.hgetall(writer.redis_key(c)) for c in cards]
@@ -236,15 +213,15 @@ def test_the_fast_writer_stores_what_feasts_own_writer_stores(settings, tmp_path
 
 
 @pytest.mark.redis
-def test_the_fast_writer_keeps_a_newer_stored_row_and_refuses_a_null_count(settings, tmp_path):
+def test_the_fast_writer_keeps_a_newer_stored_row_and_refuses_a_null_count(redis_settings, tmp_path):
     from features.feast_repo import feature_dtypes, feature_store, view_name
     from streams.feast_redis import FeastRedisWriter
 
-    spec, _ = private_spec(settings, tmp_path)
+    spec, _ = private_spec(redis_settings, tmp_path, topics=False)
     project = f"t_{uuid.uuid4().hex[:8]}"
-    store = feature_store(spec, tmp_path / "repo", settings.redis_url, project=project)
+    store = feature_store(spec, tmp_path / "repo", redis_settings.redis_url, project=project)
     writer = FeastRedisWriter(store, view_name(spec), spec.key, feature_dtypes(spec),
-                              redis.Redis.from_url(settings.redis_url))
+                              redis.Redis.from_url(redis_settings.redis_url))
     row = {"txn_count_1m": 3, "amount_sum_1h": 10.5, "amount_avg_24h": 3.5, "merchants_24h": 2,
            "secs_since_last": 1.25}
     assert writer.write(["c-1"], [T0 + 5000], [row]) == 1

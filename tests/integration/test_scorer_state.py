@@ -70,8 +70,8 @@ def row(spec, n: int, count: int, late: bool = False) -> bytes:
                          "features": features, "late": late})
 
 
-def test_replayed_batch_scores_identically_and_history_is_not_doubled(settings, tmp_path):
-    spec, scorer = sequence_scorer(settings, tmp_path)
+def test_replayed_batch_scores_identically_and_history_is_not_doubled(redis_settings, tmp_path):
+    spec, scorer = sequence_scorer(redis_settings, tmp_path)
     batch = [Msg(row(spec, i, i + 1), b"c-1", 0, i) for i in range(3)]
     first, again = Out(), Out()
     scorer.process(batch, first)
@@ -91,8 +91,8 @@ def test_replayed_batch_scores_identically_and_history_is_not_doubled(settings, 
     assert all(0.0 <= r["score"] <= 1.0 and r["model_version"] == "baseline-1" for _, r in later.records)
 
 
-def test_unreadable_features_record_goes_to_the_dlq_and_the_rest_is_scored(settings, tmp_path):
-    spec, scorer = sequence_scorer(settings, tmp_path)
+def test_unreadable_features_record_goes_to_the_dlq_and_the_rest_is_scored(redis_settings, tmp_path):
+    spec, scorer = sequence_scorer(redis_settings, tmp_path)
     out = Out()
     bad = Msg(b"{not json", b"c-1", 1, 7)
     scorer.process([bad, Msg(row(spec, 9, 1), b"c-1", 1, 8)], out)

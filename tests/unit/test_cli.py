@@ -1,0 +1,37 @@
+"""The CLI's errors: a bad flag or setting is one line `eddy: error: ...` and exit status 2, never a
+traceback or a boxed panel; the line names what to do."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def eddy(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120, env={"PATH": "/usr/bin:/bin", "EDDY_HOME": str(home)})
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["up", "--bogus"], "No such option: --bogus (see `eddy up --help`)"),
+    (["bench", "--loads", "x"], "give events/s as integers, e.g. 1000,5000"),
+    (["up", "--engine", "foo"], "--engine: 'foo' is not one of faust, flink, native"),
+    (["frob"], "No such command 'frob'"),
+    (["query", "select 1", "--format", "xml"], "--format: 'xml' is not one of table, json, csv"),
+])
+def test_a_bad_flag_is_one_line_and_status_2(tmp_path, args, says):
+    done = eddy(*args, home=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("eddy: error: ") and says in lines[0], done.stderr
+    assert "Traceback" not in done.stderr and "╭" not in done.stderr and done.stdout == ""
+
+
+def test_no_command_prints_the_help(tmp_path):
+    done = eddy(home=tmp_path)
+    assert done.returncode == 0 and "Usage: eddy" in done.stdout and "produce" in done.stdout
