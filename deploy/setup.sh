@@ -49,4 +49,8 @@ if ! command -v redis-server >/dev/null; then
 else
   step "redis-server present ($(redis-server --version | cut -d' ' -f3))"
 fi
+# 4. Prometheus + promtool (Debian's package) for the local monitoring and the rule tests; Grafana's
+#    dashboard schema (npm) into .tools/ for the dashboards' tests
+bash deploy/monitoring/install.sh
+bash deploy/monitoring/schema.sh
 step "ready: .venv/bin/eddy"
