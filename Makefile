@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test unit demo bench lint lock clean
+.PHONY: setup test unit demo bench lint lock clean dashboards
 
 setup:
 	@bash deploy/setup.sh
@@ -26,6 +26,10 @@ bench: setup
 lint: setup
 	@$(VENV)/bin/ruff check streams features models lakehouse deploy tests
 	@$(VENV)/bin/mypy streams features models lakehouse deploy
+
+# Regenerate deploy/monitoring/dashboards/*.json after changing deploy/monitoring/dashboards.py.
+dashboards: setup
+	@$(PY) -m deploy.monitoring.dashboards
 
 # Re-resolve the pinned set after changing pyproject.toml's dependencies.
 lock:

@@ -34,6 +34,7 @@ from deploy.measure import (
 )
 from deploy.settings import Settings
 from features.spec import PipelineSpec, load_spec
+from features.waiting import poll
 from streams.generator import GeneratorConfig, TransactionGenerator
 from streams.kafka import KafkaConfig, ensure_topics
 from streams.loop import YOUNG_GC_THRESHOLD, HeldRecord
@@ -164,17 +165,21 @@ def swap_time(settings: Settings, spec: PipelineSpec, rate: int = 1000) -> dict[
     time.sleep(2)
     published = time.time()
     publish(settings.kafka, spec.topics.model_updates, manifest, directory.as_uri(), settings.model_key.get_secret_value())
-    first: list[int] = []
-    consumer = reader(settings.kafka, [spec.topics.predictions], **{"auto.offset.reset": "latest"})
-    deadline = time.monotonic() + 60
-    while not first and time.monotonic() < deadline:
+    latest: dict[str, Any] = {"auto.offset.reset": "latest"}
+    consumer = reader(settings.kafka, [spec.topics.predictions], **latest)
+
+    def first_prediction() -> int | None:
+        """The Kafka timestamp of the new version's first prediction among those read now, if any."""
         for m in consumer.consume(2000, 0.2):
-            if m.error() is None and orjson.loads(m.value())["model_version"] == version:
-                first.append(m.timestamp()[1])
-                break
+            value = m.value()
+            if m.error() is None and value is not None and orjson.loads(value)["model_version"] == version:
+                return m.timestamp()[1]
+        return None
+
+    first = poll(first_prediction, 60, every_s=0)
     consumer.close()
     producer.join()
-    return {"version": version, "seconds": round(first[0] / 1000 - published, 3) if first else None}
+    return {"version": version, "seconds": round(first / 1000 - published, 3) if first is not None else None}
 
 
 class _Count:
@@ -260,7 +265,7 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
         ceiling = kafka_passthrough(settings.kafka, events, settings.partitions)
         on_progress(f"ceiling {ceiling:,.0f} events/s; draining a backlog of {events:,} through eddy")
         whole = drain(settings, spec, events, on_progress)
-        result_loads = {}
+        result_loads: dict[str, dict[str, Any]] = {}
         for rate in loads:
             on_progress(f"fixed load {rate:,} events/s for {load_seconds:.0f}s")
             result_loads[str(rate)] = fixed_load(settings, spec, rate, load_seconds)
@@ -277,7 +282,7 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
     # would otherwise take a changing share of the two cores from one side or the other.
     on_progress("scoring stage: micro-batched against per-event")
     scoring = scoring_stage(spec, settings.device)
-    main_load = result_loads.get("5000") or next(iter(result_loads.values()), {"latency_ms": {}})
+    main_load: dict[str, Any] = result_loads.get("5000") or next(iter(result_loads.values()), {"latency_ms": {}})
     result.update({
         "events_per_s": whole["events_per_s"],
         "ratio_to_ceiling": round(whole["events_per_s"] / ceiling, 3),

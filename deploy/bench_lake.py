@@ -17,6 +17,7 @@ from deploy import components, stack
 from deploy.measure import fill_backlog, load_producer, percentiles, settle
 from deploy.settings import Settings, child_environment
 from features.spec import PipelineSpec
+from features.waiting import poll
 from lakehouse.ingest import join, row_count
 from lakehouse.tables import ingested_tables
 from streams.generator import GeneratorConfig, TransactionGenerator
@@ -49,17 +50,18 @@ def catch_up(settings: Settings, spec: PipelineSpec, fill, events: int, on_progr
     for t in ingested_tables(spec):
         if t.topic in (spec.topics.source, spec.topics.features, spec.topics.predictions):
             want[t.path] += events
-    deadline = time.monotonic() + 600
     rows = before
-    while time.monotonic() < deadline:
+
+    def complete() -> bool:
+        nonlocal rows
         rows = _rows(settings, spec)
-        if all(rows[p] >= n for p, n in want.items()):
-            break
-        time.sleep(0.25)
+        return all(rows[p] >= n for p, n in want.items())
+
+    caught_up = poll(complete, 600, every_s=0.25)
     done = time.monotonic()
     ingested = sum(rows.values()) - sum(before.values())
     return {"rows": ingested, "seconds": round(done - ready, 2), "rows_per_s": round(ingested / max(done - ready, 1e-9), 1),
-            "spark_start_s": round(ready - started, 2), "complete": all(rows[p] >= n for p, n in want.items())}
+            "spark_start_s": round(ready - started, 2), "complete": caught_up}
 
 
 class _Watcher:

@@ -6,6 +6,10 @@ import json
 import sys
 from typing import Annotated, Any
 
+# Feast's import sets PROMETHEUS_MULTIPROC_DIR for the whole process, which would switch every metric
+# prometheus_client creates afterwards to multi-process files; each eddy process serves its own
+# metrics, so prometheus_client is loaded here, before anything can import Feast.
+import prometheus_client  # noqa: F401
 import typer
 from confluent_kafka import KafkaException
 from rich.console import Console
@@ -25,6 +29,8 @@ PipelineOpt = Annotated[str | None, typer.Option("--pipeline", help="pipeline sp
 
 
 def settings_from(process: str, **flags: Any) -> Settings:
+    """The Settings of this CLI process (flags over EDDY_* variables over defaults), with logging set
+    up for `process`; ConfigError names a bad flag or variable."""
     settings = load_settings(flags)
     setup_logging(settings.logs_dir, process)
     return settings
@@ -36,6 +42,7 @@ def up(
     partitions: Annotated[int | None, typer.Option("--partitions", help="partitions per topic (default 3)")] = None,
     scorers: Annotated[int | None, typer.Option("--scorers", help="scorer replicas in one consumer group (default 1)")] = None,
     ingest: Annotated[bool | None, typer.Option("--ingest/--no-ingest", help="run lakehouse ingestion (EDDY_INGEST, default on)")] = None,
+    monitoring: Annotated[bool | None, typer.Option("--monitoring/--no-monitoring", help="a local Prometheus scraping every stage, with eddy's alert rules (EDDY_MONITORING, default off)")] = None,
     home: HomeOpt = None,
     pipeline: PipelineOpt = None,
 ) -> None:
@@ -43,7 +50,8 @@ def up(
     from deploy import stack
 
     settings = settings_from("up", engine=engine, partitions=partitions, scorers=scorers, home=home, pipeline=pipeline,
-                             ingest=None if ingest is None else ("on" if ingest else "off"))
+                             ingest=None if ingest is None else ("on" if ingest else "off"),
+                             monitoring=None if monitoring is None else ("on" if monitoring else "off"))
     with err.status("starting the stack..."):
         report = stack.up(settings)
     for name, part in report.parts.items():
@@ -324,6 +332,7 @@ def bench(
 
 
 def print_bench(result: dict) -> None:
+    """run_bench's result as a table on stdout."""
     table = Table(title=f"eddy bench ({result['engine']} engine, {result['device']}, {result['machine']['cpus']} CPUs)")
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -419,13 +428,17 @@ def lakehouse_vacuum(
 @app.command(hidden=True)
 def run(component: Annotated[str, typer.Argument(help="component to run in this process")]) -> None:
     """Run one component of the stack in the foreground (what `eddy up` starts)."""
+    from deploy import supervisor
     from deploy.components import COMPONENTS
     from features.spec import load_spec
 
-    if component not in COMPONENTS:
-        raise typer.BadParameter(f"unknown component {component!r}; one of {', '.join(COMPONENTS)}")
+    if component not in COMPONENTS and component != supervisor.NAME:
+        raise typer.BadParameter(f"unknown component {component!r}; one of {', '.join(COMPONENTS)}, supervisor")
     settings = settings_from(component)
-    COMPONENTS[component].run(settings, load_spec(settings.pipeline))
+    if component == supervisor.NAME:
+        supervisor.run_supervisor(settings)
+    else:
+        COMPONENTS[component].run(settings, load_spec(settings.pipeline))
 
 
 def main(argv: list[str] | None = None) -> None:

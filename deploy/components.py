@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from deploy.settings import Settings
 from features.spec import PipelineSpec
@@ -18,6 +19,9 @@ NATIVE_COMMIT_INTERVAL_S = 0.05
 
 @dataclass(frozen=True)
 class Component:
+    """A long-running part of the stack: its name (also `eddy run NAME`), the function its process
+    runs, and the settings under which the stack wants it (see wanted())."""
+
     name: str
     run: Callable[[Settings, PipelineSpec], None]   # runs in the component's own process until SIGTERM
     engine: str | None = None                        # only started with this --engine
@@ -35,13 +39,28 @@ def engine_config(settings: Settings, spec: PipelineSpec, **defaults) -> EngineC
                         jars_dir=settings.jars_dir, **defaults)
 
 
+def serve_metrics(settings: Settings, spec: PipelineSpec, stage: str, part: str):
+    """The part's StageMetrics, served on /metrics and /ready (EDDY_METRICS_PORT, or any free loopback
+    port) until the process exits, and named to the local Prometheus through run/targets/."""
+    import atexit
+
+    from streams.telemetry import MetricsServer, StageMetrics
+
+    metrics = StageMetrics(spec.name, stage)
+    host = "0.0.0.0" if settings.metrics_port else "127.0.0.1"  # a fixed port is for a cluster's scrapers
+    server = MetricsServer(metrics, part, host=host, port=settings.metrics_port,
+                           targets_dir=settings.run_dir / "targets")
+    atexit.register(server.close)
+    return metrics
+
+
 def _faust(settings: Settings, spec: PipelineSpec) -> None:
     from streams.engines.faust_engine import run_worker
 
     config = engine_config(settings, spec)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     sys.argv = [sys.argv[0], "worker"]  # Faust's worker parses argv
-    run_worker(config)
+    run_worker(config, metrics=serve_metrics(settings, spec, "features", "features-faust"))
 
 
 def _online_writer(settings: Settings, spec: PipelineSpec) -> None:
@@ -55,16 +74,19 @@ def _online_writer(settings: Settings, spec: PipelineSpec) -> None:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # finish the batch in hand, then leave the group
-    run_online_writer(settings.kafka, spec, settings.redis_url, feast_dir(settings), stop.is_set)
+    run_online_writer(settings.kafka, spec, settings.redis_url, feast_dir(settings), stop.is_set,
+                      metrics=serve_metrics(settings, spec, "online-writer", "online-writer"))
 
 
 def _scorer(replica: int) -> Callable[[Settings, PipelineSpec], None]:
     def run(settings: Settings, spec: PipelineSpec) -> None:
         from models.scorer import ScorerConfig, run_scorer
 
-        interval = {} if settings.commit_interval_s is None else {"commit_interval_s": settings.commit_interval_s}
+        interval: dict[str, Any] = ({} if settings.commit_interval_s is None
+                                    else {"commit_interval_s": settings.commit_interval_s})
         run_scorer(ScorerConfig(settings.kafka, spec, settings.redis_url, settings.device,
-                                settings.model_key.get_secret_value(), replica=replica, **interval))
+                                settings.model_key.get_secret_value(), replica=replica, **interval),
+                   metrics=serve_metrics(settings, spec, "scorer", f"scorer-{replica}"))
 
     return run
 
@@ -77,12 +99,13 @@ def feast_dir(settings: Settings) -> Path:
 def _lakehouse(settings: Settings, spec: PipelineSpec) -> None:
     from deploy.lake import run_ingest_component
 
-    run_ingest_component(settings, spec)
+    run_ingest_component(settings, spec, metrics=serve_metrics(settings, spec, "lakehouse", "lakehouse"))
 
 
 def _retrainer(settings: Settings, spec: PipelineSpec) -> None:
     from deploy.lake import run_retrain_component
 
+    serve_metrics(settings, spec, "retrainer", "retrainer")
     run_retrain_component(settings, spec)
 
 
@@ -90,12 +113,14 @@ def _native(settings: Settings, spec: PipelineSpec) -> None:
     from streams.engines.native_engine import run_native
 
     run_native(engine_config(settings, spec, batch_size=5000, batch_wait_s=0.1,
-                             commit_interval_s=NATIVE_COMMIT_INTERVAL_S))
+                             commit_interval_s=NATIVE_COMMIT_INTERVAL_S),
+               metrics=serve_metrics(settings, spec, "features", "features-native"))
 
 
 def _flink(settings: Settings, spec: PipelineSpec) -> None:
     from streams.engines.flink_job import run_job
 
+    serve_metrics(settings, spec, "features", "features-flink")  # the job's process; its counts beat to Redis
     run_job(engine_config(settings, spec))
 
 
@@ -121,4 +146,5 @@ def wanted(settings: Settings) -> list[Component]:
 
 
 def argv(name: str) -> list[str]:
+    """The command line that runs component `name` in a process of its own (`eddy run NAME`)."""
     return [sys.executable, "-m", "deploy.cli", "run", name]

@@ -18,7 +18,9 @@ from rich.table import Table
 from deploy import stack
 from deploy.lake import lakehouse_rows
 from deploy.settings import Settings
+from features.errors import EddyError
 from features.spec import load_spec
+from features.waiting import poll
 from lakehouse.registry import register_model
 from models.live import live_metrics
 from models.retrain import retrain
@@ -59,12 +61,13 @@ class PredictionWatcher:
         last_t, last_n = time.monotonic(), 0
         while not self._stop.is_set():
             for m in self.consumer.consume(2000, 0) or self.consumer.consume(1, 0.2):
-                if m.error() is not None:
+                value = m.value()
+                if m.error() is not None or value is None:
                     continue
                 if m.topic() == self.source:
-                    self._sent_at[orjson.loads(m.value())["event_id"]] = m.timestamp()[1]
+                    self._sent_at[orjson.loads(value)["event_id"]] = m.timestamp()[1]
                     continue
-                row = orjson.loads(m.value())
+                row = orjson.loads(value)
                 self.rows.append(row)
                 if row["event_id"] in self.live_ids:
                     self.live.append(row)
@@ -83,10 +86,14 @@ class PredictionWatcher:
 
 def _wait_for(watcher: PredictionWatcher, count: int, console: Console, timeout_s: float = 600) -> None:
     with console.status("") as status:
-        deadline = time.monotonic() + timeout_s
-        while len(watcher.rows) < count and time.monotonic() < deadline:
+
+        def arrived() -> bool:
+            if len(watcher.rows) >= count:
+                return True
             status.update(f"features and scoring the history: {len(watcher.rows):,}/{count:,} predictions")
-            time.sleep(0.5)
+            return False
+
+        poll(arrived, timeout_s, every_s=0.5)
 
 
 def _view(settings, spec, watcher: PredictionWatcher, produced: int, lags: dict, note: str) -> Table:
@@ -106,6 +113,8 @@ def _view(settings, spec, watcher: PredictionWatcher, produced: int, lags: dict,
 
 def run_demo(settings: Settings, console: Console) -> dict:
     spec = load_spec(settings.pipeline)
+    if spec.labels is None:
+        raise EddyError(f"the demo trains on labels, and {settings.pipeline} has no labels section")
     summary: dict = {}
     started = time.time()
     console.rule("1. eddy up")
@@ -237,13 +246,13 @@ def _wait_for_lakehouse(settings: Settings, spec, predictions: int, console: Con
     """Until gold/predictions, silver/features and bronze/labels hold as many rows as the predictions
     topic showed."""
     with console.status("") as status:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+
+        def landed_all() -> bool:
             landed = min(_table_rows(settings, t) for t in ("gold/predictions", "silver/features", "bronze/labels"))
             status.update(f"lakehouse ingestion: {landed:,}/{predictions:,} rows in each table")
-            if landed >= predictions:
-                break
-            time.sleep(1.0)
+            return landed >= predictions
+
+        poll(landed_all, timeout_s, every_s=1.0)
         landed = _table_rows(settings, "gold/predictions")
     console.print(f"  the lakehouse holds {landed:,} predictions, {_table_rows(settings, 'silver/features'):,} "
                   f"feature rows, {_table_rows(settings, 'bronze/labels'):,} labels")

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from deploy.settings import Settings
 from features.spec import PipelineSpec
@@ -21,6 +21,8 @@ from streams.kafka import java_client_properties
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
+
+    from streams.telemetry import StageMetrics
 
 INGEST_COMPONENT = "lakehouse"
 
@@ -124,8 +126,9 @@ def run_backfill(settings: Settings, spec: PipelineSpec) -> int:
     return write_backfill(spark_session(settings, "eddy-backfill"), settings.lakehouse, spec)
 
 
-def run_ingest_component(settings: Settings, spec: PipelineSpec) -> None:
-    """`eddy run lakehouse`: ingestion until SIGTERM, with a heartbeat per second for `eddy status`."""
+def run_ingest_component(settings: Settings, spec: PipelineSpec, metrics: StageMetrics | None = None) -> None:
+    """`eddy run lakehouse`: ingestion until SIGTERM, with a heartbeat per second for `eddy status`
+    (and its counts in `metrics`)."""
     import redis
 
     from lakehouse.ingest import run_ingestion
@@ -139,6 +142,9 @@ def run_ingest_component(settings: Settings, spec: PipelineSpec) -> None:
     def report(stats: IngestStats) -> None:
         heartbeat.beat(stats.events, lag=stats.lag, batches=stats.batches, last_batch_ms=stats.last_batch_ms,
                        rows=sum(stats.rows.values()))
+        if metrics is not None:
+            for table, rows in stats.rows.items():
+                metrics.total(metrics.records_out.labels(spec.name, INGEST_COMPONENT, table), rows)
 
     run_ingestion(session, spec, ingest_config(settings), report, stop.is_set)
 
@@ -168,7 +174,7 @@ def run_retrain_component(settings: Settings, spec: PipelineSpec) -> None:
     labels_table = next(t for t in ingested_tables(spec) if spec.labels and t.topic == spec.labels.topic)
     heartbeat = Heartbeat(redis.Redis.from_url(settings.redis_url), spec.name, RETRAIN_COMPONENT)
     rows = lakehouse_rows(settings, spec)
-    state = {"retrains": 0, "published": 0, "last_version": None, "last_error": None}
+    state: dict[str, Any] = {"retrains": 0, "published": 0, "last_version": None, "last_error": None}
     while not stop.is_set():
         labels = row_count(settings.lakehouse, labels_table)
         heartbeat.beat(state["retrains"], force=True, labels=labels, **state)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Sequence
 
 import orjson
 from confluent_kafka import Consumer, Producer
 
 from deploy.settings import Settings
 from features.spec import PipelineSpec
+from features.waiting import poll
 from streams.generator import GeneratorConfig, TransactionGenerator
 from streams.kafka import KafkaConfig, ensure_topics
 
@@ -52,32 +54,39 @@ def fill_backlog(kafka: KafkaConfig, topic: str, count: int, seed: int, start_ms
 
 
 def timestamps(kafka: KafkaConfig, topic: str, want: set[str] | None, count: int, timeout_s: float,
-                received: dict[str, float] | None = None, done=lambda found: False,
+                received: dict[str, float] | None = None,
+                done: Callable[[dict[str, int]], bool] = lambda found: False,
                 consumer: Consumer | None = None) -> dict[str, int]:
-    """event_id -> Kafka timestamp (ms) of the records of `topic`, until `count` are seen; when given,
-    `received` gets the wall-clock ms at which each record reached this read_committed reader
-    (`consumer`: one placed already, else a reader from the topic's beginning)."""
-    consumer = consumer or reader(kafka, [topic])
+    """event_id -> Kafka timestamp (ms) of the records of `topic`, until `count` are seen or done(found)
+    (what was seen when `timeout_s` pass); when given, `received` gets the wall-clock ms at which each
+    record reached this read_committed reader (`consumer`: one placed already, else a reader from the
+    topic's beginning)."""
+    reading = consumer or reader(kafka, [topic])
     out: dict[str, int] = {}
-    deadline = time.monotonic() + timeout_s
+
+    def complete() -> bool:
+        """True once enough is seen; else reads what has arrived now, or waits for one record (so
+        received times are not held back until a batch fills)."""
+        if len(out) >= count or done(out):
+            return True
+        for m in reading.consume(5000, 0) or reading.consume(1, 0.2):
+            value = m.value()
+            if m.error() is None and value is not None:
+                event_id = orjson.loads(value)["event_id"]
+                if want is None or event_id in want:
+                    out[event_id] = m.timestamp()[1]
+                    if received is not None:
+                        received[event_id] = time.time() * 1000
+        return False
+
     try:
-        while len(out) < count and time.monotonic() < deadline and not done(out):
-            # what has arrived now, else wait for one record: received times are not held back
-            # until a batch fills
-            got = consumer.consume(5000, 0) or consumer.consume(1, 0.2)
-            for m in got:
-                if m.error() is None:
-                    event_id = orjson.loads(m.value())["event_id"]
-                    if want is None or event_id in want:
-                        out[event_id] = m.timestamp()[1]
-                        if received is not None:
-                            received[event_id] = time.time() * 1000
+        poll(complete, timeout_s, every_s=0)
     finally:
-        consumer.close()
+        reading.close()
     return out
 
 
-def percentiles(values: list[float]) -> dict[str, float | None]:
+def percentiles(values: Sequence[float]) -> dict[str, float | None]:
     import numpy as np
 
     if not values:
@@ -92,13 +101,13 @@ def settle(settings: Settings, timeout_s: float = 180.0, but: str | None = None)
     one measurement does not pay for the backlog of the one before; returns the seconds waited."""
     from streams.kafka import group_lag
 
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
+    def caught_up() -> bool:
         lags = group_lag(settings.kafka, timeout_s=5)
-        if all(n == 0 for group, topics in lags.items() if not (but and group.endswith(but))
-               for n in topics.values()):
-            break
-        time.sleep(0.5)
+        return all(n == 0 for group, topics in lags.items() if not (but and group.endswith(but))
+                   for n in topics.values())
+
+    started = time.monotonic()
+    poll(caught_up, timeout_s, every_s=0.5)
     return time.monotonic() - started
 
 

@@ -99,6 +99,25 @@ def _reap(pid: int) -> None:
             _CHILDREN[pid] = child
 
 
+def exit_status(record: Record) -> tuple[int | None, str]:
+    """(exit code, reason) of a process this process started and that has ended; the code is negative
+    for a signal, as subprocess has it. (None, "gone") for one another process started."""
+    child = _CHILDREN.pop(record.pid, None)
+    if child is None:
+        return None, "gone"
+    try:
+        code = child.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        _CHILDREN[record.pid] = child
+        return None, "gone"
+    if code < 0:
+        try:
+            return code, f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return code, f"killed by signal {-code}"
+    return code, f"exited with status {code}"
+
+
 class ProcessTable:
     """The processes one EDDY_HOME started, by name, under run/ with logs under logs/."""
 

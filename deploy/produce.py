@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from deploy.settings import Settings
-from features.errors import ConfigError
+from features.errors import ConfigError, SpecError
 from features.spec import load_spec, parse_duration
 from streams.generator import GeneratorConfig, TransactionGenerator
 from streams.producer import ProduceReport, SyntheticProducer
@@ -47,7 +47,10 @@ def run_produce(settings: Settings, console: Console, *, rate: float | None, cou
     prefix = "t" if start is not None else f"t{now_ms}"
     config = GeneratorConfig(seed=seed, fraud_rate=fraud_rate, cards=cards, start_ms=now_ms, id_prefix=prefix)
     if backfill is not None or start is not None:
-        span_ms = parse_duration(backfill) if backfill is not None else 0
+        try:
+            span_ms = parse_duration(backfill) if backfill is not None else 0
+        except SpecError as exc:
+            raise ConfigError(f"--backfill: {exc}") from None
         if start is not None:
             try:
                 start_ms = int(datetime.fromisoformat(start).timestamp() * 1000)

@@ -82,7 +82,9 @@ class Settings(BaseSettings):
     # Fields are checked in this order, so that later ones may use home and kafka_config.
     home: Annotated[Path, AfterValidator(lambda home: home.expanduser().resolve())] = Path(".eddy")
     kafka_config: Path | None = None  # a client properties file (security.protocol, sasl.*, ssl.*)
-    kafka: Annotated[KafkaConfig, NoDecode] = Field(  # the bootstrap text, with kafka_config's properties
+    # The bootstrap text, with kafka_config's properties. Defaults are validated too (BaseSettings'
+    # validate_default), so _kafka makes this text a KafkaConfig; Field's type says str.
+    kafka: Annotated[KafkaConfig, NoDecode] = Field(  # type: ignore[assignment]
         "127.0.0.1:9092", validation_alias="EDDY_KAFKA_BOOTSTRAP")
     redis_url: str = Field("redis://127.0.0.1:6379/0",
                            description="a redis:// URL; set it like redis://127.0.0.1:6379/0")
@@ -93,7 +95,8 @@ class Settings(BaseSettings):
     partitions: PositiveInt = Field(3, description="a positive integer")
     scorers: int = Field(1, ge=1, le=16, description="a number of scorer replicas from 1 to 16")
     jars_dir: Path = Field(REPO_ROOT / ".jars", validation_alias="EDDY_JARS")
-    model_key: SecretBytes = Field(b"")  # empty: a key generated once into home
+    # empty: a key generated once into home (validated like kafka's default, into SecretBytes)
+    model_key: SecretBytes = Field(b"")  # type: ignore[assignment]
     ingest: bool = Field(True, description="on or off")  # run lakehouse ingestion in the stack
     ingest_trigger_s: Seconds = Field(2.0, validation_alias="EDDY_INGEST_TRIGGER",
                                       description="a duration like 2s or 500ms")
@@ -104,6 +107,10 @@ class Settings(BaseSettings):
     retrain_every_labels: PositiveInt | None = Field(None, description="a positive number of labels")
     retrain_every_s: Seconds | None = Field(None, validation_alias="EDDY_RETRAIN_EVERY",
                                             description="a duration like 30m or 6h")
+    # A local Prometheus scraping every stage, with eddy's rules (`eddy up --monitoring`).
+    monitoring: bool = Field(False, description="on or off")
+    # The port each stage serves /metrics and /ready on (0: any free one, found through run/targets/).
+    metrics_port: int = Field(0, ge=0, le=65535, description="a port number, or 0 for any free one")
     # How often each stage commits (None: each stage's default).
     commit_interval_s: Seconds | None = Field(None, validation_alias="EDDY_COMMIT_INTERVAL",
                                               description="a duration like 50ms or 1s")
@@ -242,6 +249,8 @@ def child_environment(settings: Settings, extra: Mapping[str, str] | None = None
         EDDY_PARTITIONS=str(settings.partitions),
         EDDY_SCORERS=str(settings.scorers),
         EDDY_INGEST="on" if settings.ingest else "off",
+        EDDY_MONITORING="on" if settings.monitoring else "off",
+        EDDY_METRICS_PORT=str(settings.metrics_port),
         EDDY_SPARK_MASTER=settings.spark_master,
         PYTHONUNBUFFERED="1",
     )

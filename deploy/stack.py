@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
 
 from deploy import broker, components, redis_local
 from deploy.processes import ProcessTable
 from deploy.settings import Settings, child_environment, redact_url
-from features.errors import EddyError
+from features.errors import EddyError, ServiceError
 from features.spec import PipelineSpec, load_spec
+from features.waiting import poll
 from streams.kafka import ensure_topics, group_lag, wait_for_broker
 from streams.metrics import read_metrics
 
@@ -26,6 +29,9 @@ START_ORDER = ("broker", "redis")
 
 @dataclass
 class UpReport:
+    """What `up` did: each part's address, pid, start time and log, the topics it created, and the
+    baseline model version when it published one."""
+
     parts: dict[str, dict[str, Any]] = field(default_factory=dict)
     topics_created: list[str] = field(default_factory=list)
     baseline: str | None = None  # the baseline model version, when this `up` published it
@@ -47,6 +53,7 @@ def private_settings(base: Settings, home: Path, **changes: Any) -> Settings:
 
 
 def process_table(settings: Settings) -> ProcessTable:
+    """The processes this EDDY_HOME started, recorded under its run folder, logs under its logs folder."""
     return ProcessTable(settings.run_dir, settings.logs_dir)
 
 
@@ -62,6 +69,13 @@ def up(settings: Settings, spec: PipelineSpec | None = None, with_components: bo
     r = redis_local.ensure_redis(settings, table)
     report.parts["redis"] = {"managed": r.managed, "address": r.address, "pid": r.pid,
                              "start_s": round(r.start_s, 2), "log": str(table.log_path("redis"))}
+    if settings.monitoring:
+        from deploy import prometheus_local
+
+        p = prometheus_local.ensure_prometheus(settings, table)
+        report.parts[prometheus_local.NAME] = {"managed": True, "address": p.url, "pid": p.pid,
+                                               "start_s": round(p.start_s, 2),
+                                               "log": str(table.log_path(prometheus_local.NAME))}
     report.topics_created = ensure_topics(
         settings.kafka, spec.topics.all(), settings.partitions, single_partition=[spec.topics.model_updates]
     )
@@ -74,22 +88,73 @@ def up(settings: Settings, spec: PipelineSpec | None = None, with_components: bo
 
 
 def _start_components(settings: Settings, spec: PipelineSpec, table: ProcessTable, report: UpReport) -> None:
-    """Start each wanted component not running yet; stop the ones of another --engine."""
+    """Have the supervisor run the wanted components and wait until each is healthy. A supervisor of
+    other settings (another --engine, more scorers) is replaced: it stops its components first."""
     import redis
 
+    from deploy import supervisor
+
+    env = child_environment(settings)
+    config = hashlib.sha256(json.dumps(sorted((k, v) for k, v in env.items() if k.startswith("EDDY_"))).encode())
+    fingerprint, marker = config.hexdigest(), settings.run_dir / "supervisor.config"
+    running = table.get(supervisor.NAME)
+    if running is not None and running.alive() and _read(marker) != fingerprint:
+        table.stop(supervisor.NAME, timeout_s=60)
+        running = None
     wanted = components.wanted(settings)
     for other in set(components.COMPONENTS) - {c.name for c in wanted}:
-        table.stop(other)
+        table.stop(other)  # left by a supervisor that was killed
+    started_at = time.monotonic()
+    if running is None or not running.alive():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(fingerprint)
+        running = table.start(supervisor.NAME, components.argv(supervisor.NAME), env)
+        report.parts[supervisor.NAME] = {"managed": True, "address": "", "pid": running.pid,
+                                         "start_s": round(time.monotonic() - started_at, 2) or 0.01,
+                                         "log": str(table.log_path(supervisor.NAME))}
+    else:
+        report.parts[supervisor.NAME] = {"managed": True, "address": "", "pid": running.pid, "start_s": 0.0,
+                                         "log": str(table.log_path(supervisor.NAME))}
     client = redis.Redis.from_url(settings.redis_url)
     for comp in wanted:
-        record = table.get(comp.name)
-        took = 0.0
-        if record is None or not record.alive():
-            record = table.start(comp.name, components.argv(comp.name), child_environment(settings))
-            took = table.wait_healthy(record, lambda c=comp, r=record: _beats_from(client, spec, c.name, r.pid),
-                                      COMPONENT_DEADLINE_S, comp.name)
-        report.parts[comp.name] = {"managed": True, "address": "", "pid": record.pid, "start_s": round(took, 2),
+        started = time.monotonic()
+        record = _healthy(settings, spec, table, client, comp.name)
+        took = time.monotonic() - started
+        report.parts[comp.name] = {"managed": True, "address": "", "pid": record.pid,
+                                   "start_s": round(took, 2) if took > 0.5 else 0.0,
                                    "log": str(table.log_path(comp.name))}
+
+
+def _healthy(settings: Settings, spec: PipelineSpec, table: ProcessTable, client, name: str):
+    """The component's record once the process the supervisor runs for it has sent a heartbeat;
+    ServiceError with its last exit when it crash-loops, or when the deadline passes."""
+    from deploy import supervisor
+    from deploy.processes import last_error_line
+
+    def check():
+        if not (running := table.get(supervisor.NAME)) or not running.alive():
+            raise ServiceError(f"the supervisor exited during start: "
+                               f"{last_error_line(table.log_path(supervisor.NAME))} (log: {table.log_path(supervisor.NAME)})")
+        state = supervisor.read_state(settings.run_dir).get(name, {})
+        if state.get("crash_looping"):
+            raise ServiceError(f"{name} keeps exiting ({state.get('last_reason')}); log: {table.log_path(name)}")
+        record = table.get(name)
+        return record if record is not None and record.alive() and _beats_from(client, spec, name, record.pid) else None
+
+    record = poll(check, COMPONENT_DEADLINE_S)
+    if record is None:
+        state = supervisor.read_state(settings.run_dir).get(name, {})
+        why = f" (last exit: {state['last_reason']})" if state.get("last_reason") else ""
+        raise ServiceError(f"{name} did not become healthy within {COMPONENT_DEADLINE_S:.0f}s{why}; "
+                           f"log: {table.log_path(name)}")
+    return record
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def _beats_from(client, spec: PipelineSpec, component: str, pid: int) -> bool:
@@ -103,12 +168,19 @@ def _metric(component: str) -> str:
 
 
 def down(settings: Settings, timeout_s: float = 20.0) -> list[str]:
-    """Stop every process this EDDY_HOME started, consumers first; returns the names stopped."""
+    """Stop every process this EDDY_HOME started: the supervisor first (it stops the components it
+    runs), then what is left, consumers before the broker and Redis; returns the names stopped."""
+    from deploy import supervisor
+
     table = process_table(settings)
+    alive = [r.name for r in table.all() if r.alive()]
+    stopped = [supervisor.NAME] if table.stop(supervisor.NAME, timeout_s * 3) else []
+    # the components the supervisor stopped on its way out
+    stopped += [name for name in alive if name != supervisor.NAME and table.get(name) is None]
     records = table.all()
     rank = {name: i for i, name in enumerate(START_ORDER)}
     records.sort(key=lambda r: rank.get(r.name, len(rank)), reverse=True)
-    return [r.name for r in records if table.stop(r.name, timeout_s)]
+    return stopped + [r.name for r in records if table.stop(r.name, timeout_s)]
 
 
 def _pipeline_name(settings: Settings) -> str:
@@ -168,8 +240,11 @@ def status(settings: Settings) -> dict[str, Any]:
         if name not in report["parts"]:
             beats = read_metrics(redis.Redis.from_url(settings.redis_url), _pipeline_name(settings), _metric(name)) if redis_up else []
             extra = _sum_beats(beats)
-            report["parts"][name] = _part(record, record.alive() and bool(beats), record.address, **extra)
+            beating = bool(beats) or name in ("supervisor", "prometheus")  # no heartbeat: alive is up
+            report["parts"][name] = _part(record, record.alive() and beating, record.address, **extra)
 
+    _supervision(settings, report["parts"], started)
+    _metrics_urls(settings, report["parts"])
     if broker_up:
         try:
             report["lag"] = group_lag(settings.kafka, timeout_s=5)
@@ -177,6 +252,39 @@ def status(settings: Settings) -> dict[str, Any]:
             report["lag"] = {"error": str(exc)}
     report["checked_at"] = time.time()
     return report
+
+
+def _metrics_urls(settings: Settings, parts: dict[str, dict[str, Any]]) -> None:
+    """Where each part serves its Prometheus metrics, from the scrape target it wrote."""
+    for path in (settings.run_dir / "targets").glob("*.json"):
+        part = parts.get(path.stem)
+        if part is None or part["state"] != "up":
+            continue
+        try:
+            [entry] = json.loads(path.read_text())
+            part["metrics_url"] = f"http://{entry['targets'][0]}/metrics"
+        except (OSError, ValueError, KeyError, IndexError):
+            continue
+    prometheus = parts.get("prometheus")
+    if prometheus is not None and prometheus["state"] == "up":
+        prometheus["metrics_url"] = f"http://{prometheus['address']}/metrics"
+
+
+def _supervision(settings: Settings, parts: dict[str, dict[str, Any]], started: dict) -> None:
+    """Each part's restarts, last exit and crash loop as the supervisor saw them (restarts 0 for a part
+    it does not watch); a part it is bringing back shows as down with its reason."""
+    from deploy import supervisor
+
+    states = supervisor.read_state(settings.run_dir)
+    watching = supervisor.NAME in started and started[supervisor.NAME].alive()
+    for name, state in states.items():
+        part = parts.setdefault(name, _part(started.get(name), False, ""))
+        part.update(restarts=state.get("restarts", 0), last_exit_code=state.get("last_exit_code"),
+                    last_reason=state.get("last_reason"), crash_looping=bool(state.get("crash_looping")) and watching)
+        if watching and state.get("state") in ("backoff", "crash-looping") and part["state"] == "down":
+            part["note"] = f"restarting ({state['state']}): {state.get('last_reason')}"
+    for part in parts.values():
+        part.setdefault("restarts", 0)
 
 
 def _part(record, up: bool, address: str, **extra: Any) -> dict[str, Any]:
@@ -200,5 +308,6 @@ def _redis_memory(url: str, up: bool) -> dict[str, Any]:
         return {}
     import redis
 
-    info = redis.Redis.from_url(url, socket_timeout=2).info("memory")
+    # redis-py types a reply as sync or async in one union; this client is the sync one
+    info = cast("dict[str, Any]", redis.Redis.from_url(url, socket_timeout=2).info("memory"))
     return {"used_memory_mb": round(info["used_memory"] / 2**20, 2)}

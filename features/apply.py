@@ -4,11 +4,14 @@ so they refuse the same events for the same reasons and compute the same rows fo
 
 from __future__ import annotations
 
+from typing import final
+
 from features.spec import PipelineSpec
 from features.validation import Event, iso_ms
 from features.windows import EntityState, FeatureLogic, FeatureRow
 
 
+@final  # so `type(row) is Refused` narrows the other branch to FeatureRow
 class Refused(str):
     """Why an admitted event does not enter its entity's state: the DLQ's eddy.error header."""
 

@@ -55,7 +55,7 @@ def skip_torch_import() -> None:
     ~500 MB and ~2.5 s. A process that never uses torch (the online writer, `eddy features get`)
     calls this before Feast's import, which then finds torch missing and carries on without it."""
     if "torch" not in sys.modules:
-        sys.modules["torch"] = None  # type: ignore[assignment] - makes `import torch` raise ImportError
+        sys.modules["torch"] = None  # type: ignore[assignment]  # None there makes `import torch` raise ImportError
 
 
 # --- names and types: pure, no Feast import ---------------------------------------------------------
@@ -261,6 +261,7 @@ def _registered(store: feast.FeatureStore, objects: list[Any]) -> bool:
     """True when the registry already holds exactly these definitions."""
     from feast import Entity, FeatureView
 
+    found: object
     try:
         for obj in objects:
             if isinstance(obj, Entity):

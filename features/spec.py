@@ -35,12 +35,17 @@ _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}\Z")
 
 @dataclass(frozen=True)
 class Field:
+    """One field of the source schema: its name and its schema type (one of TYPES)."""
+
     name: str
     type: str
 
 
 @dataclass(frozen=True)
 class Feature:
+    """One feature: aggregation `agg` of schema field `of` over the last `window_ms` of event time
+    (`of` is None for count and time_since_last, `window_ms` None for time_since_last)."""
+
     name: str
     agg: str
     of: str | None
@@ -49,6 +54,9 @@ class Feature:
 
 @dataclass(frozen=True)
 class Labels:
+    """Where labels come from: their topic, the field holding the labelled event's id, and the 0/1
+    label field."""
+
     topic: str
     id: str
     label: str
@@ -56,12 +64,17 @@ class Labels:
 
 @dataclass(frozen=True)
 class Model:
+    """The model the pipeline scores with: its name and kind (one of MODEL_KINDS)."""
+
     name: str
     kind: str
 
 
 @dataclass(frozen=True)
 class Topics:
+    """The topic of each role, as the spec names it or by default; parse_spec guarantees no two
+    roles share one."""
+
     source: str
     labels: str | None
     features: str
@@ -78,6 +91,9 @@ class Topics:
 
 @dataclass(frozen=True)
 class PipelineSpec:
+    """A validated pipeline spec, made by parse_spec or load_spec. `spec_hash` covers every field;
+    artifacts and model updates carry it, and a scorer refuses those made for another spec."""
+
     name: str
     entity: str
     key: str
@@ -104,6 +120,7 @@ class PipelineSpec:
 
     @property
     def feature_names(self) -> tuple[str, ...]:
+        """The feature names in spec order: the columns of every feature row."""
         return tuple(f.name for f in self.features)
 
     @property
@@ -113,6 +130,7 @@ class PipelineSpec:
 
     @property
     def max_window_ms(self) -> int:
+        """The longest window of any feature (0 when no feature has one)."""
         return max((f.window_ms for f in self.features if f.window_ms is not None), default=0)
 
     @property

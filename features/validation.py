@@ -159,4 +159,6 @@ class Validator:
             return Invalid(f"field {(self._key if key == '' else self._id)!r} is empty")
         if event_time is None:
             event_time = parse_timestamp(record[self._ts])
+            if event_time is None:  # not reached: the spec's timestamp field is a schema field, checked above
+                return Invalid(f"field {self._ts!r} is not ISO-8601 with an offset or epoch milliseconds")
         return Event(str(key), str(event_id), event_time, record)

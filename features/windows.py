@@ -19,7 +19,8 @@ from features.spec import PipelineSpec
 
 Value = float | int | None
 _time = operator.itemgetter(0)
-_PY_TYPES = {"double": float, "float": float, "long": int, "int": int, "string": str, "boolean": bool}
+_PY_TYPES: dict[str, type[Any]] = {"double": float, "float": float, "long": int, "int": int, "string": str,
+                                   "boolean": bool}
 
 
 @dataclass(slots=True)
@@ -140,15 +141,17 @@ def _sum(a: _Agg) -> float:
     return a.s1 / (1 << a.b1) if a.s1 else 0.0
 
 
+# These run only on an _Agg built with the parts _NEEDS lists for their aggregate, so the s1, s2 or
+# distinct they read is never None; a check would cost a branch per feature per event, hence the ignores.
 def _avg(a: _Agg) -> float | None:
-    return a.s1 / (a.n << a.b1) if a.n else None
+    return a.s1 / (a.n << a.b1) if a.n else None  # type: ignore[operator]
 
 
 def _stddev(a: _Agg) -> float:
     if a.n < 2:
         return 0.0
     e = max(a.b2, 2 * a.b1)
-    num = ((a.n * a.s2) << (e - a.b2)) - ((a.s1 * a.s1) << (e - 2 * a.b1))
+    num = ((a.n * a.s2) << (e - a.b2)) - ((a.s1 * a.s1) << (e - 2 * a.b1))  # type: ignore[operator]
     return math.sqrt(num / ((a.n * a.n) << e)) if num else 0.0
 
 
@@ -161,7 +164,7 @@ def _max(a: _Agg) -> float | None:
 
 
 def _distinct(a: _Agg) -> int:
-    return len(a.distinct)
+    return len(a.distinct)  # type: ignore[arg-type]
 
 
 _FROM_AGG = {"sum": _sum, "avg": _avg, "stddev": _stddev, "min": _min, "max": _max,
@@ -198,17 +201,18 @@ class FeatureLogic:
         windows = sorted({f.window_ms for f in spec.features
                           if f.window_ms is not None and f.agg != "last"})
         needs: list[dict[int, set[str]]] = [{} for _ in windows]
-        lasts = list(dict.fromkeys(col[f.of] for f in spec.features if f.agg == "last"))
+        lasts = list(dict.fromkeys(col[f.of] for f in spec.features if f.agg == "last" and f.of is not None))
         plan = []
         for f in spec.features:
             wi = windows.index(f.window_ms) if f.window_ms in windows else -1
             slot = -1
+            c = 0 if f.of is None else col[f.of]  # the spec gives `of` to every aggregate but count, time_since_last
             if f.agg in _NEEDS:
-                needs[wi].setdefault(col[f.of], set()).update(_NEEDS[f.agg])
-                slot = list(needs[wi]).index(col[f.of])
+                needs[wi].setdefault(c, set()).update(_NEEDS[f.agg])
+                slot = list(needs[wi]).index(c)
             elif f.agg == "last":
-                slot = lasts.index(col[f.of])
-            plan.append((f.name, f.agg, wi, slot, col.get(f.of, 0), f.window_ms or 0))
+                slot = lasts.index(c)
+            plan.append((f.name, f.agg, wi, slot, c, f.window_ms or 0))
         self._plan = tuple(plan)
         self._layout = tuple((ms, tuple((c, tuple(sorted(n))) for c, n in needs[i].items()))
                              for i, ms in enumerate(windows))
@@ -236,7 +240,7 @@ class FeatureLogic:
         row = self._scan(state, entry, hi)
         if event_time_ms < seen - self._lateness:
             return FeatureRow(row, True)
-        self._insert(state, entry, hi)
+        self._insert(state, entry, hi, seen)
         return FeatureRow(row, False)
 
     def _entry(self, t: int, values: Mapping[str, Any]) -> list:
@@ -280,7 +284,7 @@ class FeatureLogic:
             if entry[c] is not None:
                 st.lasts[slot] = [t, entry[c]]
         row = self._row(st, t, tsl, len(ev))
-        self._evict(st)
+        self._evict(st, t)
         return row
 
     def _row(self, st: EntityState, t: int, tsl: float | None, end: int) -> dict[str, Value]:
@@ -317,12 +321,13 @@ class FeatureLogic:
             row[name] = _from_values(agg, values)
         return row
 
-    def _insert(self, st: EntityState, entry: list, hi: int) -> None:
-        """Enter an out-of-order (not late) event at its place in event-time order."""
+    def _insert(self, st: EntityState, entry: list, hi: int, max_seen: int) -> None:
+        """Enter an out-of-order (not late) event at its place in event-time order; `max_seen` is
+        st.max_seen, which it leaves as it is."""
         t, ev = entry[0], st.events
         ev.insert(hi, entry)
         for win in st.wins:
-            if t <= st.max_seen - win.ms:
+            if t <= max_seen - win.ms:
                 win.lo += 1  # it landed before this window
                 continue
             for a in win.aggs:
@@ -334,11 +339,12 @@ class FeatureLogic:
             rec = st.lasts[slot]
             if entry[c] is not None and (rec is None or t >= rec[0]):
                 st.lasts[slot] = [t, entry[c]]
-        self._evict(st)
+        self._evict(st, max_seen)
 
-    def _evict(self, st: EntityState) -> None:
-        """Drop events no future non-late event can see: time <= max_seen - lateness - max window."""
-        cut = st.max_seen - self._horizon
+    def _evict(self, st: EntityState, max_seen: int) -> None:
+        """Drop events no future non-late event can see: time <= max_seen - lateness - max window
+        (`max_seen` is st.max_seen, passed by the caller that just set or read it)."""
+        cut = max_seen - self._horizon
         ev, i, end = st.events, st.start, len(st.events)
         while i < end and ev[i][0] <= cut:
             i += 1

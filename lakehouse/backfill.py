@@ -11,9 +11,9 @@ others are duplicates (the engines keep the first one they see). Invalid records
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from features.spec import PipelineSpec
 from lakehouse.ingest import table_location
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _rows(spec: PipelineSpec, records: Iterator) -> Iterator[tuple]:
+def _rows(spec: PipelineSpec, records: Iterable[Any]) -> Iterator[tuple]:
     """One Spark partition's records, sorted by (source partition, entity, offset) -> one row each:
     the backfill table's columns, then the refusal's reason (None for a feature row)."""
     from features.apply import ApplyStep, Refused
@@ -41,7 +41,8 @@ def _rows(spec: PipelineSpec, records: Iterator) -> Iterator[tuple]:
     logic = step.logic
     columns = [(name, float if kind == "double" else int) for name, kind in feature_columns(spec)]
     nothing = (None,) * len(columns)
-    group, state = None, None
+    group: tuple[int, str] | None = None
+    state = logic.new_state()  # each group starts a new one: the first record's does
     for r in records:
         event = validator.parse(bytes(r.value))
         if not isinstance(event, Event):
@@ -77,7 +78,8 @@ def backfill_rows(session: SparkSession, root: str, spec: PipelineSpec) -> DataF
                        F.col(f"`{spec.key}`").alias("eddy_key_"))
                .repartition("kafka_partition", "eddy_key_")
                .sortWithinPartitions("kafka_partition", "eddy_key_", "kafka_offset"))
-    schema = StructType.fromDDL(backfill_table(spec).ddl + ", `refused` string")
+    # fromDDL is typed DataType; the DDL of a list of columns parses to a StructType
+    schema = cast(StructType, StructType.fromDDL(backfill_table(spec).ddl + ", `refused` string"))
     return session.createDataFrame(records.rdd.mapPartitions(lambda part: _rows(spec, part)), schema)
 
 

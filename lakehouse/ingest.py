@@ -27,6 +27,9 @@ QUERY_NAME = "eddy-ingest"
 
 @dataclass(frozen=True)
 class IngestConfig:
+    """How ingestion runs: the lakehouse root, how to reach Kafka, the trigger, the largest batch,
+    and the checkpoint folder."""
+
     root: str                                  # the lakehouse root: a path or any URI Spark writes
     kafka_options: Mapping[str, str]           # kafka.bootstrap.servers and kafka.* security settings
     trigger_s: float = 2.0                     # how often a micro-batch starts (when records wait)
@@ -35,14 +38,17 @@ class IngestConfig:
 
     @property
     def checkpoint_location(self) -> str:
+        """Where the queries keep their checkpoints (a folder per table under it)."""
         return self.checkpoint or join(self.root, "_checkpoints", "ingest")
 
 
 def join(root: str, *parts: str) -> str:
+    """`parts` under `root`, joined with '/' (a URI such as s3a://bucket as well as a path)."""
     return "/".join([root.rstrip("/"), *parts])
 
 
 def table_location(root: str, table: Table) -> str:
+    """Where `table` lives under the lakehouse root."""
     return join(root, table.path)
 
 
@@ -91,6 +97,8 @@ class Ingestion:
         self._seen: dict[str, int] = {}
 
     def start(self) -> None:
+        """Create missing tables, then start one streaming query per table; returns at once. A query
+        resumes from its checkpoint, or reads its topic from the earliest offset on its first run."""
         ensure_tables(self.session, self.config.root, self.tables)
         for table in self.tables:
             records = (self.session.readStream.format("kafka")
@@ -137,6 +145,7 @@ class Ingestion:
         return stats
 
     def stop(self) -> None:
+        """Stop every query; a batch in flight is redone from the checkpoint at the next start."""
         for query in self._queries.values():
             query.stop()
 

@@ -150,12 +150,17 @@ def _point_in_time(session: SparkSession, store: feast.FeatureStore, spec: Pipel
     names = list(feature_dtypes(spec))
     refs = [f"{view_name(spec)}:{name}" for name in names]
     with _RETRIEVAL, _feast_on(session):
+        from feast.infra.offline_stores.contrib.spark_offline_store.spark import SparkRetrievalJob
+
         job = store.get_historical_features(entity_df=entity, features=refs)
+        if not isinstance(job, SparkRetrievalJob):
+            raise ConfigError(f"the feature store's offline store gave a {type(job).__name__}, not Spark's job; "
+                              "its feature_store.yaml must name the spark offline store")
         try:
             if job.spark_session is not session:
                 raise ConfigError("Feast's Spark store picked a Spark session other than the one given; "
                                   "call this from the thread that started the session")
-            rows = job.to_spark_df().select(ROW_COLUMN, *names).toPandas()
+            rows: pd.DataFrame = job.to_spark_df().select(ROW_COLUMN, *names).toPandas()
         finally:
             _drop_temp_views(session, job.query)
     if len(rows) != len(entity) or set(rows[ROW_COLUMN]) != set(entity[ROW_COLUMN]):
@@ -197,7 +202,10 @@ def _feast_on(session: SparkSession) -> Iterator[None]:
             yield
     finally:
         for key, value in before.items():
-            session.conf.set(key, value)
+            if value is None:  # not set before (both settings have defaults, so not expected)
+                session.conf.unset(key)
+            else:
+                session.conf.set(key, value)
 
 
 def _arrow_usable() -> bool:

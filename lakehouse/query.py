@@ -33,6 +33,8 @@ class QueryError(EddyError):
 
 @dataclass(frozen=True)
 class Result:
+    """A statement's column names and its rows, as Spark returned them."""
+
     columns: list[str]
     rows: list[tuple[Any, ...]]
 
@@ -95,7 +97,8 @@ def optimize(session: SparkSession, root: str, spec: PipelineSpec) -> dict[str, 
     for table in register_tables(session, root, spec):
         metrics = DeltaTable.forPath(session, table_location(root, table)).optimize().executeCompaction()
         row = metrics.select("metrics.numFilesRemoved", "metrics.numFilesAdded").first()
-        out[table.sql_name] = {"files_removed": int(row[0] or 0), "files_added": int(row[1] or 0)}
+        removed, added = (0, 0) if row is None else (int(row[0] or 0), int(row[1] or 0))  # one row, always
+        out[table.sql_name] = {"files_removed": removed, "files_added": added}
     return out
 
 
@@ -115,6 +118,8 @@ def vacuum(session: SparkSession, root: str, spec: PipelineSpec, retain_hours: f
 
 
 def check_retain(retain_hours: float, min_hours: float = MIN_RETAIN_HOURS) -> None:
+    """ConfigError when `retain_hours` is below `min_hours`: VACUUM would then delete the files of
+    writes not committed yet."""
     if retain_hours < min_hours:
         raise ConfigError(f"--retain {retain_hours:g}: keep at least {min_hours:g} hour(s), so files a running "
                           "ingestion has written but not committed yet are not deleted")
@@ -124,6 +129,7 @@ def _data_files(session: SparkSession, location: str) -> int:
     """Parquet files under a table's location, referenced or not (through Hadoop's file system,
     so any URI Spark writes works)."""
     jvm = session.sparkContext._jvm
+    assert jvm is not None  # None only on an executor; this runs on the driver
     path = jvm.org.apache.hadoop.fs.Path(location)
     fs = path.getFileSystem(session.sparkContext._jsc.hadoopConfiguration())
     files = fs.listFiles(path, True)
@@ -172,4 +178,5 @@ def _numeric(text: str) -> bool:
 
 
 def describe(tables: Sequence[Table]) -> str:
+    """The tables' SQL names, comma separated, for messages."""
     return ", ".join(t.sql_name for t in tables)

@@ -37,7 +37,7 @@ def labelled_features(session: SparkSession, root: str, spec: PipelineSpec,
                         "streamed; run `eddy backfill` (it recomputes every event's features), then retrain")
     names = ", ".join(f"CAST(NULL AS DOUBLE) AS `{n}`" if n in missing else f"f.`{n}`" for n, _ in feature_columns(spec))
     lid, label = spec.labels.id, spec.labels.label
-    frame = session.sql(f"""
+    frame: pd.DataFrame = session.sql(f"""
         WITH newest_label AS (
             SELECT `{lid}` AS event_id, max_by(`{label}`, struct(label_time, kafka_timestamp)) AS label
             FROM eddy_labels WHERE `{lid}` IS NOT NULL AND `{label}` IS NOT NULL GROUP BY `{lid}`),
@@ -48,7 +48,7 @@ def labelled_features(session: SparkSession, root: str, spec: PipelineSpec,
         FROM one_row f JOIN newest_label l ON f.event_id = l.event_id
         WHERE f.n = 1
         ORDER BY f.event_time, f.kafka_partition, f.kafka_offset""").toPandas()
-    if missing:
+    if missing and point_in_time is not None:  # checked above: missing features need point_in_time
         filled = point_in_time(frame[[spec.key, "event_time"]])
         for name in missing:
             frame[name] = filled[name].to_numpy()

@@ -19,7 +19,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
-from torch import nn
 
 from features.errors import ConfigError
 from features.validation import iso_ms
@@ -35,7 +34,7 @@ from models.errors import (
 )
 from models.inputs import Normaliser
 from models.manifest import FORMAT, MANIFEST_FILE, Manifest, short
-from models.modules import build_model
+from models.modules import ScorerModule, build_model
 from models.scoring import LoadedModel
 
 WEIGHTS_FILE = "model.safetensors"
@@ -99,7 +98,7 @@ def model_update_message(manifest: Manifest, uri: str, key: bytes, action: str =
     return {**fields, "signature": sign_message(fields, key)}
 
 
-def save_artifact(directory: str | os.PathLike, model: nn.Module, normaliser: Normaliser,
+def save_artifact(directory: str | os.PathLike, model: ScorerModule, normaliser: Normaliser,
                   manifest_fields: Mapping[str, Any], key: bytes) -> Manifest:
     """Write model.safetensors and the signed manifest.json into `directory` (created if absent).
 

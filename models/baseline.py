@@ -16,7 +16,7 @@ from features.spec import Feature, PipelineSpec
 from models.artifacts import save_artifact
 from models.inputs import Z_CLIP, Normaliser
 from models.manifest import Manifest
-from models.modules import SequenceScorer, build_model
+from models.modules import ScorerModule, SequenceScorer, build_model
 
 PRIOR_RATE = 0.01  # the score of an unremarkable event: the positive rate eddy expects
 # Source fields read as money (the transaction prior applies when a feature aggregates one).
@@ -75,7 +75,7 @@ def baseline_prior(spec: PipelineSpec) -> tuple[Normaliser, np.ndarray, float]:
     return normaliser, weight.astype(np.float64), math.log(PRIOR_RATE / (1 - PRIOR_RATE))
 
 
-def baseline_model(spec: PipelineSpec, config: dict[str, Any] | None = None) -> tuple[nn.Module, Normaliser]:
+def baseline_model(spec: PipelineSpec, config: dict[str, Any] | None = None) -> tuple[ScorerModule, Normaliser]:
     """A model of the spec's kind whose logit is exactly the prior's linear score of the
     scored row (for a sequence model: of the last row; the GRU is zeroed, so history adds 0)."""
     normaliser, weight, bias = baseline_prior(spec)

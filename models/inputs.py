@@ -45,6 +45,7 @@ def rows_to_array(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> np
     if not dicts:
         return np.empty((0, len(names)), dtype=np.float64)
     get = itemgetter(*names)
+    table: list[tuple[Any, ...]]
     try:
         if len(names) == 1:
             table = [(get(d),) for d in dicts]

@@ -128,7 +128,11 @@ def last_rows(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device), idx]
 
 
-def build_model(kind: str, n_inputs: int, config: Mapping[str, Any] | None = None) -> nn.Module:
+# A model of one of KINDS: an nn.Module with `kind`, `config` and `n_inputs`, which artifacts and scoring read.
+ScorerModule = MLPScorer | SequenceScorer
+
+
+def build_model(kind: str, n_inputs: int, config: Mapping[str, Any] | None = None) -> ScorerModule:
     """A fresh (randomly initialised, from torch's current RNG) model of `kind` for [.., n_inputs]."""
     if isinstance(n_inputs, bool) or not isinstance(n_inputs, int) or n_inputs < 1:
         raise ModelError(f"n_inputs must be a positive integer, got {n_inputs!r}")

@@ -21,6 +21,7 @@ from confluent_kafka import Consumer
 
 from features.errors import EddyError
 from features.spec import PipelineSpec
+from features.waiting import poll
 from models.artifacts import load_artifact, save_artifact
 from models.inputs import spec_log_mask
 from models.scoring import LoadedModel, pick_device
@@ -33,6 +34,9 @@ PUBLISH_MODES = ("auto", "always", "never")
 
 @dataclass
 class RetrainResult:
+    """One retrain's outcome: the new version, its holdout metrics beside the champion's on the same
+    holdout, whether it was published, the training set's size and where the artifact is."""
+
     version: str
     champion: str | None
     metrics: dict[str, Any]
@@ -45,17 +49,20 @@ class RetrainResult:
 
 
 def _read_all(kafka: KafkaConfig, topic: str, idle_s: float = 3.0) -> list[bytes]:
+    """Every record value of `topic`, read until none has come for `idle_s`."""
     consumer = Consumer(kafka.client(**{"group.id": f"eddy-retrain-{uuid.uuid4().hex[:8]}",
                                         "auto.offset.reset": "earliest", "enable.auto.commit": False,
                                         "isolation.level": "read_committed"}))
     consumer.subscribe([topic])
-    values, last = [], time.monotonic()
+
+    def next_values() -> list[bytes]:
+        """The values one consume returns (tombstones have none)."""
+        return [v for m in consumer.consume(5000, 0.3) if m.error() is None and (v := m.value()) is not None]
+
+    values: list[bytes] = []
     try:
-        while time.monotonic() - last < idle_s:
-            got = [m.value() for m in consumer.consume(5000, 0.3) if m.error() is None]
-            if got:
-                values.extend(got)
-                last = time.monotonic()
+        while got := poll(next_values, idle_s, every_s=0):
+            values.extend(got)
     finally:
         consumer.close()
     return values

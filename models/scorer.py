@@ -10,6 +10,7 @@ import logging
 import signal
 import threading
 import time
+from collections import Counter as Tally
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import repeat
@@ -21,14 +22,17 @@ import orjson
 from features.errors import EddyError
 from features.spec import PipelineSpec
 from features.validation import iso_ms
+from features.waiting import poll
 from models.errors import InputError
-from models.scoring import pick_device
+from models.scoring import LoadedModel, pick_device
 from models.state import HistoryStore, append_once, history_before
 from models.updates import UpdateListener
 from streams.dlq import dead_letter
 from streams.kafka import KafkaConfig
 from streams.loop import Output, TransactionalLoop
 from streams.metrics import Heartbeat
+from streams.stores import redis_client
+from streams.telemetry import StageMetrics
 
 log = logging.getLogger(__name__)
 STAGE = "scorer"
@@ -39,6 +43,8 @@ _first, _tail, _features = itemgetter(0), itemgetter(slice(1, None)), itemgetter
 
 @dataclass(frozen=True)
 class ScorerConfig:
+    """What a scorer replica runs with, built by deploy from Settings."""
+
     kafka: KafkaConfig
     spec: PipelineSpec
     redis_url: str
@@ -53,6 +59,7 @@ class ScorerConfig:
 
     @property
     def group(self) -> str:
+        """The scorers' consumer group: replicas share it and split the features topic's partitions."""
         return self.spec.stage_id(STAGE)
 
 
@@ -63,60 +70,70 @@ class Scorer:
         self.config = config
         self.spec = config.spec
         self.device = pick_device(config.device)
-        self.serving = None               # the LoadedModel in use
-        self._next: tuple | None = None   # (LoadedModel, update message) waiting for the next batch
+        self.serving: LoadedModel | None = None                   # the model in use
+        self._next: tuple[LoadedModel, dict] | None = None    # (model, update message) waiting for the next batch
         self._lock = threading.Lock()
         self.swaps: list[dict] = []
         self.rows = 0
         self.batches = 0
         self.bad_records = 0
+        self.refusals: Tally[str] = Tally()  # dead letters by reason class
+        self.metrics: StageMetrics | None = None
         self._required = itemgetter("features", "event_id", self.spec.key, "event_time")
         self.history = (HistoryStore(redis_client, self.spec.name, config.history)
                         if self.spec.model.kind == "sequence" else None)
         self.listener = UpdateListener(config.kafka, self.spec, config.model_key, self.device,
                                        on_ready=self._ready, serving=lambda: self.serving)
 
-    def _ready(self, loaded, message: dict) -> None:
+    def _ready(self, loaded: LoadedModel, message: dict) -> None:
         with self._lock:
             self._next = (loaded, message)
 
     def swap_if_ready(self) -> None:
+        """Serve the model the update listener has loaded, if one waits; called between batches and
+        when idle, never during a batch, so each batch is scored by one version."""
         with self._lock:
             ready, self._next = self._next, None
         if ready is None:
             return
         loaded, message = ready
-        previous = self.serving.manifest.version if self.serving is not None else None
+        previous = self.serving.version if self.serving is not None else None
         self.serving = loaded
-        self.swaps.append({"version": loaded.manifest.version, "from": previous, "at": time.time(),
+        self.swaps.append({"version": loaded.version, "from": previous, "at": time.time(),
                            "published_at": message.get("published_at"), "load_ms": message.get("load_ms"),
                            "action": message.get("action", "publish")})
-        log.info("serving model %s (was %s, %s, loaded in %s ms)", loaded.manifest.version, previous,
+        log.info("serving model %s (was %s, %s, loaded in %s ms)", loaded.version, previous,
                  message.get("action", "publish"), message.get("load_ms"))
 
     def wait_for_model(self) -> None:
-        """Block until the updates topic has been replayed and a model serves."""
-        deadline = time.monotonic() + self.config.model_wait_s
-        while time.monotonic() < deadline:
+        """Block until the updates topic has been replayed and a model serves; EddyError after
+        config.model_wait_s without one."""
+
+        def serving() -> bool:
             self.swap_if_ready()
-            if self.serving is not None and self.listener.caught_up.is_set():
-                return
-            time.sleep(0.05)
+            return self.serving is not None and self.listener.caught_up.is_set()
+
+        if poll(serving, self.config.model_wait_s, every_s=0.05):
+            return
         raise EddyError(f"no servable model on {self.spec.topics.model_updates!r} after "
                         f"{self.config.model_wait_s:.0f}s: run `eddy up` (it publishes the baseline) or `eddy promote`")
 
     def process(self, messages: Sequence, out: Output) -> None:
+        """One batch, inside its transaction: unreadable records to the DLQ, one model call for the rest,
+        one prediction each. EddyError when no model serves yet (run_scorer waits for one first)."""
         self.swap_if_ready()
         model = self.serving
+        if model is None or model.version is None:  # run_scorer waits for a model (an artifact) first
+            raise EddyError("no model serves yet: wait_for_model() comes before the first batch")
         records = self._parse_all(messages)
         if records is None:  # some record is not a features record: sort them one by one
             records, kept = self._parse_each(messages, out)
         else:
             kept = list(messages)
         scores = self._score(model, kept, records, out)
-        if not records:
+        if scores is None:  # every record went to the DLQ
             return
-        self._emit(model.manifest.version, kept, records, scores, out)
+        self._emit(model.version, kept, records, scores, out)
         self.rows += len(records)
         self.batches += 1
 
@@ -145,6 +162,7 @@ class Scorer:
                 letter = dead_letter(self.spec.topics.dlq, msg, f"unreadable features record: {exc}", STAGE)
                 out.produce(letter.topic, letter.value, letter.key, headers=letter.headers)
                 self.bad_records += 1
+                self.refusals["unreadable_features"] += 1
                 continue
             records.append(record)
             kept.append(msg)
@@ -167,14 +185,18 @@ class Scorer:
         for value, key in zip(built, map(_key, kept), strict=True):
             produce(topic, value, key)
 
-    def _score(self, model, kept: list, records: list[dict], out: Output):
+    def _score(self, model: LoadedModel, kept: list, records: list[dict], out: Output) -> np.ndarray | None:
         """One model call for the batch; a row the model cannot take goes to the DLQ and the rest is
         scored again (kept and records shrink in place)."""
+        history, metrics = self.history, self.metrics
         while records:
             try:
-                if self.history is None:
-                    return model.score(list(map(_features, records)))
-                return self._score_sequences(model, kept, records)
+                started = time.perf_counter()
+                scores = (model.score(list(map(_features, records))) if history is None
+                          else self._score_sequences(history, model, kept, records))
+                if metrics is not None:
+                    metrics.model_call(len(records), time.perf_counter() - started)
+                return scores
             except InputError as exc:
                 if exc.row is None:
                     raise
@@ -183,13 +205,15 @@ class Scorer:
                 letter = dead_letter(self.spec.topics.dlq, msg, f"features the model cannot take: {exc}", STAGE)
                 out.produce(letter.topic, letter.value, letter.key, headers=letter.headers)
                 self.bad_records += 1
+                self.refusals["model_input"] += 1
         return None
 
-    def _score_sequences(self, model, messages: list, records: list[dict]):
+    def _score_sequences(self, history: HistoryStore, model: LoadedModel, messages: list,
+                         records: list[dict]) -> np.ndarray:
         """Histories from Redis (only rows older than each record), scored at once, then written back."""
         keep = self.config.history
         key_field = self.spec.key
-        stored = self.history.get_many([r[key_field] for r in records])
+        stored = history.get_many([r[key_field] for r in records])
         sequences = []
         for msg, record in zip(messages, records, strict=True):
             entity = record[key_field]
@@ -199,7 +223,7 @@ class Scorer:
             if not record.get("late"):
                 stored[entity] = append_once(rows, msg.partition(), msg.offset(), record["features"], keep)
         scores = model.score_sequences(sequences)
-        self.history.put_many(stored)
+        history.put_many(stored)
         return scores
 
 
@@ -226,14 +250,14 @@ def splice_predictions(values: list[bytes], score_texts: list[bytes], version: s
     return list(map(splice.__mod__, zip(score_texts, map(_tail, values), strict=True)))
 
 
-def run_scorer(config: ScorerConfig) -> None:
-    """Run one scorer replica in this process until SIGTERM."""
-    import redis
+def run_scorer(config: ScorerConfig, metrics: StageMetrics | None = None) -> None:
+    """Run one scorer replica in this process until SIGTERM (with `metrics`, exported as it goes)."""
     import torch
 
     torch.set_num_threads(1)  # one scorer replica per core; more threads only contend on small batches
-    client = redis.Redis.from_url(config.redis_url)
+    client = redis_client(config.redis_url)
     scorer = Scorer(config, client)
+    scorer.metrics = metrics
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -242,13 +266,20 @@ def run_scorer(config: ScorerConfig) -> None:
     loop = TransactionalLoop(config.kafka, config.group, [config.spec.topics.features],
                              transactional_id=f"{config.group}-{config.replica}",
                              batch_size=config.batch_size, batch_wait_s=config.batch_wait_s,
-                             min_interval_s=config.commit_interval_s)
+                             min_interval_s=config.commit_interval_s, metrics=metrics)
 
     def beat(force: bool = False) -> None:
         serving = scorer.serving
         counters = scorer.listener.counters
+        if metrics is not None:
+            metrics.total(metrics.records_out.labels(config.spec.name, STAGE, config.spec.topics.predictions),
+                          scorer.rows)
+            metrics.refusals(scorer.refusals)
+            metrics.total(metrics.updates_refused.labels(config.spec.name, STAGE, "verification"), counters.refused)
+            if serving is not None:
+                metrics.serving(serving.version or "", str(scorer.device))
         heartbeat.beat(scorer.rows, force=force, device=str(scorer.device),
-                       model_version=serving.manifest.version if serving is not None else None,
+                       model_version=serving.version if serving is not None else None,
                        batch_size=round(scorer.rows / max(scorer.batches, 1), 1),
                        updates_accepted=counters.accepted, updates_refused=counters.refused,
                        updates_ignored=counters.ignored_older,

@@ -6,18 +6,26 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch import nn
 
 from features.errors import ConfigError
 from models.errors import InputError
 from models.inputs import Normaliser, histories_to_array
 from models.manifest import Manifest
+from models.modules import ScorerModule
 
 DEVICE_SETTINGS = ("auto", "cpu", "cuda")
+
+
+class Versioned(Protocol):
+    """What scoring reads of a model's manifest: its version. A Manifest, or a stand-in naming a
+    version for a model that was never saved (a benchmark's, a test's)."""
+
+    @property
+    def version(self) -> str: ...
 
 
 def pick_device(setting: str) -> torch.device:
@@ -46,7 +54,7 @@ class LoadedModel:
     Each score call makes one model call for the whole batch. Calls may come from several
     threads; on CUDA they are serialised around the pinned staging buffer."""
 
-    def __init__(self, model: nn.Module, normaliser: Normaliser, manifest: Manifest | None = None,
+    def __init__(self, model: ScorerModule, normaliser: Normaliser, manifest: Manifest | Versioned | None = None,
                  device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)

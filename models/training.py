@@ -13,7 +13,7 @@ from torch import nn
 
 from models.errors import InputError, ModelError
 from models.inputs import Normaliser, fit_normaliser, histories_to_array, rows_to_array
-from models.modules import build_model, model_config
+from models.modules import ScorerModule, build_model, model_config
 from models.scoring import pick_device
 
 Progress = Callable[[int, int, float], None]  # (epoch done, epochs, mean training loss)
@@ -24,7 +24,7 @@ def train(kind: str, rows: Sequence[Any] | np.ndarray, labels: Sequence[Any] | n
           config: Mapping[str, Any] | None = None, seed: int = 0, device: torch.device | str = "cpu",
           epochs: int = 10, on_progress: Progress | None = None, *, names: Sequence[str],
           lengths: np.ndarray | None = None, log1p: Sequence[bool | None] | None = None,
-          batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-4) -> tuple[nn.Module, Normaliser]:
+          batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-4) -> tuple[ScorerModule, Normaliser]:
     """Fit the normaliser on the training rows, then a fresh model with class-weighted BCE.
 
     `rows`: for mlp, feature dicts / feature rows or raw values [R, F] (NaN = null); for
@@ -69,7 +69,7 @@ def _undo_class_weight(model: nn.Module, pos_weight: float) -> None:
     PR-AUC and ROC-AUC, stays the same."""
     output = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     with torch.no_grad():
-        output.bias -= math.log(pos_weight)
+        output.bias.sub_(math.log(pos_weight))
 
 
 def _values(kind: str, rows: Any, names: tuple[str, ...], lengths: np.ndarray | None,

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import orjson
@@ -21,8 +22,13 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from features.errors import EddyError
 from features.spec import PipelineSpec
+from features.waiting import poll
 from models.artifacts import load_artifact, model_update_message, verify_message
-from streams.kafka import KafkaConfig
+from models.manifest import Manifest
+from streams.kafka import KafkaConfig, consumed
+
+if TYPE_CHECKING:
+    from models.scoring import LoadedModel
 
 log = logging.getLogger(__name__)
 ACTIONS = ("publish", "promote", "rollback")
@@ -47,21 +53,29 @@ def read_updates(kafka: KafkaConfig, spec: PipelineSpec, key: bytes) -> list[dic
         consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
         behind = {p for p, end in ends.items() if end > 0}
         out = []
-        deadline = time.monotonic() + 60
-        while behind and time.monotonic() < deadline:
-            for msg in consumer.consume(500, 0.5):
+
+        def read_batch() -> bool:
+            """One batch of the topic into `out`; True once every partition was read to its end."""
+            for msg in consumed(consumer.consume(500, 0.5)):
                 if msg.error() is not None:
                     continue
                 if msg.offset() + 1 >= ends[msg.partition()]:
                     behind.discard(msg.partition())
+                value = msg.value()
+                if value is None:  # a tombstone: no update
+                    continue
                 try:
-                    message = orjson.loads(msg.value())
+                    message = orjson.loads(value)
                     fields = {k: v for k, v in message.items() if k != "signature"}
                     if verify_message(fields, message["signature"], key) and message.get("spec_hash") == spec.spec_hash:
                         if _servable(message, spec, key):
                             out.append(message)
                 except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
                     continue
+            return not behind
+
+        if behind:
+            poll(read_batch, 60, every_s=0)  # past the deadline: what was read by then
         return out
     finally:
         consumer.close()
@@ -92,6 +106,8 @@ class UpdateRefused(EddyError):
 
 
 def artifact_path(uri: str) -> Path:
+    """The local path an artifact URI names (a path or file://); UpdateRefused for any other
+    scheme, so an update never makes a scorer fetch from elsewhere."""
     parts = urlsplit(uri)
     if parts.scheme not in ("", "file"):
         raise UpdateRefused(f"artifact URI {uri!r}: only local paths and file:// URIs are served")
@@ -106,6 +122,8 @@ def update_message(manifest, uri: str, key: bytes, action: str = "publish") -> b
 
 
 def publish(kafka: KafkaConfig, topic: str, manifest, uri: str, key: bytes, action: str = "publish") -> None:
+    """Publish a signed update for the artifact at `uri` (already saved there); EddyError when the
+    broker does not acknowledge it within 30 s."""
     producer = Producer(kafka.client(**{"enable.idempotence": True}))
     producer.produce(topic, update_message(manifest, uri, key, action))
     if producer.flush(30) != 0:
@@ -114,6 +132,8 @@ def publish(kafka: KafkaConfig, topic: str, manifest, uri: str, key: bytes, acti
 
 @dataclass
 class UpdateCounters:
+    """What the listener did with updates since it started, for the scorer's heartbeat."""
+
     accepted: int = 0
     refused: int = 0
     ignored_older: int = 0
@@ -126,7 +146,7 @@ class UpdateListener:
     warmed up and handed to on_ready(loaded). Refusals are one log line and a counter."""
 
     def __init__(self, kafka: KafkaConfig, spec: PipelineSpec, key: bytes, device,
-                 on_ready: Callable[[object, dict], None], serving: Callable[[], object | None]) -> None:
+                 on_ready: Callable[[LoadedModel, dict], None], serving: Callable[[], LoadedModel | None]) -> None:
         self.kafka, self.spec, self.key, self.device = kafka, spec, key, device
         self.on_ready, self.serving = on_ready, serving
         self.counters = UpdateCounters()
@@ -135,9 +155,12 @@ class UpdateListener:
         self.caught_up = threading.Event()
 
     def start(self) -> None:
+        """Start reading the topic in a background thread; `caught_up` is set once its history is
+        replayed and the newest servable update in it (if any) handed to on_ready."""
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the reading thread, waiting up to 10 s for it."""
         self._stop.set()
         self._thread.join(10)
 
@@ -155,7 +178,7 @@ class UpdateListener:
             self.caught_up.set()
         try:
             while not self._stop.is_set():
-                for msg in consumer.consume(100, 0.2):
+                for msg in consumed(consumer.consume(100, 0.2)):
                     if msg.error() is not None:
                         continue
                     if self.caught_up.is_set():
@@ -178,9 +201,11 @@ class UpdateListener:
             if self._load(message):
                 return
 
-    def _check(self, raw: bytes) -> dict | None:
+    def _check(self, raw: bytes | None) -> dict | None:
         """The verified message, or None (refused: counted and logged once)."""
         try:
+            if raw is None:
+                raise UpdateRefused("an empty record (a tombstone), not a signed model update")
             message = orjson.loads(raw)
             if not isinstance(message, dict) or "signature" not in message:
                 raise UpdateRefused("not a signed model update")
@@ -201,15 +226,15 @@ class UpdateListener:
         self.counters.last_refusal = reason
         log.warning("model update refused: %s", reason)
 
-    def _apply(self, raw: bytes) -> None:
+    def _apply(self, raw: bytes | None) -> None:
         message = self._check(raw)
         if message is None:
             return
         current = self.serving()
-        if current is not None and not supersedes(message, {"created_at": current.manifest.created_at}):
+        serving = current.manifest if current is not None else None  # a Manifest: served models are artifacts
+        if isinstance(serving, Manifest) and not supersedes(message, {"created_at": serving.created_at}):
             self.counters.ignored_older += 1
-            log.info("model update %s ignored: not newer than serving %s", message["version"],
-                     current.manifest.version)
+            log.info("model update %s ignored: not newer than serving %s", message["version"], serving.version)
             return
         self._load(message)
 
@@ -218,7 +243,8 @@ class UpdateListener:
         try:
             loaded = load_artifact(artifact_path(message["uri"]), self.key, self.spec.spec_hash,
                                    list(self.spec.model_inputs), self.device)
-            if loaded.manifest.sha256 != message["sha256"]:
+            manifest = loaded.manifest  # load_artifact always sets a Manifest
+            if not isinstance(manifest, Manifest) or manifest.sha256 != message["sha256"]:
                 raise UpdateRefused(f"update {message['version']!r}: artifact sha256 differs from the message")
             loaded.warm_up()
         except EddyError as exc:
@@ -241,17 +267,22 @@ def ensure_baseline(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path
 
     topic = spec.topics.model_updates
     probe = Consumer(kafka.client(**{"group.id": spec.stage_id("probe"), "enable.auto.commit": False}))
-    deadline = time.monotonic() + 30
+    failures: list[KafkaException] = []
+
+    def end_offsets() -> list[int] | None:
+        """The topic's end offsets; None while the broker cannot say (a topic created a moment ago
+        may not have a leader yet)."""
+        try:
+            partitions = probe.list_topics(topic, timeout=15).topics[topic].partitions
+            return [probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions]
+        except KafkaException as exc:
+            failures.append(exc)
+            return None
+
     try:
-        while True:  # a topic created a moment ago may not have a leader yet
-            try:
-                partitions = probe.list_topics(topic, timeout=15).topics[topic].partitions
-                ends = [probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions]
-                break
-            except KafkaException:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        ends = poll(end_offsets, 30, every_s=0.5)
+        if ends is None:
+            raise failures[-1]  # still no answer at the deadline: the broker's own error
         if any(end > 0 for end in ends):
             return None
     finally:

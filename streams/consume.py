@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import time
+import math
 import uuid
 from collections.abc import Callable
 
 import orjson
-from confluent_kafka import Consumer, KafkaError
+from confluent_kafka import Consumer, KafkaError, Message
 
 from features.errors import ConfigError
+from features.waiting import poll
 from streams.kafka import KafkaConfig
 
 
@@ -45,20 +46,26 @@ def print_records(kafka: KafkaConfig, topic: str, *, from_beginning: bool, count
         consumer.close()
         raise ConfigError(f"topic {topic!r} does not exist: `eddy up` creates the spec's topics")
     consumer.subscribe([topic])
-    printed, last = 0, time.monotonic()
+    printed = 0
+
+    def next_batch() -> list[Message]:
+        """What one consume returns (nothing when no record came within 0.5 s)."""
+        return consumer.consume(min(500, (count - printed) if count else 500), 0.5)
+
+    idle_s = math.inf if idle_timeout_s is None else idle_timeout_s  # None: wait for records for ever
     try:
         while count is None or printed < count:
-            msgs = consumer.consume(min(500, (count - printed) if count else 500), 0.5)
-            if not msgs and idle_timeout_s is not None and time.monotonic() - last > idle_timeout_s:
+            msgs = poll(next_batch, idle_s, every_s=0)
+            if not msgs:  # none came for idle_timeout_s
                 break
             for msg in msgs:
-                if msg.error() is not None:
-                    if msg.error().code() != KafkaError._PARTITION_EOF:
-                        raise ConfigError(f"reading {topic!r} failed: {msg.error().str()}")
+                error = msg.error()
+                if error is not None:
+                    if error.code() != KafkaError._PARTITION_EOF:
+                        raise ConfigError(f"reading {topic!r} failed: {error.str()}")
                     continue
                 write(format_record(msg, as_json))
                 printed += 1
-                last = time.monotonic()
     finally:
         consumer.close()
     return printed

@@ -7,9 +7,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from features.errors import ConfigError, ServiceError
+
+if TYPE_CHECKING:
+    from confluent_kafka import KafkaError, Message
 
 _CLIENT_LOG = logging.getLogger("eddy.kafka.client")
 _SECRET_MARKERS = ("password", "secret", "jaas", "token", "key.password", "sasl.oauthbearer")
@@ -59,6 +62,8 @@ class KafkaConfig:
 
     @property
     def hosts(self) -> list[tuple[str, int]]:
+        """(host, port) of each bootstrap server; ConfigError when one is not host:port (so a
+        KafkaConfig that exists has a valid bootstrap: __post_init__ reads this)."""
         out = []
         for part in self.bootstrap.split(","):
             host, _, port = part.strip().rpartition(":")
@@ -70,7 +75,38 @@ class KafkaConfig:
         return out
 
 
+class Record(Protocol):
+    """A consumed Kafka record as the stages read it: confluent-kafka's Message (see consumed()), or a
+    stand-in with the same methods (streams.loop.HeldRecord, the Faust engine's message view)."""
+
+    def value(self) -> bytes | None:
+        """The record's value; None for a tombstone."""
+
+    def key(self) -> bytes | None:
+        """The record's key; None when it has none."""
+
+    def topic(self) -> str:
+        """The topic the record was read from."""
+
+    def partition(self) -> int:
+        """The partition the record was read from."""
+
+    def offset(self) -> int:
+        """The record's offset in its partition."""
+
+    def error(self) -> KafkaError | None:
+        """The error this event reports (a partition's end among them); None for a record."""
+
+
+def consumed(messages: list[Message]) -> list[Record]:
+    """What Consumer.consume() returned, typed as Records. The cast is only for the type checker: the
+    stubs type a Message's topic, partition and offset as optional, as a message not yet delivered
+    lacks them, but a consumed record has them (an error event, when its error is about a partition)."""
+    return cast("list[Record]", messages)
+
+
 def admin(config: KafkaConfig):  # -> confluent_kafka.admin.AdminClient
+    """A confluent-kafka AdminClient with the shared client settings; a new client each call."""
     from confluent_kafka.admin import AdminClient
 
     return AdminClient(config.client())

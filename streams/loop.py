@@ -7,6 +7,7 @@ batch_size when it backs up (throughput), never a wait for a batch to fill."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
@@ -16,8 +17,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from redis.exceptions import RedisError
 
+from streams import stores
 from streams.kafka import KafkaConfig
+from streams.telemetry import StageMetrics
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +30,12 @@ YOUNG_GC_THRESHOLD = 50_000
 
 
 class Output(Protocol):
-    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None, *args, **kwargs) -> None: ...
+    """Where a step produces during a batch: the loop's transactional Producer, or a stand-in (a
+    replay's discard, the Faust agent's collector, a benchmark's counter)."""
+
+    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None, *args, **kwargs) -> None:
+        """Queue one record for `topic`; with the loop's producer it becomes visible only when the
+        batch's transaction commits."""
 
 
 class HeldRecord:
@@ -40,24 +49,31 @@ class HeldRecord:
         self._value, self._key, self._topic, self._partition, self._offset = value, key, topic, partition, offset
 
     def value(self) -> bytes | None:
+        """The value given (None stands for a tombstone)."""
         return self._value
 
     def key(self) -> bytes | None:
+        """The key given, or None."""
         return self._key
 
     def topic(self) -> str:
+        """The topic given (empty by default)."""
         return self._topic
 
     def partition(self) -> int:
+        """The partition given."""
         return self._partition
 
     def offset(self) -> int:
+        """The offset given."""
         return self._offset
 
     def headers(self) -> None:
+        """Always None: a held record carries no headers."""
         return None
 
     def error(self) -> None:
+        """Always None: a held record is never a consumer error event."""
         return None
 
 
@@ -72,11 +88,15 @@ class Step(Protocol):
     before it is redone, with the committed offsets of the batch's partitions (a stateful step
     forgets what that batch changed)."""
 
-    def process(self, messages: Sequence, out: Output) -> None: ...
+    def process(self, messages: Sequence, out: Output) -> None:
+        """Handle one non-empty batch of records (no error events among them), producing on `out`. A
+        KafkaException that requires an abort redoes the batch; any other exception ends the loop."""
 
 
 @dataclass
 class LoopStats:
+    """What a loop has done since it started, for its stage's heartbeat and the benchmark."""
+
     batches: int = 0
     consumed: int = 0
     aborted: int = 0
@@ -85,6 +105,7 @@ class LoopStats:
     recent: deque = field(default_factory=lambda: deque(maxlen=256))
 
     def rate(self) -> float:
+        """Records consumed per second since the loop started."""
         return self.consumed / max(1e-9, time.monotonic() - self.started)
 
     def summary(self) -> dict[str, float]:
@@ -112,6 +133,7 @@ class TransactionalLoop:
         from_beginning: bool = True,
         min_interval_s: float = 0.0,
         commit_gap_s: float = 0.001,
+        metrics: StageMetrics | None = None,
     ) -> None:
         self.topics = list(topics)
         self.batch_size = batch_size
@@ -154,6 +176,11 @@ class TransactionalLoop:
         }))
         self.stats = LoopStats()
         self._committed: dict[tuple[str, int], int] = {}
+        self.metrics: StageMetrics | None = metrics
+        self._faults = Backoff(log)
+        self._lag_at = 0.0
+        # The Kafka timestamps (ms) a batch's latency is measured from: its records' own by default.
+        self.latency_from: Callable[[list], Sequence[int]] = _timestamps
 
     def run(self, step: Step, should_stop: Callable[[], bool], on_batch: Callable[[int], None] | None = None,
             on_idle: Callable[[], None] | None = None) -> None:
@@ -178,6 +205,7 @@ class TransactionalLoop:
         self.consumer.subscribe(self.topics, on_assign=on_assign, on_revoke=on_revoke, on_lost=on_revoke)
         try:
             while not should_stop():
+                self._export_lag()
                 messages = self.poll_batch()
                 if not messages:
                     self._commit_idle_positions()
@@ -195,6 +223,20 @@ class TransactionalLoop:
                         on_batch(len(batch))
         finally:
             self.close()
+
+    def _export_lag(self, every_s: float = 1.0) -> None:
+        """The consumer lag per assigned partition into the metrics, about once a second, from the
+        high watermarks the fetches brought (no request of its own)."""
+        now = time.monotonic()
+        if self.metrics is None or now - self._lag_at < every_s:
+            return
+        self._lag_at = now
+        lags = {}
+        for tp in self.consumer.position(self.consumer.assignment()):
+            _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            if high >= 0 and tp.offset >= 0:
+                lags[(tp.topic, tp.partition)] = max(0, high - tp.offset)
+        self.metrics.set_lag(lags)
 
     def poll_batch(self) -> list:
         """What has arrived, up to batch_size; waits up to batch_wait_s for the first record only."""
@@ -221,32 +263,85 @@ class TransactionalLoop:
             self._frozen_at = now
 
     def _commit_batch(self, step: Step, batch: list) -> None:
+        """One batch in one transaction. A fault that a wait cures (Redis unreachable, paused or
+        refusing writes; the broker unavailable or slow; a coordinator moving) aborts the batch,
+        which is redone after a backoff: nothing of it commits meanwhile. A fatal error (fenced,
+        misconfigured) ends the process, and supervision starts it again."""
         self._began_at = began = time.perf_counter()
-        self.producer.begin_transaction()
         try:
+            self.producer.begin_transaction()
             step.process(batch, self.producer)
             processed = time.perf_counter()
             offsets = _next_offsets(batch)
-            self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
-            self.producer.commit_transaction(30)
+            self._finish(lambda: self.producer.send_offsets_to_transaction(
+                offsets, self.consumer.consumer_group_metadata(), 30))
+            self._finish(lambda: self.producer.commit_transaction(30))
             self._committed_at = time.perf_counter()
         except KafkaException as exc:
             error = exc.args[0]
-            if not error.txn_requires_abort():
+            if error.fatal() or not (error.txn_requires_abort() or error.retriable()):
                 raise
-            log.warning("transaction aborted, rewinding the batch: %s", error)
-            self.producer.abort_transaction(30)
-            self.stats.aborted += 1
-            aborted = getattr(step, "aborted", None)
-            if aborted is not None:
-                touched = {(m.topic(), m.partition()) for m in batch}
-                aborted(batch, self.consumer.committed([TopicPartition(t, p) for t, p in touched], timeout=30))
-            self._rewind(batch)
+            self._redo(step, batch, f"Kafka: {error.str()}")
             return
+        except RedisError as exc:
+            if not stores.is_transient(exc):
+                raise
+            self._redo(step, batch, f"Redis: {exc}")
+            if self.metrics is not None:
+                self.metrics.redis_errors.inc()
+            return
+        self._faults.cleared()
         self.stats.batches += 1
         self.stats.consumed += len(batch)
-        self.stats.recent.append((len(batch), 1000 * (processed - began), 1000 * (self._committed_at - processed)))
+        process_s, commit_s = processed - began, self._committed_at - processed
+        self.stats.recent.append((len(batch), 1000 * process_s, 1000 * commit_s))
         self._committed.update({(tp.topic, tp.partition): tp.offset for tp in offsets})
+        if self.metrics is not None:
+            self.metrics.consumed(batch)
+            self.metrics.batch(len(batch), process_s, commit_s)
+            self.metrics.latencies(time.time() * 1000, self.latency_from(batch))
+
+    def _finish(self, call: Callable[[], None]) -> None:
+        """A step of the transaction's end, retried while the error is retriable and the transaction
+        need not be aborted (a timeout, a coordinator moving), at most about a minute."""
+        for attempt in range(12):
+            try:
+                call()
+                return
+            except KafkaException as exc:
+                error = exc.args[0]
+                if error.fatal() or error.txn_requires_abort() or not error.retriable() or attempt == 11:
+                    raise
+                self._faults.waiting(f"Kafka: {error.str()}")
+
+    def _redo(self, step: Step, batch: list, reason: str) -> None:
+        """Abort what the batch produced, let a stateful step forget what it changed, seek back to the
+        batch's start, and wait before it is tried again."""
+        self._faults.waiting(reason)
+        self.stats.aborted += 1
+        if self.metrics is not None and reason.startswith("Kafka"):
+            self.metrics.kafka_errors.inc()
+        try:
+            self.producer.abort_transaction(30)
+        except KafkaException as exc:  # nothing was begun, or the broker is away: the transaction times out
+            if exc.args[0].fatal():
+                raise
+            log.debug("abort: %s", exc.args[0])
+        aborted = getattr(step, "aborted", None)
+        if aborted is not None:
+            touched = {(m.topic(), m.partition()) for m in batch}
+            aborted(batch, self._committed_offsets([TopicPartition(t, p) for t, p in touched]))
+        self._rewind(batch)
+
+    def _committed_offsets(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        """The group's committed offsets, asked again until the coordinator answers."""
+        while True:
+            try:
+                return self.consumer.committed(partitions, timeout=30)
+            except KafkaException as exc:
+                if exc.args[0].fatal():
+                    raise
+                self._faults.waiting(f"Kafka: {exc.args[0].str()}")
 
     def _commit_idle_positions(self) -> None:
         """When idle, move the committed offsets past transaction markers at the end of the input.
@@ -267,9 +362,11 @@ class TransactionalLoop:
             self.producer.send_offsets_to_transaction(ahead, self.consumer.consumer_group_metadata(), 30)
             self.producer.commit_transaction(30)
         except KafkaException as exc:
-            if not exc.args[0].txn_requires_abort():
+            error = exc.args[0]
+            if error.fatal() or not (error.txn_requires_abort() or error.retriable()):
                 raise
-            self.producer.abort_transaction(30)
+            with contextlib.suppress(KafkaException):  # tried again when next idle
+                self.producer.abort_transaction(30)
             return
         self._committed.update({(tp.topic, tp.partition): tp.offset for tp in ahead})
 
@@ -282,6 +379,7 @@ class TransactionalLoop:
             self.consumer.seek(TopicPartition(topic, partition, offset))
 
     def close(self) -> None:
+        """Close the consumer (leaving the group) and flush the producer; run() calls it when it ends."""
         try:
             self.consumer.close()
         finally:
@@ -293,3 +391,29 @@ def _next_offsets(batch: list) -> list[TopicPartition]:
     for m in batch:
         last[(m.topic(), m.partition())] = m.offset()
     return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+
+
+def _timestamps(batch: list) -> list[int]:
+    """Each record's Kafka timestamp in ms (<= 0 when it has none)."""
+    return [m.timestamp()[1] for m in batch]
+
+
+class Backoff:
+    """Waits between tries of work a fault stopped: 0.1 s doubling to 5 s; says so once per fault in
+    the log (not once per try) and once more when the work goes through again."""
+
+    def __init__(self, logger: logging.Logger, first_s: float = 0.1, most_s: float = 5.0) -> None:
+        self.log, self.first_s, self.most_s = logger, first_s, most_s
+        self.tries, self.since = 0, 0.0
+
+    def waiting(self, reason: str) -> None:
+        if self.tries == 0:
+            self.since = time.monotonic()
+            self.log.warning("waiting out a fault, retrying with backoff: %s", reason)
+        time.sleep(min(self.most_s, self.first_s * 2 ** self.tries))
+        self.tries += 1
+
+    def cleared(self) -> None:
+        if self.tries:
+            self.log.warning("resumed after %d tries over %.1fs", self.tries, time.monotonic() - self.since)
+            self.tries = 0

@@ -8,6 +8,7 @@ skipped, as Feast skips it, so a replayed or out-of-order row never replaces a n
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,6 +23,8 @@ from features.spec import PipelineSpec
 from features.waiting import poll
 from streams.kafka import KafkaConfig
 from streams.metrics import Heartbeat
+from streams.stores import redis_client
+from streams.telemetry import StageMetrics
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,8 @@ def group_id(spec: PipelineSpec) -> str:
 
 @dataclass
 class WriterStats:
+    """What the writer has done since it started (each field says what it counts), for its heartbeat."""
+
     events: int = 0       # records consumed
     rows: int = 0         # rows handed to Feast (each entity's newest of its batch)
     batches: int = 0      # Feast writes
@@ -112,6 +117,7 @@ class OnlineWriter:
         }))
         self.stats = WriterStats()
         self._committed: dict[tuple[str, int], int] = {}
+        self.metrics: StageMetrics | None = None
 
     def run(self, should_stop: Callable[[], bool]) -> WriterStats:
         """Write until should_stop() is true; then close the consumer (uncommitted records replay)."""
@@ -122,13 +128,19 @@ class OnlineWriter:
                 messages = self.consumer.consume(self.batch_size, self.batch_wait_s)
                 batch = []
                 for m in messages:
-                    if m.error() is None:
+                    error = m.error()
+                    if error is None:
                         batch.append(m)
-                    elif m.error().code() != KafkaError._PARTITION_EOF:
-                        log.warning("consume error: %s", m.error())
+                    elif error.code() != KafkaError._PARTITION_EOF:
+                        log.warning("consume error: %s", error)
                 if batch:
+                    started = time.perf_counter()
                     if self.write(batch, should_stop):
                         self._commit()
+                        if self.metrics is not None:
+                            self.metrics.consumed(batch)
+                            self.metrics.batch(len(batch), time.perf_counter() - started)
+                            self.metrics.latencies(time.time() * 1000, [m.timestamp()[1] for m in batch])
                 elif not messages:
                     self._commit()  # idle: the position may have moved past transaction markers
                 self._beat()
@@ -196,6 +208,11 @@ class OnlineWriter:
             log.warning("offset commit failed, the records will be written again: %s", exc.args[0])
 
     def _beat(self, force: bool = False) -> None:
+        if self.metrics is not None:
+            m = self.metrics
+            m.total(m.state_writes, self.stats.rows)
+            m.total(m.late, self.stats.late)
+            m.total(m.redis_errors, self.stats.retries)
         if self.heartbeat is not None:
             s = self.stats
             self.heartbeat.beat(s.events, force=force, rows=s.rows, batches=s.batches, late=s.late,
@@ -215,17 +232,18 @@ def _sleep_unless(should_stop: Callable[[], bool], seconds: float) -> bool:
 
 def run_online_writer(kafka: KafkaConfig, spec: PipelineSpec, redis_url: str, repo_dir: Path,
                       should_stop: Callable[[], bool], *, project: str | None = None,
-                      batch_size: int = 5000, batch_wait_s: float = 0.1) -> WriterStats:
-    """Set up the Feast repo under repo_dir (idempotent), then write until should_stop()."""
-    import redis
-
+                      batch_size: int = 5000, batch_wait_s: float = 0.1,
+                      metrics: StageMetrics | None = None) -> WriterStats:
+    """Set up the Feast repo under repo_dir (idempotent), then write until should_stop() (with
+    `metrics`, its counts exported as it goes)."""
     from streams.feast_redis import FeastRedisWriter
 
     store = feature_store(spec, repo_dir, redis_url, project=project)
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     rows_writer = FeastRedisWriter(store, view_name(spec), spec.key, feature_dtypes(spec), client)
     heartbeat = Heartbeat(client, spec.name, COMPONENT)
     writer = OnlineWriter(kafka, spec, rows_writer, heartbeat, batch_size=batch_size, batch_wait_s=batch_wait_s)
+    writer.metrics = metrics
     log.info("online writer: %s -> Feast view %r (project %r)", spec.topics.features, writer.view,
              store.project)
     return writer.run(should_stop)

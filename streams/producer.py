@@ -74,6 +74,8 @@ class SyntheticProducer:
 
     def _emit_due_labels(self, now_ms: int) -> None:
         pending, send, topic = self.pending, self._send, self.labels_topic
+        if topic is None:  # nothing is pending either: _emit queues labels only for a labels topic
+            return
         while pending and pending[0][0] <= now_ms:
             label_time, event_id, is_fraud = pending.popleft()
             send(topic, event_id.encode(), label_record(event_id, is_fraud, label_time))

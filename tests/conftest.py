@@ -8,6 +8,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+# As in deploy/cli.py: prometheus_client before Feast, whose import switches it to multi-process mode.
+import prometheus_client  # noqa: F401
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,6 +13,9 @@ STAGE = "features"
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """Everything a feature engine runs with, built by deploy from Settings: frozen, so an engine
+    reads no environment of its own."""
+
     kafka: KafkaConfig
     spec: PipelineSpec
     redis_url: str

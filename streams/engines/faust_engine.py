@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import Counter as Tally
+from typing import Any
 
 from features.apply import Refused
+from features.windows import EntityState
 from streams.dedupe import Deduper
 from streams.dlq import dead_letter
 from streams.engines.config import STAGE, EngineConfig
@@ -16,32 +20,39 @@ from streams.featurize import Featurizer, arrival_ms
 from streams.frontdoor import FrontDoor
 from streams.kafka import KafkaConfig
 from streams.metrics import Heartbeat
+from streams.stores import redis_client
+from streams.telemetry import StageMetrics, refusal_reason
 
 log = logging.getLogger(__name__)
 
 
 class _Message:
-    """A Faust message seen through the confluent-kafka Message methods the front door uses."""
+    """A Faust message seen through the confluent-kafka Message methods the front door uses (a
+    streams.kafka.Record)."""
 
     __slots__ = ("_m",)
 
     def __init__(self, message) -> None:
         self._m = message
 
-    def key(self):
+    def key(self) -> bytes | None:
         return self._m.key
 
-    def value(self):
+    def value(self) -> bytes | None:
         return self._m.value
 
-    def topic(self):
+    def topic(self) -> str:
         return self._m.topic
 
-    def partition(self):
+    def partition(self) -> int:
         return self._m.partition
 
-    def offset(self):
+    def offset(self) -> int:
         return self._m.offset
+
+    def error(self) -> None:
+        """Always None: Faust hands over records, never error events."""
+        return None
 
     def timestamp(self) -> tuple[int, int]:
         ts = self._m.timestamp  # seconds as a float, from the record's epoch ms
@@ -58,7 +69,10 @@ class _Collect:
     def __init__(self) -> None:
         self.items: list[tuple[str, bytes | None, bytes | None, list]] = []
 
-    def produce(self, topic, value, key=None, headers=None) -> None:
+    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None, *args: Any,
+                headers: list | None = None, **kwargs: Any) -> None:
+        """Keep a record for the agent to send, on the batch's partition (other producer options are
+        not used by the front door and are ignored)."""
         self.items.append((topic, key, value, headers or []))
 
 
@@ -133,9 +147,10 @@ def _credentials(kafka: KafkaConfig):
     return SSLCredentials(context)
 
 
-def build_app(config: EngineConfig):
+def build_app(config: EngineConfig, metrics: StageMetrics | None = None):
+    """The Faust app of the feature stage, not started: the agent per source partition over the
+    front door and the apply step, its entity state table, and the heartbeat timer."""
     import faust
-    import redis
 
     spec = config.spec
     app = faust.App(
@@ -155,7 +170,7 @@ def build_app(config: EngineConfig):
     source = app.topic(spec.topics.source, key_type=bytes, value_type=bytes, partitions=config.partitions)
     states = app.Table("entity-state", default=None, partitions=config.partitions,
                        key_type=bytes, value_type=bytes)
-    door = FrontDoor(spec, Deduper(redis.Redis.from_url(config.redis_url), spec.name), stage=STAGE)
+    door = FrontDoor(spec, Deduper(redis_client(config.redis_url), spec.name), stage=STAGE)
     featurize = Featurizer(spec)
     logic, apply = featurize.logic, featurize.step.apply
 
@@ -168,6 +183,7 @@ def build_app(config: EngineConfig):
     changelog = states.changelog_topic.get_topic_name()
     gate = _CommitGate()
     refused = [0]  # valid records the apply step refused (dead-lettered)
+    refusals: Tally[str] = Tally()  # ... by reason class
 
     # One actor per partition: state, output and dead letters of an event go to that event's partition,
     # in the transaction that commits its source offset.
@@ -181,8 +197,10 @@ def build_app(config: EngineConfig):
             tid = transactional_id(partition)
             async with gate:
                 sink = _Collect()
-                live: dict[bytes, object] = {}  # states this batch changed, parsed once, written once
-                for msg, ev in door.admit([_Message(e.message) for e in batch], sink):
+                live: dict[bytes, EntityState] = {}  # states this batch changed, parsed once, written once
+                started = time.perf_counter()
+                messages = [_Message(e.message) for e in batch]
+                for msg, ev in door.admit(messages, sink):
                     key = ev.key.encode()
                     state = live.get(key)
                     if state is None:
@@ -191,8 +209,9 @@ def build_app(config: EngineConfig):
                     row = apply(state, ev, arrival_ms(msg))
                     if type(row) is Refused:  # the state is untouched
                         letter = dead_letter(spec.topics.dlq, msg, row, STAGE)
-                        sink.produce(letter.topic, letter.value, letter.key, letter.headers)
+                        sink.produce(letter.topic, letter.value, letter.key, headers=letter.headers)
                         refused[0] += 1
+                        refusals[refusal_reason(row)] += 1
                         continue
                     if not row.late:
                         live[key] = state
@@ -201,12 +220,16 @@ def build_app(config: EngineConfig):
                 for key, state in live.items():
                     store[key] = value = logic.dumps(state)
                     await send(changelog, key, value, partition, None, None, transactional_id=tid)
-                for topic, key, value, headers in sink.items:
-                    await send(topic, key, value, partition, None, headers, transactional_id=tid)
+                for topic, letter_key, letter_value, headers in sink.items:
+                    await send(topic, letter_key, letter_value, partition, None, headers, transactional_id=tid)
                 for event in batch:  # acked inside the gate, so the next commit covers the whole batch
                     await stream.ack(event)
+                if metrics is not None:  # counted as sent: Faust commits them on its own timer
+                    metrics.consumed(messages)
+                    metrics.batch(len(messages), time.perf_counter() - started)
+                    metrics.latencies(time.time() * 1000, [m.timestamp()[1] for m in messages])
 
-    heartbeat = Heartbeat(redis.Redis.from_url(config.redis_url), spec.name, "features")
+    heartbeat = Heartbeat(redis_client(config.redis_url), spec.name, STAGE)
 
     @app.timer(1.0)
     async def report() -> None:
@@ -214,14 +237,19 @@ def build_app(config: EngineConfig):
         heartbeat.beat(counts.valid + counts.invalid + counts.duplicates, force=True, engine="faust",
                        valid=counts.valid - refused[0], dlq=counts.invalid + refused[0],
                        duplicates=counts.duplicates)
+        if metrics is not None:
+            metrics.total(metrics.records_out.labels(spec.name, STAGE, spec.topics.features),
+                          counts.valid - refused[0])
+            metrics.total(metrics.duplicates, counts.duplicates)
+            metrics.refusals(counts.refused + refusals)
 
     return app
 
 
-def run_worker(config: EngineConfig, loglevel: str = "info") -> None:
+def run_worker(config: EngineConfig, loglevel: str = "info", metrics: StageMetrics | None = None) -> None:
     """Run the Faust worker in this process until SIGTERM."""
     import faust
 
-    app = build_app(config)
+    app = build_app(config, metrics)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False, override_logging=False)
     worker.execute_from_commandline()

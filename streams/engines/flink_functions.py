@@ -99,6 +99,8 @@ class Featurize(KeyedProcessFunction):
         self.owner_pid = owner_pid
 
     def open(self, runtime_context: RuntimeContext) -> None:
+        """Called by Flink once per subtask before its first element: builds the validator and the
+        apply step, binds the keyed states (entity state, seen ids) and the heartbeat reporter."""
         from features.validation import Validator
         from streams.featurize import Featurizer
 
@@ -124,6 +126,7 @@ class Featurize(KeyedProcessFunction):
             self.reporter = _Reporter(self.redis_url, self.spec.name, self.counts, pid, replica)
 
     def close(self) -> None:
+        """Called by Flink when the subtask ends: one last heartbeat, so status shows the final counts."""
         if self.reporter is not None:
             self.reporter.beat()
 
@@ -136,6 +139,9 @@ class Featurize(KeyedProcessFunction):
         yield from ()
 
     def process_element(self, row: Row, ctx: KeyedProcessFunction.Context) -> Iterator:
+        """One source row: an invalid record, an ambiguous key or an event the apply step refuses goes to
+        the DLQ side output, a seen id is dropped, and any other event updates its entity's state and
+        yields its features record (key, value)."""
         if row[TOPIC] is None:  # the one tick flink_job adds at the start: it starts the heartbeat timer
             timers = ctx.timer_service()
             timers.register_processing_time_timer(timers.current_processing_time())

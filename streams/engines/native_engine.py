@@ -14,12 +14,14 @@ import logging
 import signal
 import threading
 import time
+from collections import Counter as Tally
 from collections.abc import Sequence
 
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from features.apply import Refused
 from features.spec import PipelineSpec
+from features.validation import Event
 from streams.dedupe import Deduper
 from streams.dlq import dead_letter
 from streams.engines.config import STAGE, EngineConfig
@@ -34,9 +36,11 @@ from streams.engines.native_state import (
 )
 from streams.featurize import Featurizer, arrival_ms
 from streams.frontdoor import FrontDoor
-from streams.kafka import KafkaConfig, admin, ensure_topics
+from streams.kafka import KafkaConfig, Record, admin, ensure_topics
 from streams.loop import Output, TransactionalLoop
 from streams.metrics import Heartbeat
+from streams.stores import redis_client
+from streams.telemetry import StageMetrics, refusal_reason
 
 log = logging.getLogger(__name__)
 ENGINE = "native"
@@ -73,9 +77,13 @@ class NativeStep:
         self.checkpoint_s, self.max_dirty = checkpoint_s, max_dirty
         self.restore_report = RestoreReport()
         self.written = 0  # entity states written to the changelog
-        self.refused = 0  # valid records whose values the feature logic cannot aggregate
+        self.refused = 0  # valid records the apply step refused (dead-lettered)
+        self.refusals: Tally[str] = Tally()  # ... by reason class
+        self.late = 0
 
     def entities(self) -> int:
+        """How many entities the step holds state for over all its partitions (the heartbeat thread
+        reads it while batches run)."""
         return sum(len(s.entities) for s in list(self.partitions.values()))  # list(): atomic, beats read it
 
     # -- partitions come and go between batches --------------------------------------------------------
@@ -84,6 +92,8 @@ class NativeStep:
         self._restore({tp.partition: tp.offset for tp in partitions})
 
     def revoked(self, partitions: list[TopicPartition]) -> None:
+        """Drop the state of partitions the group took away; what was not written yet is rebuilt by
+        their next owner from the changelog and a replay from the marker."""
         for tp in partitions:
             self.partitions.pop(tp.partition, None)
 
@@ -128,7 +138,7 @@ class NativeStep:
                  ", ".join(f"{p}: {a}..{b}" for p, (a, b) in ranges.items()) or "none", self.entities(),
                  time.monotonic() - started)
 
-    def _replay(self, messages: list) -> None:
+    def _replay(self, messages: list[Record]) -> None:
         """Replayed events go to their entity only past the offset its restored state is complete up to."""
         admitted = []
         for msg, ev in self._replay_door.admit(messages, _Discard()):
@@ -139,8 +149,10 @@ class NativeStep:
 
     # -- the hot path ------------------------------------------------------------------------------------
     def process(self, messages: Sequence, out: Output) -> None:
+        """One batch, inside its transaction: the front door, each admitted event's features on its
+        entity's live state, each partition's next offset, then the entity states due (write_due)."""
         sizes = {p: len(part.dirty) for p, part in self.partitions.items()}
-        self.refused += self._apply(self.door.admit(messages, out), out)
+        self.refused += self._apply(self.door.admit(messages, out), out, counted=True)
         partitions = self.partitions
         for p, offset in {m.partition(): m.offset() for m in messages}.items():
             part = partitions.get(p)
@@ -156,9 +168,10 @@ class NativeStep:
         if newly_dirty > 0:
             part.changed_at.append((time.monotonic(), newly_dirty))
 
-    def _apply(self, admitted: list, out: Output) -> int:
+    def _apply(self, admitted: list[tuple[Record, Event]], out: Output, counted: bool = False) -> int:
         """The feature row of each admitted event, on the live state of its entity (the shared apply
-        step); returns how many events it refused (dead-lettered)."""
+        step); returns how many events it refused (dead-lettered). `counted`: the batch is live (not
+        a replay), so its refusals and late events go into the engine's tallies."""
         apply, logic = self.featurize.step.apply, self.featurize.logic
         row_value = self.featurize.message
         produce = out.produce
@@ -177,16 +190,21 @@ class NativeStep:
                 state = logic.new_state()
             elif type(state) is bytes:
                 state = table[key] = logic.loads(state)
-            row = apply(state, ev, arrival_ms(msg))
+            # `type(state) is bytes` above, the fast check, narrows only its own branch: state is live here
+            row = apply(state, ev, arrival_ms(msg))  # type: ignore[arg-type]
             if type(row) is Refused:  # the state is untouched
                 letter = dead_letter(self.spec.topics.dlq, msg, row, STAGE)
                 produce(letter.topic, letter.value, letter.key, headers=letter.headers)
                 refused += 1
+                if counted:
+                    self.refusals[refusal_reason(row)] += 1
                 continue
             if not row.late:
                 table[key] = state
                 if key not in part.dirty:
                     part.dirty[key] = msg.offset()
+            elif counted:
+                self.late += 1
             produce(features_topic, row_value(ev, row), key, partition=p)
         return refused
 
@@ -212,11 +230,13 @@ class NativeStep:
             count = min(count, len(part.dirty))
             if count:
                 table, dirty, as_of = part.entities, part.dirty, part.next_offset
+                assert as_of is not None  # an entity is dirty once a record of its partition was processed
                 for _ in range(count):
                     key, _first = dirty.popitem(last=False)
                     state = table[key]
-                    produce(topic, entity_value(as_of, state if type(state) is bytes else dumps(state)), key,
-                            partition=p)
+                    # as in _apply: `type(state) is bytes` narrows only its own branch
+                    value = entity_value(as_of, state if type(state) is bytes else dumps(state))  # type: ignore[arg-type]
+                    produce(topic, value, key, partition=p)
                 self.written += count
             marker = part.replay_from()
             if marker is not None and marker != part.marked:
@@ -234,7 +254,7 @@ def source_partitions(kafka: KafkaConfig, topic: str) -> int:
 
 
 def build_native(config: EngineConfig, redis_client, checkpoint_s: float = CHECKPOINT_S,
-                 replica: int = 0) -> tuple[NativeStep, TransactionalLoop]:
+                 replica: int = 0, metrics: StageMetrics | None = None) -> tuple[NativeStep, TransactionalLoop]:
     """The engine's step and the loop that runs it (creating the changelog topic when missing)."""
     spec = config.spec
     changelog = changelog_topic(config)
@@ -244,24 +264,30 @@ def build_native(config: EngineConfig, redis_client, checkpoint_s: float = CHECK
     loop = TransactionalLoop(config.kafka, config.app_id, [spec.topics.source],
                              transactional_id=f"{config.app_id}-{ENGINE}-{replica}",
                              batch_size=config.batch_size, batch_wait_s=config.batch_wait_s,
-                             min_interval_s=config.commit_interval_s)
+                             min_interval_s=config.commit_interval_s, metrics=metrics)
     return step, loop
 
 
-def run_native(config: EngineConfig, checkpoint_s: float = CHECKPOINT_S) -> None:
-    """Run the native engine in this process until SIGTERM."""
-    import redis
-
+def run_native(config: EngineConfig, checkpoint_s: float = CHECKPOINT_S, metrics: StageMetrics | None = None) -> None:
+    """Run the native engine in this process until SIGTERM (with `metrics`, exported about once a second)."""
     spec = config.spec
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    client = redis.Redis.from_url(config.redis_url)
-    step, loop = build_native(config, client, checkpoint_s)
+    client = redis_client(config.redis_url)
+    step, loop = build_native(config, client, checkpoint_s, metrics=metrics)
     heartbeat = Heartbeat(client, spec.name, STAGE)
 
     def beat() -> None:
         counts, restored = step.door.counts, step.restore_report
+        if metrics is not None:
+            metrics.total(metrics.records_out.labels(spec.name, STAGE, spec.topics.features),
+                          counts.valid - step.refused)
+            metrics.total(metrics.duplicates, counts.duplicates)
+            metrics.total(metrics.late, step.late)
+            metrics.refusals(counts.refused + step.refusals)
+            metrics.entities.set(step.entities())
+            metrics.total(metrics.state_writes, step.written)
         heartbeat.beat(counts.valid + counts.invalid + counts.duplicates, force=True, engine=ENGINE,
                        valid=counts.valid - step.refused, dlq=counts.invalid + step.refused,
                        duplicates=counts.duplicates, entities=step.entities(), states_written=step.written,

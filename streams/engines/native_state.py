@@ -14,7 +14,6 @@ committed): the state is then exactly what an uninterrupted run would hold at C.
 from __future__ import annotations
 
 import logging
-import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,8 +21,9 @@ from dataclasses import dataclass, field
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from features.waiting import wait_until
 from features.windows import EntityState
-from streams.kafka import KafkaConfig
+from streams.kafka import KafkaConfig, Record, consumed
 
 log = logging.getLogger(__name__)
 MARKER_KEY = b""  # never an entity key: the front door refuses an empty key
@@ -48,6 +48,7 @@ class PartitionState:
 
 
 def marker_value(next_offset: int) -> bytes:
+    """A partition marker's changelog value: the source offset a restore replays from."""
     return orjson.dumps({"next_offset": next_offset})
 
 
@@ -57,11 +58,15 @@ def entity_value(as_of: int, state: bytes) -> bytes:
 
 
 def split_entity_value(value: bytes) -> tuple[int, bytes]:
+    """entity_value's parts: the offset the state is complete up to, and the state bytes."""
     return int.from_bytes(value[:8], "big", signed=True), value[8:]
 
 
 @dataclass
 class RestoreReport:
+    """What restoring partitions has cost since the step started: changelog records read, source
+    records replayed, seconds."""
+
     changelog_records: int = 0
     replayed: int = 0
     seconds: float = 0.0
@@ -77,80 +82,91 @@ def _consumer(kafka: KafkaConfig, group: str) -> Consumer:
 
 def read_changelog(kafka: KafkaConfig, topic: str, partitions: Sequence[int],
                    timeout_s: float = 300.0) -> tuple[dict[int, PartitionState], dict[int, int], int]:
-    """The committed changelog of `partitions`: their states, the marker offsets found, records read."""
+    """The committed changelog of `partitions`: their states, the marker offsets found, records read.
+    TimedOut (a ServiceError) when reading it takes over `timeout_s`."""
     states = {p: PartitionState() for p in partitions}
     markers: dict[int, int] = {}
     consumer = _consumer(kafka, f"{topic}-restore")
+    todo: set[int] = set()
     read = 0
+
+    def read_batch() -> bool:
+        """One batch of records into states and markers; True once every partition was read to its end."""
+        nonlocal read
+        for m in consumed(consumer.consume(10_000, 0.5)):
+            error = m.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    todo.discard(m.partition())
+                    continue
+                raise RuntimeError(f"reading {topic}[{m.partition()}]: {error}")
+            read += 1
+            key, value = m.key(), m.value()
+            part = states[m.partition()]
+            if key is None:  # not a record of this module's: every one it writes has a key
+                continue
+            if key == MARKER_KEY and value is not None:
+                markers[m.partition()] = orjson.loads(value)["next_offset"]
+            elif value is None:
+                part.entities.pop(key, None)
+                part.as_of.pop(key, None)
+            else:
+                part.as_of[key], part.entities[key] = split_entity_value(value)
+        return not todo
+
     try:
-        todo = set()
         for p in partitions:
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
             if high > low:
                 todo.add(p)
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in todo])
-        deadline = time.monotonic() + timeout_s
-        while todo:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic} partitions {sorted(todo)} took over {timeout_s:.0f}s")
-            for m in consumer.consume(10_000, 0.5):
-                error = m.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        todo.discard(m.partition())
-                        continue
-                    raise RuntimeError(f"reading {topic}[{m.partition()}]: {error}")
-                read += 1
-                key, value = m.key(), m.value()
-                part = states[m.partition()]
-                if key == MARKER_KEY:
-                    markers[m.partition()] = orjson.loads(value)["next_offset"]
-                elif value is None:
-                    part.entities.pop(key, None)
-                    part.as_of.pop(key, None)
-                else:
-                    part.as_of[key], part.entities[key] = split_entity_value(value)
+        if todo:
+            wait_until(read_batch, timeout_s, f"the end of {topic} partitions {sorted(todo)}", every_s=0)
     finally:
         consumer.close()
     return states, markers, read
 
 
 def replay_source(kafka: KafkaConfig, topic: str, ranges: dict[int, tuple[int, int]],
-                  apply: Callable[[list], None], timeout_s: float = 600.0) -> int:
+                  apply: Callable[[list[Record]], None], timeout_s: float = 600.0) -> int:
     """Hand the committed source records of each partition p with offsets in ranges[p] = [start, end)
     to apply(batch), in offset order per partition; returns the records handed over. A start of
-    OFFSET_BEGINNING is the partition's first retained record."""
+    OFFSET_BEGINNING is the partition's first retained record. TimedOut (a ServiceError) when the
+    replay takes over `timeout_s`."""
     ranges = {p: r for p, r in ranges.items() if r[1] > max(r[0], 0)}
     if not ranges:
         return 0
     consumer = _consumer(kafka, f"{topic}-replay")
+    todo = set(ranges)
     replayed = 0
+
+    def replay_batch() -> bool:
+        """One batch of records in range to apply(); True once every partition reached its range's end."""
+        nonlocal replayed
+        batch = []
+        for m in consumed(consumer.consume(5_000, 0.5)):
+            error = m.error()
+            p = m.partition()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    todo.discard(p)
+                    continue
+                raise RuntimeError(f"replaying {topic}[{p}]: {error}")
+            if p not in todo:
+                continue
+            if m.offset() < ranges[p][1]:
+                batch.append(m)
+            if m.offset() >= ranges[p][1] - 1:
+                todo.discard(p)
+                consumer.pause([TopicPartition(topic, p)])
+        if batch:
+            apply(batch)
+            replayed += len(batch)
+        return not todo
+
     try:
         consumer.assign([TopicPartition(topic, p, start) for p, (start, _) in ranges.items()])
-        todo = set(ranges)
-        deadline = time.monotonic() + timeout_s
-        while todo:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"replaying {topic} partitions {sorted(todo)} took over {timeout_s:.0f}s")
-            batch = []
-            for m in consumer.consume(5_000, 0.5):
-                error = m.error()
-                p = m.partition()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        todo.discard(p)
-                        continue
-                    raise RuntimeError(f"replaying {topic}[{p}]: {error}")
-                if p not in todo:
-                    continue
-                if m.offset() < ranges[p][1]:
-                    batch.append(m)
-                if m.offset() >= ranges[p][1] - 1:
-                    todo.discard(p)
-                    consumer.pause([TopicPartition(topic, p)])
-            if batch:
-                apply(batch)
-                replayed += len(batch)
+        wait_until(replay_batch, timeout_s, f"the replay of {topic} partitions {sorted(todo)}", every_s=0)
     finally:
         consumer.close()
     return replayed

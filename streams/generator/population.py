@@ -174,6 +174,7 @@ class Population:
             raise ValueError(f"no card {card_id!r}: ids run from c-0 to c-{self.cards - 1}")
         home = int(self.home[c])
         weights = _ARCHETYPES[self._archetype[c], (np.arange(24) + self._shift[c]) % 24]
+        mix = self.channel_mix[c]
         return CardProfile(
             card_id=card_id,
             home_country=COUNTRY_CODES[home],
@@ -182,6 +183,6 @@ class Population:
             usual_merchants=tuple(self.merchant_ids[self.usual[c, : self.n_usual[c]]].tolist()),
             median_amount=float(np.exp(self.mu[c])),
             amount_sigma=float(self.sigma[c]),
-            channel_mix=tuple(float(x) for x in self.channel_mix[c]),
+            channel_mix=(float(mix[0]), float(mix[1]), float(mix[2])),
             hourly_weights=tuple(float(x) for x in weights),
         )

@@ -1,0 +1,96 @@
+"""Supervision with real child processes (sleep, sh) and no service: a killed part comes back with
+its restart counted and its exit recorded, the backoff grows, a crash loop is called one, and
+stopping the supervisor stops its components."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.processes import ProcessTable
+from deploy.supervisor import Policy, Supervisor, read_state
+from features.waiting import wait_until
+
+FAST = Policy(backoff_first_s=0.05, backoff_max_s=0.4, healthy_after_s=5.0, crash_loop_restarts=4,
+              crash_loop_window_s=10.0)
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> ProcessTable:
+    return ProcessTable(tmp_path / "run", tmp_path / "logs")
+
+
+def running(supervisor: Supervisor) -> threading.Thread:
+    thread = threading.Thread(target=supervisor.run, daemon=True)
+    thread.start()
+    return thread
+
+
+def starter(table: ProcessTable, name: str, *argv: str):
+    return lambda: table.start(name, list(argv), dict(os.environ))
+
+
+def test_a_killed_part_comes_back_with_its_exit_recorded(table):
+    supervisor = Supervisor(table, {"sleeper": starter(table, "sleeper", "sleep", "60")}, ["sleeper"], FAST, 0.02)
+    thread = running(supervisor)
+    try:
+        first = wait_until(lambda: table.get("sleeper") and table.get("sleeper").alive() and table.get("sleeper"),
+                           10, "the part to start")
+        os.kill(first.pid, signal.SIGKILL)
+        second = wait_until(lambda: (r := table.get("sleeper")) and r.alive() and r.pid != first.pid and r,
+                            10, "the part to come back")
+        assert second.pid != first.pid
+        state = wait_until(lambda: read_state(table.run_dir).get("sleeper", {}).get("restarts") == 1
+                           and read_state(table.run_dir)["sleeper"], 5, "the state file")
+        assert state["last_exit_code"] == -signal.SIGKILL and state["last_reason"] == "killed by SIGKILL"
+        assert state["state"] == "running" and not state["crash_looping"]
+    finally:
+        supervisor.stop()
+        thread.join(30)
+    assert not thread.is_alive() and table.get("sleeper") is None  # stopped with the supervisor
+
+
+def test_a_part_that_keeps_failing_backs_off_and_is_called_crash_looping(table, caplog):
+    script = "echo 'ERROR: cannot reach the broker' >&2; exit 3"
+    supervisor = Supervisor(table, {"failing": starter(table, "failing", "sh", "-c", script)}, ["failing"], FAST, 0.01)
+    caplog.set_level(logging.WARNING, logger="deploy.supervisor")
+    thread = running(supervisor)
+    try:
+        state = wait_until(lambda: (s := read_state(table.run_dir).get("failing", {})).get("crash_looping") and s,
+                           30, "the crash loop to be seen")
+    finally:
+        supervisor.stop()
+        thread.join(30)
+    assert state["last_exit_code"] == 3
+    assert state["last_reason"] == "exited with status 3: ERROR: cannot reach the broker"
+    assert state["restarts"] >= FAST.crash_loop_restarts - 1
+    waits = [float(r.getMessage().rsplit("restarting in ", 1)[1].rstrip("s")) for r in caplog.records
+             if "restarting in" in r.getMessage()]
+    assert waits[:3] == [0.05, 0.1, 0.2]  # the backoff doubles
+    assert sum("crash-looping" in r.getMessage() for r in caplog.records) == 1  # said once, not per restart
+
+
+def test_backoff_starts_over_after_a_long_run():
+    policy = Policy(backoff_first_s=1, backoff_max_s=30)
+    assert [policy.backoff(n) for n in range(0, 8)] == [0, 1, 2, 4, 8, 16, 30, 30]
+
+
+def test_a_part_running_before_the_supervisor_is_adopted_not_started_twice(table):
+    table.start("early", ["sleep", "60"], dict(os.environ))
+    before = table.get("early")
+    starts = []
+    supervisor = Supervisor(table, {"early": lambda: starts.append(1)}, ["early"], FAST, 0.02)
+    thread = running(supervisor)
+    try:
+        time.sleep(0.3)
+        assert starts == [] and table.get("early").pid == before.pid
+    finally:
+        supervisor.stop()
+        thread.join(30)
+    assert table.get("early") is None
