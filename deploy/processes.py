@@ -8,7 +8,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -116,6 +116,22 @@ def exit_status(record: Record) -> tuple[int | None, str]:
         except ValueError:
             return code, f"killed by signal {-code}"
     return code, f"exited with status {code}"
+
+
+def stop_orphans(keep: Collection[int] = (), timeout_s: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL after timeout_s, the process groups of every child this process started
+    and still holds (but those in `keep`): a supervisor leaves none behind, records or not."""
+    children = [c for pid, c in list(_CHILDREN.items()) if pid not in keep and c.poll() is None]
+    for child in children:
+        _signal_group(child.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_group(child.pid, signal.SIGKILL)
+            child.wait(timeout=5)
+        _CHILDREN.pop(child.pid, None)
 
 
 class ProcessTable:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy import broker, components, redis_local
-from deploy.processes import ProcessTable, Record, exit_status, last_error_line
+from deploy.processes import ProcessTable, Record, exit_status, last_error_line, stop_orphans
 from deploy.settings import Settings, child_environment
 from features.errors import EddyError
 from streams.telemetry import StageMetrics
@@ -101,17 +101,23 @@ class Supervisor:
         self.policy = policy
         self.tick_s = tick_s
         self.parts = {name: PartState(recent=deque(maxlen=policy.crash_loop_restarts)) for name in starters}
+        self.services = [name for name in starters if name not in components]
         self._stop = threading.Event()
         self.metrics: StageMetrics | None = None
 
     def stop(self) -> None:
         self._stop.set()
 
-    def run(self) -> None:
-        """Watch and restart until stopped; then stop every component it started."""
+    def run(self, still_mine: Callable[[], bool] = lambda: True) -> None:
+        """Watch and restart until stopped, or until still_mine() says this supervisor is no longer
+        the stack's (its record replaced or removed, its EDDY_HOME gone); then stop every component."""
         log.info("supervising %s", ", ".join(self.parts))
         try:
             while not self._stop.is_set():
+                if not still_mine():
+                    log.error("this supervisor is no longer the stack's (its record under %s is gone or names "
+                              "another process): stopping its components and leaving", self.table.run_dir)
+                    break
                 for name in self.parts:
                     self._check(name)
                 self._write()
@@ -199,15 +205,18 @@ class Supervisor:
         os.replace(tmp, path)
 
     def _stop_components(self) -> None:
-        """Stop the components (not the broker or Redis: `eddy down` stops those last), in parallel."""
+        """Stop the components (not the broker or Redis: `eddy down` stops those last), in parallel,
+        and any other child this process started whose record is gone."""
         threads = [threading.Thread(target=self.table.stop, args=(name,)) for name in self.wanted]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        stop_orphans(keep={r.pid for r in self.table.all() if r.name in self.services})
         for name in self.wanted:
             self.parts[name].state = "stopped"
-        self._write()
+        if self.table.run_dir.exists():
+            self._write()
 
 
 def stack_supervisor(settings: Settings, table: ProcessTable) -> Supervisor:
@@ -230,11 +239,17 @@ def run_supervisor(settings: Settings) -> None:
     from deploy.components import serve_metrics
     from features.spec import load_spec
 
-    supervisor = stack_supervisor(settings, ProcessTable(settings.run_dir, settings.logs_dir))
+    table = ProcessTable(settings.run_dir, settings.logs_dir)
+    supervisor = stack_supervisor(settings, table)
     supervisor.metrics = serve_metrics(settings, load_spec(settings.pipeline), NAME, NAME)
     signal.signal(signal.SIGTERM, lambda *_: supervisor.stop())
     signal.signal(signal.SIGINT, lambda *_: supervisor.stop())
-    supervisor.run()
+
+    def still_mine() -> bool:
+        record = table.get(NAME)
+        return record is not None and record.pid == os.getpid()
+
+    supervisor.run(still_mine)
 
 
 def stage_of(part: str) -> str:

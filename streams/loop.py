@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -27,6 +29,10 @@ log = logging.getLogger(__name__)
 
 
 YOUNG_GC_THRESHOLD = 50_000
+# A transaction call that has not returned after this long (each is given 30 s) is stuck: seen with
+# librdkafka's send_offsets_to_transaction after the only broker was killed and came back. The
+# process ends, supervision starts it again, and its new producer fences the stuck transaction.
+STUCK_CALL_S = 90.0
 
 
 class Output(Protocol):
@@ -179,6 +185,7 @@ class TransactionalLoop:
         self.metrics: StageMetrics | None = metrics
         self._faults = Backoff(log)
         self._lag_at = 0.0
+        self._watchdog = Watchdog(STUCK_CALL_S)
         # The Kafka timestamps (ms) a batch's latency is measured from: its records' own by default.
         self.latency_from: Callable[[list], Sequence[int]] = _timestamps
 
@@ -189,12 +196,15 @@ class TransactionalLoop:
         # the default young-generation threshold of 700 the collector ran ~17 times a batch, 13% of
         # the scorer's step; at this one it runs about once.
         gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
-        self.producer.init_transactions(30)
+        with self._watchdog:
+            self.producer.init_transactions(30)
         assigned, revoked = getattr(step, "assigned", None), getattr(step, "revoked", None)
 
         def on_assign(consumer, partitions: list[TopicPartition]) -> None:
             if assigned is not None and partitions:
-                assigned(consumer.committed(partitions, timeout=30))
+                with self._watchdog:
+                    committed = consumer.committed(partitions, timeout=30)
+                assigned(committed)
 
         def on_revoke(_consumer, partitions: list[TopicPartition]) -> None:
             for tp in partitions:
@@ -306,7 +316,8 @@ class TransactionalLoop:
         need not be aborted (a timeout, a coordinator moving), at most about a minute."""
         for attempt in range(12):
             try:
-                call()
+                with self._watchdog:
+                    call()
                 return
             except KafkaException as exc:
                 error = exc.args[0]
@@ -322,7 +333,8 @@ class TransactionalLoop:
         if self.metrics is not None and reason.startswith("Kafka"):
             self.metrics.kafka_errors.inc()
         try:
-            self.producer.abort_transaction(30)
+            with self._watchdog:
+                self.producer.abort_transaction(30)
         except KafkaException as exc:  # nothing was begun, or the broker is away: the transaction times out
             if exc.args[0].fatal():
                 raise
@@ -330,7 +342,14 @@ class TransactionalLoop:
         aborted = getattr(step, "aborted", None)
         if aborted is not None:
             touched = {(m.topic(), m.partition()) for m in batch}
-            aborted(batch, self._committed_offsets([TopicPartition(t, p) for t, p in touched]))
+            while True:  # a stateful step rebuilds from Kafka and Redis, which may still be away
+                try:
+                    aborted(batch, self._committed_offsets([TopicPartition(t, p) for t, p in touched]))
+                    break
+                except RedisError as exc:
+                    if not stores.is_transient(exc):
+                        raise
+                    self._faults.waiting(f"Redis: {exc}")
         self._rewind(batch)
 
     def _committed_offsets(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
@@ -417,3 +436,32 @@ class Backoff:
         if self.tries:
             self.log.warning("resumed after %d tries over %.1fs", self.tries, time.monotonic() - self.since)
             self.tries = 0
+
+
+class Watchdog:
+    """`with watchdog:` around a call that must return: if it has not after `limit_s`, the process
+    exits (status 70) with a log line, for supervision to restart it."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self._since: float | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> None:
+        self._since = time.monotonic()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+            self._thread.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self._since = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(1.0)
+            since = self._since
+            if since is not None and time.monotonic() - since > self.limit_s:
+                log.error("a Kafka transaction call has not returned in %.0fs: exiting for supervision to "
+                          "restart this stage (its next producer fences the stuck transaction)", self.limit_s)
+                logging.shutdown()
+                os._exit(70)

@@ -120,3 +120,30 @@ def fresh_topic(settings) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:10]}"
     ensure_topics(settings.kafka, [name], partitions=3)
     yield name
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Whatever a test left running (a stack whose test failed before its `eddy down`) is stopped:
+    every process whose EDDY_HOME lies under this run's temporary folder."""
+    import signal
+
+    import psutil
+
+    try:
+        base = str(session.config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError):
+        return
+    leftovers = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            home = proc.environ().get("EDDY_HOME", "")
+        except (psutil.Error, OSError):
+            continue
+        if home.startswith(base) and proc.pid != os.getpid():
+            leftovers.append(proc)
+    for proc in leftovers:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            continue
+    psutil.wait_procs(leftovers, timeout=10)

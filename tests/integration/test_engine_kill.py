@@ -7,12 +7,12 @@ import json
 import os
 import signal
 import subprocess
-from collections import defaultdict
 
 import orjson
 import pytest
 
 from tests.conftest import EDDY, REPO, run_eddy, stack_environment
+from tests.faults import expected_rows, source_records
 from tests.kafka_helpers import read_committed
 from tests.stack_helpers import status, wait_for
 
@@ -22,38 +22,6 @@ pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow]
 # a stream that is still arriving, whatever the machine's speed.
 BACKLOG = 20_000
 LIVE_RATE, LIVE_EVENTS = 2_000, 10_000
-
-
-def source_records(kafka, topic: str) -> int:
-    """How many records the topic holds (its partitions' end offsets)."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    probe = Consumer(kafka.client(**{"group.id": "test-probe", "enable.auto.commit": False}))
-    try:
-        partitions = probe.list_topics(topic, timeout=10).topics[topic].partitions
-        return sum(probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions)
-    finally:
-        probe.close()
-
-
-def expected_rows(kafka, spec, events: int) -> dict[str, dict]:
-    """What an uninterrupted run computes: the shared Featurizer over each partition in offset order."""
-    from features.validation import Validator
-    from streams.featurize import Featurizer
-
-    source = read_committed(kafka, spec.topics.source, events)
-    by_partition = defaultdict(list)
-    for msg in source:
-        by_partition[msg.partition()].append(msg)
-    featurize, validator, states, rows = Featurizer(spec), Validator(spec), {}, {}
-    for msgs in by_partition.values():
-        for msg in sorted(msgs, key=lambda m: m.offset()):
-            event = validator.parse(msg.value())
-            new_state, value = featurize.apply_bytes(states.get(event.key), event, msg.timestamp()[1])
-            if new_state is not None:
-                states[event.key] = new_state
-            rows[event.event_id] = orjson.loads(value)
-    return rows
 
 
 @pytest.mark.parametrize("engine", ["faust", "native"])

@@ -68,38 +68,41 @@ def test_spec_topics_exist_with_configured_partitions(settings):
 
 def test_up_twice_status_and_down_on_a_private_stack(tmp_path):
     env = stack_environment(tmp_path / "home")
-    first = run_eddy(["up"], env)
-    assert first.returncode == 0, first.stderr
-    assert first.stdout.count("started in") >= 3  # broker, redis and the feature engine at least
-    before = json.loads(run_eddy(["status", "--json"], env).stdout)
-    parts = before["parts"]
-    assert {"broker", "redis", "features-faust"} <= set(parts)
-    for name, part in parts.items():
-        assert part["state"] == "up", (name, part)
-        assert part["managed"] is True and part["pid"] and part["rss_mb"] > 0
-        assert Path(part["log"]).exists()
-    assert parts["features-faust"]["replicas"] == 1 and parts["features-faust"]["engine"] == "faust"
+    try:
+        first = run_eddy(["up"], env)
+        assert first.returncode == 0, first.stderr
+        assert first.stdout.count("started in") >= 3  # broker, redis and the feature engine at least
+        before = json.loads(run_eddy(["status", "--json"], env).stdout)
+        parts = before["parts"]
+        assert {"broker", "redis", "features-faust"} <= set(parts)
+        for name, part in parts.items():
+            assert part["state"] == "up", (name, part)
+            assert part["managed"] is True and part["pid"] and part["rss_mb"] > 0
+            assert Path(part["log"]).exists()
+        assert parts["features-faust"]["replicas"] == 1 and parts["features-faust"]["engine"] == "faust"
 
-    again = run_eddy(["up"], env)
-    assert again.returncode == 0, again.stderr
-    assert "started in" not in again.stdout and again.stdout.count("running") == len(parts)
-    after = json.loads(run_eddy(["status", "--json"], env).stdout)
-    assert {n: p["pid"] for n, p in after["parts"].items()} == {n: p["pid"] for n, p in parts.items()}
+        again = run_eddy(["up"], env)
+        assert again.returncode == 0, again.stderr
+        assert "started in" not in again.stdout and again.stdout.count("running") == len(parts)
+        after = json.loads(run_eddy(["status", "--json"], env).stdout)
+        assert {n: p["pid"] for n, p in after["parts"].items()} == {n: p["pid"] for n, p in parts.items()}
 
-    down = run_eddy(["down"], env)
-    assert down.returncode == 0, down.stderr
-    assert set(down.stdout.removeprefix("stopped: ").strip().split(", ")) == set(parts)
-    for part in parts.values():
-        pid = part["pid"]
-        assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-    for address in (env["EDDY_KAFKA_BOOTSTRAP"], env["EDDY_REDIS_URL"].split("//")[1].split("/")[0]):
-        host, port = address.rsplit(":", 1)
-        with socket.socket() as sock:
-            sock.bind((host, int(port)))  # raises if anything still holds the port
-    status = json.loads(run_eddy(["status", "--json"], env).stdout)
-    assert status["parts"]["broker"]["state"] == "down"
-    assert status["parts"]["redis"]["state"] == "down"
-    assert run_eddy(["down"], env).stdout.strip() == "nothing was running"
+        down = run_eddy(["down"], env)
+        assert down.returncode == 0, down.stderr
+        assert set(down.stdout.removeprefix("stopped: ").strip().split(", ")) == set(parts)
+        for part in parts.values():
+            pid = part["pid"]
+            assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+        for address in (env["EDDY_KAFKA_BOOTSTRAP"], env["EDDY_REDIS_URL"].split("//")[1].split("/")[0]):
+            host, port = address.rsplit(":", 1)
+            with socket.socket() as sock:
+                sock.bind((host, int(port)))  # raises if anything still holds the port
+        status = json.loads(run_eddy(["status", "--json"], env).stdout)
+        assert status["parts"]["broker"]["state"] == "down"
+        assert status["parts"]["redis"]["state"] == "down"
+        assert run_eddy(["down"], env).stdout.strip() == "nothing was running"
+    finally:
+        run_eddy(["down"], env)  # whatever failed, nothing is left running
 
 
 def test_foreign_listener_on_the_broker_port_gives_one_clear_line(tmp_path):

@@ -94,3 +94,17 @@ def test_a_part_running_before_the_supervisor_is_adopted_not_started_twice(table
         supervisor.stop()
         thread.join(30)
     assert table.get("early") is None
+
+
+def test_a_supervisor_whose_stack_is_gone_stops_its_children_and_leaves(table):
+    mine = {"yes": True}
+    supervisor = Supervisor(table, {"sleeper": starter(table, "sleeper", "sleep", "60")}, ["sleeper"], FAST, 0.02)
+    thread = threading.Thread(target=supervisor.run, args=(lambda: mine["yes"],), daemon=True)
+    thread.start()
+    child = wait_until(lambda: (r := table.get("sleeper")) and r.alive() and r, 10, "the part to start")
+    (table.run_dir / "sleeper.json").unlink()  # as when its EDDY_HOME was removed
+    mine["yes"] = False
+    thread.join(30)
+    assert not thread.is_alive()
+    assert wait_until(lambda: not os.path.exists(f"/proc/{child.pid}") or
+                      open(f"/proc/{child.pid}/stat").read().split()[2] == "Z", 10, "the child to be stopped")
