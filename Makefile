@@ -4,13 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test unit demo bench lint lock clean dashboards
+.PHONY: setup test unit demo bench lint lock clean dashboards k8s-check image k8s-play
 
 setup:
 	@bash deploy/setup.sh
 
 # The whole suite (what CI runs), with the 25 slowest tests listed at the end.
-test: setup
+test: setup k8s-check
 	@$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
 
 # Unit tests only: no service, under a minute.
@@ -26,6 +26,18 @@ bench: setup
 lint: setup
 	@$(VENV)/bin/ruff check streams features models lakehouse deploy tests
 	@$(VENV)/bin/mypy streams features models lakehouse deploy
+
+# The Helm chart validated offline: helm lint/template per values profile, kubeconform -strict against
+# the Kubernetes and operators' CRD schemas (fetched into .tools/), the chart's own tests.
+k8s-check: setup
+	@bash deploy/k8s/check.sh
+
+# The eddy image with podman (from a Debian base made here), and the chart's stages played from it.
+image: setup
+	@bash deploy/image/build.sh
+
+k8s-play: image
+	@$(PY) -m deploy.k8s.play
 
 # Regenerate deploy/monitoring/dashboards/*.json after changing deploy/monitoring/dashboards.py.
 dashboards: setup

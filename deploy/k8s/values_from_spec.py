@@ -1,0 +1,163 @@
+"""The Helm chart's pipeline values, derived from the pipeline spec: the spec file itself, its topics
+(as KafkaTopics), consumer groups and the least-privilege Kafka ACL of each role. The chart types
+none of these: `python -m deploy.k8s.values_from_spec pipelines/fraud.yaml > values-spec.yaml`."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from features.spec import PipelineSpec, load_spec
+from streams.engines.config import STAGE as FEATURES_STAGE
+from streams.engines.config import EngineConfig
+from streams.engines.native_engine import changelog_topic
+from streams.kafka import KafkaConfig
+
+# The roles of Kafka principals and Redis users; a stage runs as exactly one.
+ROLES = ("producer", "features", "online-writer", "scorer", "lakehouse", "publisher", "reader", "admin")
+# The stages with a consumer group of their own, named by PipelineSpec.stage_id.
+GROUP_STAGES = (FEATURES_STAGE, "scorer", "online-writer", "lakehouse")
+# Spark's Kafka source names its groups "spark-kafka-source-..." unless the query sets groupIdPrefix;
+# ingestion sets none yet, so the lakehouse role may use both.
+SPARK_GROUP_PREFIX = "spark-kafka-source-"
+# `eddy consume` reads under a group of its own per run.
+CONSUME_GROUP_PREFIX = "eddy-consume-"
+
+READ = ["Read", "Describe"]
+WRITE = ["Write", "Describe"]
+_DNS_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?\Z")
+
+
+def resource_name(topic: str) -> str:
+    """A Kubernetes object name for a Kafka topic: the topic itself when it is a valid DNS name, else a
+    lowercase form with a short hash, so two topics never share a KafkaTopic."""
+    if _DNS_NAME.match(topic):
+        return topic
+    base = re.sub(r"[^-a-z0-9.]+", "-", topic.lower()).strip("-.")[:50] or "topic"
+    return f"{base}-{hashlib.sha256(topic.encode()).hexdigest()[:8]}"
+
+
+def _rule(kind: str, name: str | None, operations: list[str], prefix: bool = False) -> dict[str, Any]:
+    """One Strimzi KafkaUser ACL rule (kafka.strimzi.io/v1 `simple` authorization); the cluster has no name."""
+    resource: dict[str, Any] = {"type": kind}
+    if name is not None:
+        resource.update(name=name, patternType="prefix" if prefix else "literal")
+    return {"resource": resource, "operations": list(operations)}
+
+
+def kafka_acls(spec: PipelineSpec) -> dict[str, list[dict[str, Any]]]:
+    """Each role's ACL rules: the topics it reads and writes, its consumer groups and transactional
+    ids (by the stage id's prefix), nothing else."""
+    t, sid = spec.topics, spec.stage_id
+    features = sid(FEATURES_STAGE)
+    sources = [t.source] + ([t.labels] if t.labels else [])
+    return {
+        "producer": [_rule("topic", topic, WRITE) for topic in sources],
+        "features": [
+            _rule("topic", t.source, READ),
+            _rule("topic", t.features, WRITE),
+            _rule("topic", t.dlq, WRITE),
+            # the engine's own topics: the native changelog, Faust's table changelog and leader topic
+            _rule("topic", features, ["Create", "Read", "Write", "Describe", "DescribeConfigs"], prefix=True),
+            # the engine's group, and the native engine's restore client named after it
+            _rule("group", features, ["Read", "Describe"], prefix=True),
+            _rule("transactionalId", features, ["Write", "Describe"], prefix=True),
+        ],
+        "online-writer": [
+            _rule("topic", t.features, READ),
+            _rule("group", sid("online-writer"), ["Read", "Describe"]),
+        ],
+        "scorer": [
+            _rule("topic", t.features, READ),
+            _rule("topic", t.model_updates, READ),
+            _rule("topic", t.predictions, WRITE),
+            _rule("topic", t.dlq, WRITE),
+            _rule("group", sid("scorer"), ["Read", "Describe"]),
+            _rule("group", sid("model-updates"), ["Read", "Describe"], prefix=True),  # the update listener
+            _rule("transactionalId", sid("scorer"), ["Write", "Describe"], prefix=True),
+        ],
+        "lakehouse": [
+            *(_rule("topic", topic, READ) for topic in t.all()),
+            _rule("group", sid("lakehouse"), ["Read", "Describe"], prefix=True),
+            _rule("group", SPARK_GROUP_PREFIX, ["Read", "Describe"], prefix=True),
+        ],
+        # the retrainer, `eddy retrain`, `eddy promote` and `eddy rollback`: the only writer of model-updates
+        "publisher": [
+            _rule("topic", t.model_updates, ["Read", "Write", "Describe"]),
+            _rule("group", sid("registry"), ["Read", "Describe"], prefix=True),
+            _rule("group", sid("probe"), ["Read", "Describe"]),
+        ],
+        "reader": [
+            _rule("topic", t.predictions, READ),
+            _rule("topic", t.dlq, READ),
+            _rule("group", sid("reader"), ["Read", "Describe"], prefix=True),
+            _rule("group", CONSUME_GROUP_PREFIX, ["Read", "Describe"], prefix=True),
+        ],
+        "admin": [
+            _rule("cluster", None, ["All"]),
+            _rule("topic", "*", ["All"]),
+            _rule("group", "*", ["All"]),
+            _rule("transactionalId", "*", ["All"]),
+        ],
+    }
+
+
+def _native_changelog(spec: PipelineSpec) -> str:
+    # changelog_topic reads only the config's stage id; the other fields are never looked at
+    config = EngineConfig(KafkaConfig("kafka:9092"), spec, redis_url="", data_dir=Path("."), partitions=1)
+    return changelog_topic(config)
+
+
+def chart_values(spec: PipelineSpec, spec_text: str = "", spec_file: str = "") -> dict[str, Any]:
+    """The chart's `pipeline` values for `spec`; `spec_text` is the YAML the pods load (EDDY_PIPELINE)."""
+    t = spec.topics
+    roles = {t.source: "source", t.labels: "labels", t.features: "features", t.predictions: "predictions",
+             t.dlq: "dlq", t.model_updates: "model-updates"}
+    topics = []
+    for topic in t.all():
+        entry: dict[str, Any] = {"name": topic, "resource": resource_name(topic), "role": roles[topic]}
+        if topic == t.model_updates:
+            # one partition keeps the updates in order; scorers read the whole history at start
+            entry.update(partitions=1, config={"retention.ms": "-1"})
+        topics.append(entry)
+    native = _native_changelog(spec)
+    return {"pipeline": {
+        "name": spec.name,
+        "specHash": spec.spec_hash,
+        "specFile": spec_file or f"{spec.name}.yaml",
+        "spec": spec_text,
+        "topics": topics,
+        # created by the chart only with the native engine; partitioned like the source
+        "changelogs": {"native": {"name": native, "resource": resource_name(native), "partitionsOf": t.source,
+                                  "config": {"cleanup.policy": "compact"}}},
+        "groups": {stage: spec.stage_id(stage) for stage in GROUP_STAGES},
+        "transactionalIdPrefixes": {stage: spec.stage_id(stage) for stage in (FEATURES_STAGE, "scorer")},
+        "kafkaAcls": kafka_acls(spec),
+    }}
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for the spec text, so values-spec.yaml shows it as written."""
+
+
+_Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m deploy.k8s.values_from_spec SPEC.yaml > values-spec.yaml")
+    path = Path(argv[0])
+    spec = load_spec(path)
+    values = chart_values(spec, path.read_text(encoding="utf-8"), path.name)
+    sys.stdout.write(f"# Generated from {path} by deploy/k8s/values_from_spec.py: do not edit, regenerate.\n")
+    sys.stdout.write(yaml.dump(values, Dumper=_Dumper, sort_keys=False, width=120))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
