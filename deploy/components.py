@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import KafkaException
+
 from deploy.settings import Settings
 from features.spec import PipelineSpec
 from streams.engines.config import EngineConfig
@@ -48,10 +50,33 @@ def serve_metrics(settings: Settings, spec: PipelineSpec, stage: str, part: str)
 
     metrics = StageMetrics(spec.name, stage)
     host = "0.0.0.0" if settings.metrics_port else "127.0.0.1"  # a fixed port is for a cluster's scrapers
-    server = MetricsServer(metrics, part, host=host, port=settings.metrics_port,
+    server = MetricsServer(metrics, part, ready=kafka_reachable(settings), host=host, port=settings.metrics_port,
                            targets_dir=settings.run_dir / "targets")
     atexit.register(server.close)
     return metrics
+
+
+def kafka_reachable(settings: Settings, every_s: float = 5.0) -> Callable[[], bool]:
+    """/ready's answer: the brokers answered a metadata request within the last `every_s` seconds
+    (asked when probed, at most once per `every_s`), so a stage that cannot reach Kafka is not ready."""
+    import time
+
+    from streams.kafka import admin
+
+    client = admin(settings.kafka)
+    last = {"at": -every_s, "ok": False}
+
+    def ready() -> bool:
+        now = time.monotonic()
+        if now - last["at"] >= every_s:
+            try:
+                last["ok"] = bool(client.list_topics(timeout=2).brokers)
+            except KafkaException:
+                last["ok"] = False
+            last["at"] = now
+        return bool(last["ok"])
+
+    return ready
 
 
 def _faust(settings: Settings, spec: PipelineSpec) -> None:

@@ -57,7 +57,8 @@ def url_of(settings: Settings, table: ProcessTable) -> str | None:
 
 def ready(url: str) -> bool:
     try:
-        return urllib.request.urlopen(f"{url}/-/ready", timeout=2).status == 200
+        with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as answer:
+            return answer.status == 200
     except (urllib.error.URLError, OSError):
         return False
 
@@ -89,7 +90,8 @@ def query(url: str, expr: str) -> list[dict[str, Any]]:
     from urllib.parse import urlencode
 
     try:
-        body = urllib.request.urlopen(f"{url}/api/v1/query?{urlencode({'query': expr})}", timeout=10).read()
+        with urllib.request.urlopen(f"{url}/api/v1/query?{urlencode({'query': expr})}", timeout=10) as answer:
+            body = answer.read()
     except urllib.error.HTTPError as exc:
         raise ServiceError(f"prometheus refused {expr!r}: {exc.read().decode(errors='replace')[:300]}") from None
     data = json.loads(body)

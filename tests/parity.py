@@ -326,7 +326,9 @@ def private_copy(settings, path: Path, into: Path) -> tuple[PipelineSpec, Path]:
     data["source"]["topic"] = f"{data['source']['topic']}-{suffix}"
     data["topics"] = {**data.get("topics", {}), "dlq": f"dlq-{suffix}", "features": f"features-{suffix}"}
     spec = parse_spec(data)
-    ensure_topics(settings.kafka, spec.topics.all(), partitions=3)
+    # make_stream's records carry the Kafka timestamps of their history (days ago): kept forever, so the
+    # broker's retention (7 days by default, checked every 5 minutes) never deletes them mid-test
+    ensure_topics(settings.kafka, spec.topics.all(), partitions=3, configs={"retention.ms": "-1"})
     into.write_text(yaml.safe_dump(data))
     return spec, into
 

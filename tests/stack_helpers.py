@@ -22,3 +22,11 @@ def status(env: dict[str, str]) -> dict:
 
 def group_lag(env: dict[str, str], group: str, topic: str) -> int | None:
     return status(env).get("lag", {}).get(group, {}).get(topic)
+
+
+def fetch(url: str, timeout_s: float = 10.0) -> tuple[int, bytes]:
+    """(status, body) of a GET, the connection closed; an HTTP error status raises HTTPError."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout_s) as answer:
+        return answer.status, answer.read()

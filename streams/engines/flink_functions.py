@@ -157,10 +157,10 @@ class Featurize(KeyedProcessFunction):
             self.counts["duplicates"] += 1
             return
         new_state, value = self.apply(self.state.value(), event, row[ARRIVAL])
+        self.seen.put(event.event_id, True)  # seen, as the other engines' front door has it, refused or not
         if isinstance(value, Refused):  # the shared apply step's refusal: the record's fault, not a stop
             yield DLQ_TAG, self._dead_letter(row, value)
             return
-        self.seen.put(event.event_id, True)
         if new_state is not None:
             self.state.update(new_state)
         self.counts["valid"] += 1

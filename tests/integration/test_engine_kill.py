@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 
 import orjson
 import pytest
 
 from tests.conftest import EDDY, REPO, run_eddy, stack_environment
-from tests.faults import expected_rows, source_records
+from tests.faults import expected_rows, live_producer, source_records
 from tests.kafka_helpers import read_committed
 from tests.stack_helpers import status, wait_for
 
@@ -45,12 +44,10 @@ def test_kill_9_of_the_engine_mid_stream_changes_no_row(tmp_path, engine):
 
         # Kill it once it has committed some of the backlog, while a live stream arrives.
         wait_for(lambda: (lag := features_lag()) is not None and lag < BACKLOG * 0.8, 120, "processing to start")
-        live = subprocess.Popen([*EDDY, "produce", "--rate", str(LIVE_RATE), "--count", str(LIVE_EVENTS),
-                                 "--seed", "12", "--label-delay", "0"], env={**os.environ, **env}, cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        pid = json.loads(run_eddy(["status", "--json"], env).stdout)["parts"][f"features-{engine}"]["pid"]
+        live = live_producer(EDDY, env, REPO, rate=LIVE_RATE, count=LIVE_EVENTS, seed=12)
         wait_for(lambda: source_records(settings.kafka, spec.topics.source) > BACKLOG or live.poll() is not None,
                  60, "the live stream to arrive")
-        pid = json.loads(run_eddy(["status", "--json"], env).stdout)["parts"][f"features-{engine}"]["pid"]
         os.kill(pid, signal.SIGKILL)
         assert live.poll() is None, "the live stream ended before the kill"
         _, errors = live.communicate(timeout=120)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import pickle
 import signal
-import subprocess
 import time
 from collections import defaultdict
 from datetime import datetime
@@ -17,6 +16,7 @@ import orjson
 import pytest
 
 from tests.conftest import EDDY, REPO, run_eddy, stack_environment
+from tests.faults import live_producer, source_records
 from tests.kafka_helpers import count_committed, read_committed
 from tests.stack_helpers import group_lag, status, wait_for
 
@@ -206,17 +206,17 @@ def test_kill_9_of_the_scorer_mid_stream_gives_exactly_one_prediction_per_event(
     by itself, and every event still has exactly one prediction, whatever the machine's speed."""
     env, settings, spec = stack
     before = count_committed(settings.kafka, spec.topics.predictions)
+    sources = source_records(settings.kafka, spec.topics.source)
     produce(env, 5_000, "--backfill", "30m")
     group = spec.stage_id("scorer")
     wait_for(lambda: len(read_committed(settings.kafka, spec.topics.predictions, before + 3000, timeout_s=1))
              >= before + 3000, 120, "predictions to flow")
-    restarts = status(env)["parts"]["scorer-0"]["restarts"]
-    live = subprocess.Popen([*EDDY, "produce", "--rate", "2000", "--count", "10000", "--label-delay", "0"],
-                            env={**os.environ, **env}, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    wait_for(lambda: group_lag(env, group, spec.topics.features) or live.poll() is not None, 60,
-             "the live stream to reach the scorer")
-    os.kill(status(env)["parts"]["scorer-0"]["pid"], signal.SIGKILL)
+    part = status(env)["parts"]["scorer-0"]
+    restarts, pid = part["restarts"], part["pid"]
+    live = live_producer(EDDY, env, REPO, rate=2000, count=10_000, seed=5)
+    wait_for(lambda: source_records(settings.kafka, spec.topics.source) > sources + 5_500 or live.poll() is not None,
+             60, "the live stream to start")
+    os.kill(pid, signal.SIGKILL)
     assert live.poll() is None, "the live stream ended before the kill"
     _, errors = live.communicate(timeout=120)
     assert live.returncode == 0, errors

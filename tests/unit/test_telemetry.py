@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from streams.telemetry import MetricsServer, StageMetrics
+from tests.stack_helpers import fetch
 
 
 class Msg:
@@ -28,7 +29,7 @@ class Msg:
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    text = fetch(url)[1].decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
 
@@ -65,17 +66,27 @@ def test_a_stage_serves_the_catalogues_metrics(tmp_path):
         assert versions == {"v2"} and got[("eddy_model_swaps_total", common)] == 1
         assert got[("eddy_scored_rows_total", common)] == 4096
         assert any(name == "process_resident_memory_bytes" for name, _ in got)
-        with pytest.raises(urllib.error.HTTPError, match="503"):
-            urllib.request.urlopen(server.url.replace("/metrics", "/ready"), timeout=5)
+        with pytest.raises(urllib.error.HTTPError, match="503") as refused:
+            fetch(server.url.replace("/metrics", "/ready"))
+        refused.value.close()
         ready["now"] = True
-        assert urllib.request.urlopen(server.url.replace("/metrics", "/ready"), timeout=5).status == 200
+        assert fetch(server.url.replace("/metrics", "/ready"))[0] == 200
         [target] = json.loads((tmp_path / "targets" / "scorer-0.json").read_text())
         assert target == {"targets": [f"127.0.0.1:{server.port}"],
                           "labels": {"job": "eddy-scorer", "pipeline": "fraud", "part": "scorer-0"}}
         if shutil.which("promtool"):
-            text = urllib.request.urlopen(server.url, timeout=5).read()
+            text = fetch(server.url)[1]
             check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True)
             assert check.returncode == 0, check.stderr.decode() + check.stdout.decode()
     finally:
         server.close()
     assert not (tmp_path / "targets" / "scorer-0.json").exists()
+
+
+def test_a_stage_that_cannot_reach_kafka_is_not_ready(tmp_path):
+    from deploy.components import kafka_reachable
+    from deploy.processes import free_port
+    from deploy.settings import load_settings
+
+    settings = load_settings(environ={"EDDY_HOME": str(tmp_path), "EDDY_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"})
+    assert kafka_reachable(settings)() is False
