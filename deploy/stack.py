@@ -76,9 +76,11 @@ def up(settings: Settings, spec: PipelineSpec | None = None, with_components: bo
         report.parts[prometheus_local.NAME] = {"managed": True, "address": p.url, "pid": p.pid,
                                                "start_s": round(p.start_s, 2),
                                                "log": str(table.log_path(prometheus_local.NAME))}
-    report.topics_created = ensure_topics(
-        settings.kafka, spec.topics.all(), settings.partitions, single_partition=[spec.topics.model_updates]
-    )
+    # model-updates is kept forever: a scorer started after a week must still find the serving model
+    report.topics_created = ensure_topics(settings.kafka, [spec.topics.model_updates], 1,
+                                          configs={"retention.ms": "-1"})
+    report.topics_created += ensure_topics(
+        settings.kafka, [t for t in spec.topics.all() if t != spec.topics.model_updates], settings.partitions)
     if with_components:
         from models.updates import ensure_baseline
 

@@ -64,6 +64,12 @@ def test_spec_topics_exist_with_configured_partitions(settings):
         assert name in topics
     assert len(topics[spec.topics.source].partitions) == settings.partitions
     assert len(topics[spec.topics.model_updates].partitions) == 1
+    from confluent_kafka.admin import ConfigResource
+
+    resource = ConfigResource(ConfigResource.Type.TOPIC, spec.topics.model_updates)
+    client = admin(settings.kafka)  # held: a client destroyed mid-request fails its futures
+    configs = next(iter(client.describe_configs([resource]).values())).result(10)
+    assert configs["retention.ms"].value == "-1"  # a scorer started after a week still finds its model
 
 
 def test_up_twice_status_and_down_on_a_private_stack(tmp_path):
