@@ -115,6 +115,7 @@ def produce(
     backfill: Annotated[str | None, typer.Option("--backfill", help="historical event times over this duration, e.g. 24h")] = None,
     start: Annotated[str | None, typer.Option("--start", help="ISO-8601 time of the first backfilled event (default: now - backfill)")] = None,
     cards: Annotated[int, typer.Option("--cards", help="number of distinct cards")] = 10_000,
+    amount_scale: Annotated[float, typer.Option("--amount-scale", help="every amount times this: a shifted profile, to see drift")] = 1.0,
     home: HomeOpt = None,
     pipeline: PipelineOpt = None,
 ) -> None:
@@ -123,7 +124,8 @@ def produce(
 
     settings = settings_from("produce", home=home, pipeline=pipeline)
     report = run_produce(settings, out, rate=rate, count=count, seed=seed, fraud_rate=fraud_rate,
-                         label_delay_s=label_delay, backfill=backfill, start=start, cards=cards)
+                         label_delay_s=label_delay, backfill=backfill, start=start, cards=cards,
+                         amount_scale=amount_scale)
     out.print(f"produced {report.events} events ({report.frauds} fraudulent) and {report.labels} labels "
               f"in {report.seconds:.1f}s: {report.events_per_s:,.0f} events/s")
 
@@ -267,6 +269,41 @@ def models(
         table.add_row(m["version"], "*" if m["serving"] else "", str(m["parent"] or "-"),
                       _metric(m["metrics"].get("pr_auc")), f"{live['labelled']:,}" if live else "-",
                       _metric(live.get("pr_auc")), _metric(live.get("roc_auc")), _metric(live.get("precision_at_0.5")))
+    out.print(table)
+
+
+@app.command()
+def drift(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
+    home: HomeOpt = None,
+    pipeline: PipelineOpt = None,
+) -> None:
+    """Feature drift of the serving version: PSI of each feature and of the score over the scorers'
+    live window against the training reference, and the share of nulls."""
+    from features.spec import load_spec
+    from models.drift import DRIFT_BOUND, measures, merged_snapshot
+    from streams.stores import redis_client
+
+    settings = settings_from("drift", home=home, pipeline=pipeline)
+    spec = load_spec(settings.pipeline)
+    merged = merged_snapshot(redis_client(settings.redis_url), spec.name)
+    figures = None if merged is None else {**measures(merged), "replicas": merged["replicas"], "bound": DRIFT_BOUND}
+    if as_json:
+        print(json.dumps(figures, indent=2, default=str))
+        return
+    if figures is None:
+        out.print("no drift measured yet: the serving version has no training reference (the baseline has none; "
+                  "the first `eddy retrain` records one) or no scorer has reported in the last 5 minutes")
+        return
+    table = Table(title=f"drift of {figures['version']} over the last {figures['rows']:,} rows "
+                        f"({figures['replicas']} scorer(s)); PSI above {DRIFT_BOUND} is a shift worth acting on")
+    for column in ("feature", "PSI", "null share", "at training", ""):
+        table.add_column(column)
+    for name, f in figures["features"].items():
+        table.add_row(name, _metric(f["psi"]), _metric(f["null_share"]), _metric(f["ref_null_share"]),
+                      "drifted" if (f["psi"] or 0) > DRIFT_BOUND else "")
+    table.add_row("(score)", _metric(figures["score_psi"]), "", "",
+                  "drifted" if (figures["score_psi"] or 0) > DRIFT_BOUND else "")
     out.print(table)
 
 

@@ -110,7 +110,8 @@ def _scorer(replica: int) -> Callable[[Settings, PipelineSpec], None]:
         interval: dict[str, Any] = ({} if settings.commit_interval_s is None
                                     else {"commit_interval_s": settings.commit_interval_s})
         run_scorer(ScorerConfig(settings.kafka, spec, settings.redis_url, settings.device,
-                                settings.model_key.get_secret_value(), replica=replica, **interval),
+                                settings.model_key.get_secret_value(), replica=replica,
+                                drift_window=settings.drift_window, **interval),
                    metrics=serve_metrics(settings, spec, "scorer", f"scorer-{replica}"))
 
     return run
@@ -167,7 +168,12 @@ def wanted(settings: Settings) -> list[Component]:
     return [c for c in COMPONENTS.values()
             if c.engine in (None, settings.engine) and (c.replica is None or c.replica < settings.scorers)
             and (not c.ingest or settings.ingest)
-            and (not c.retrain or (settings.ingest and (settings.retrain_every_labels or settings.retrain_every_s)))]
+            and (not c.retrain or (settings.ingest and retraining(settings)))]
+
+
+def retraining(settings: Settings) -> bool:
+    """Whether continuous retraining is configured (any of its three triggers)."""
+    return bool(settings.retrain_every_labels or settings.retrain_every_s or settings.retrain_on_drift)
 
 
 def argv(name: str) -> list[str]:

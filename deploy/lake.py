@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -146,7 +146,76 @@ def run_ingest_component(settings: Settings, spec: PipelineSpec, metrics: StageM
             for table, rows in stats.rows.items():
                 metrics.total(metrics.records_out.labels(spec.name, INGEST_COMPONENT, table), rows)
 
+    threading.Thread(target=monitor_lakehouse, args=(settings, spec, metrics, stop), name="monitor",
+                     daemon=True).start()
     run_ingestion(session, spec, ingest_config(settings), report, stop.is_set)
+
+
+def monitor_lakehouse(settings: Settings, spec: PipelineSpec, metrics: StageMetrics | None,
+                      stop: threading.Event) -> None:
+    """Every EDDY_MONITOR_EVERY until `stop`: the scorers' merged drift window into gold.drift, and
+    (with `metrics`) each version's live quality and holdout PR-AUC and each table's freshness."""
+    import redis
+
+    log = logging.getLogger("eddy.monitor")
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    sampled: dict[str, Any] = {"at": None}
+    while not stop.wait(settings.monitor_every_s):
+        tasks: list[Callable[[], object]] = [lambda: sample_drift(settings, spec, client, sampled)]
+        if metrics is not None:
+            tasks.append(lambda: export_quality(settings, spec, metrics))
+        for task in tasks:
+            try:
+                task()
+            except Exception as exc:  # noqa: BLE001 - a failed sample (Redis away, a table mid-write) waits for the next
+                log.warning("monitoring sample failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
+
+
+def sample_drift(settings: Settings, spec: PipelineSpec, client, sampled: dict[str, Any]) -> int:
+    """Append the scorers' merged drift window to gold.drift when it is newer than the last sampled;
+    returns the rows appended."""
+    from datetime import UTC, datetime
+
+    from lakehouse.registry import append_drift
+    from models.drift import measures, merged_snapshot
+
+    merged = merged_snapshot(client, spec.name)
+    if merged is None or merged["at"] == sampled.get("at") or not merged["rows"]:
+        return 0
+    sampled["at"] = merged["at"]
+    figures = measures(merged)
+    at = datetime.fromtimestamp(merged["at"], UTC)
+    common = {"measured_at": at, "version": figures["version"], "rows": figures["rows"],
+              "replicas": merged["replicas"]}
+    rows = [{**common, "kind": "feature", "feature": name, "psi": f["psi"], "null_share": f["null_share"],
+             "ref_null_share": f["ref_null_share"]} for name, f in figures["features"].items()]
+    rows.append({**common, "kind": "score", "feature": None, "psi": figures["score_psi"], "null_share": None,
+                 "ref_null_share": None})
+    append_drift(settings.lakehouse, rows)
+    return len(rows)
+
+
+def export_quality(settings: Settings, spec: PipelineSpec, metrics: StageMetrics) -> None:
+    """Each version's live quality (gold.predictions joined with the labels) with its holdout PR-AUC
+    from gold.models, and each ingested table's freshness, into `metrics`."""
+    import time
+
+    from lakehouse.ingest import newest_kafka_timestamp
+    from lakehouse.registry import registered_models
+    from lakehouse.tables import ingested_tables
+    from models.live import live_metrics
+
+    holdout = {row["version"]: ((row.get("metrics") or {}).get("holdout") or {}).get("pr_auc")
+               for row in registered_models(settings.lakehouse)}
+    for version, figures in live_metrics(settings.lakehouse, spec).items():
+        metrics.quality(version, {**figures, "holdout_pr_auc": holdout.get(version)})
+    for version, pr_auc in holdout.items():
+        metrics.quality(version, {"holdout_pr_auc": pr_auc})
+    freshness = metrics.family("eddy_lakehouse_freshness_seconds")
+    for table in ingested_tables(spec):
+        newest = newest_kafka_timestamp(settings.lakehouse, table)
+        if newest is not None:
+            freshness.labels(spec.name, f"{table.layer}.{table.name}").set(max(0.0, time.time() - newest))
 
 
 RETRAIN_COMPONENT = "retrainer"
@@ -164,21 +233,26 @@ def run_retrain_component(settings: Settings, spec: PipelineSpec) -> None:
     from lakehouse.registry import register_model
     from lakehouse.tables import ingested_tables
     from models.continuous import RetrainPolicy
+    from models.drift import largest_drift
     from models.retrain import retrain
     from streams.metrics import Heartbeat
 
     log = logging.getLogger("eddy.retrainer")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    policy = RetrainPolicy(settings.retrain_every_labels, settings.retrain_every_s)
+    policy = RetrainPolicy(settings.retrain_every_labels, settings.retrain_every_s, settings.retrain_on_drift)
     labels_table = next(t for t in ingested_tables(spec) if spec.labels and t.topic == spec.labels.topic)
-    heartbeat = Heartbeat(redis.Redis.from_url(settings.redis_url), spec.name, RETRAIN_COMPONENT)
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    heartbeat = Heartbeat(client, spec.name, RETRAIN_COMPONENT)
     rows = lakehouse_rows(settings, spec)
     state: dict[str, Any] = {"retrains": 0, "published": 0, "last_version": None, "last_error": None}
     while not stop.is_set():
         labels = row_count(settings.lakehouse, labels_table)
         heartbeat.beat(state["retrains"], force=True, labels=labels, **state)
-        if policy.due(labels, time.monotonic()):
+        drift = largest_drift(client, spec.name) if settings.retrain_on_drift else None
+        if policy.due(labels, time.monotonic(), drift):
+            if drift is not None and drift > (settings.retrain_on_drift or 0):
+                log.info("retraining: a feature drifted (PSI %.3f above %s)", drift, settings.retrain_on_drift)
             policy.done(labels, time.monotonic())
             try:
                 result = retrain(settings.kafka, spec, settings.artifacts_dir, settings.model_key.get_secret_value(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from datetime import datetime
 
@@ -33,7 +34,7 @@ def _check_flags(rate, count, fraud_rate, label_delay_s, cards) -> None:
 
 def run_produce(settings: Settings, console: Console, *, rate: float | None, count: int, seed: int,
                 fraud_rate: float, label_delay_s: float, backfill: str | None, start: str | None,
-                cards: int) -> ProduceReport:
+                cards: int, amount_scale: float = 1.0) -> ProduceReport:
     _check_flags(rate, count, fraud_rate, label_delay_s, cards)
     spec = load_spec(settings.pipeline)
     missing = set(spec.field_types) - set(EVENT_FIELDS)
@@ -43,9 +44,12 @@ def run_produce(settings: Settings, console: Console, *, rate: float | None, cou
             f"produce your own events to topic {spec.topics.source!r}"
         )
     now_ms = int(time.time() * 1000)
-    # Event ids are unique per run unless --start pins the run, which then replays byte for byte.
-    prefix = "t" if start is not None else f"t{now_ms}"
-    config = GeneratorConfig(seed=seed, fraud_rate=fraud_rate, cards=cards, start_ms=now_ms, id_prefix=prefix)
+    # Event ids are unique per run unless --start pins the run, which then replays byte for byte: then
+    # the prefix is a digest of every flag that changes the events, so different events never share an id.
+    pinned = (seed, fraud_rate, cards, start, backfill, count, amount_scale)
+    prefix = (f"t{hashlib.sha256(repr(pinned).encode()).hexdigest()[:10]}" if start is not None else f"t{now_ms}")
+    config = GeneratorConfig(seed=seed, fraud_rate=fraud_rate, cards=cards, start_ms=now_ms, id_prefix=prefix,
+                             amount_scale=amount_scale)
     if backfill is not None or start is not None:
         try:
             span_ms = parse_duration(backfill) if backfill is not None else 0
@@ -59,7 +63,7 @@ def run_produce(settings: Settings, console: Console, *, rate: float | None, cou
         else:
             start_ms = now_ms - span_ms
         config = GeneratorConfig(seed=seed, fraud_rate=fraud_rate, cards=cards, start_ms=start_ms,
-                                 mean_gap_ms=max(span_ms, 1) / count, id_prefix=prefix)
+                                 mean_gap_ms=max(span_ms, 1) / count, id_prefix=prefix, amount_scale=amount_scale)
     generator = TransactionGenerator(config)
     producer = SyntheticProducer(settings.kafka, spec.topics.source, spec.labels.topic if spec.labels else None,
                                  generator, label_delay_ms=int(label_delay_s * 1000))

@@ -17,6 +17,7 @@ import yaml
 from deploy.processes import ProcessTable, free_port
 from deploy.settings import REPO_ROOT, Settings, child_environment
 from features.errors import ServiceError
+from features.spec import parse_duration
 
 NAME = "prometheus"
 RULES_DIR = REPO_ROOT / "deploy" / "monitoring" / "rules"
@@ -36,11 +37,35 @@ def targets_dir(settings: Settings) -> Path:
     return settings.run_dir / "targets"
 
 
-def config(settings: Settings) -> dict[str, Any]:
-    """prometheus.yml: every eddy target found under run/targets/, eddy's rules."""
+def rule_files(settings: Settings, root: Path) -> list[str]:
+    """eddy's rule files; with EDDY_ALERT_FOR, copies under `root` whose alerts hold at most that long
+    before they fire (for trying an alert, and for tests: the rules' own holds are minutes)."""
+    files = sorted(RULES_DIR.glob("*.yml"))
+    if settings.alert_for_s is None:
+        return [str(p) for p in files]
+    (root / "rules").mkdir(parents=True, exist_ok=True)
+    out = []
+    for path in files:
+        rules = yaml.safe_load(path.read_text())
+        for group in rules.get("groups", []):
+            for rule in group.get("rules", []):
+                if "alert" in rule and _seconds_of(rule.get("for", "0s")) > settings.alert_for_s:
+                    rule["for"] = f"{int(settings.alert_for_s)}s"
+        copy = root / "rules" / path.name
+        copy.write_text(yaml.safe_dump(rules, sort_keys=False))
+        out.append(str(copy))
+    return out
+
+
+def _seconds_of(duration: str) -> float:
+    return parse_duration(duration) / 1000
+
+
+def config(settings: Settings, rules: list[str] | None = None) -> dict[str, Any]:
+    """prometheus.yml: every eddy target found under run/targets/, eddy's rules (or `rules`)."""
     return {
         "global": {"scrape_interval": f"{SCRAPE_INTERVAL_S}s", "evaluation_interval": f"{SCRAPE_INTERVAL_S}s"},
-        "rule_files": [str(p) for p in sorted(RULES_DIR.glob("*.yml"))],
+        "rule_files": rules if rules is not None else [str(p) for p in sorted(RULES_DIR.glob("*.yml"))],
         "scrape_configs": [{
             "job_name": "eddy",  # each target file names its own job (eddy-<stage>), which wins
             "file_sd_configs": [{"files": [str(targets_dir(settings) / "*.json")], "refresh_interval": "5s"}],
@@ -75,7 +100,7 @@ def ensure_prometheus(settings: Settings, table: ProcessTable) -> PrometheusInfo
     (root / "data").mkdir(parents=True, exist_ok=True)
     targets_dir(settings).mkdir(parents=True, exist_ok=True)
     path = root / "prometheus.yml"
-    path.write_text(yaml.safe_dump(config(settings), sort_keys=False))
+    path.write_text(yaml.safe_dump(config(settings, rule_files(settings, root)), sort_keys=False))
     address = f"127.0.0.1:{free_port()}"
     record = table.start(NAME, [binary, f"--config.file={path}", f"--storage.tsdb.path={root / 'data'}",
                                 f"--web.listen-address={address}", "--web.enable-lifecycle",

@@ -107,8 +107,17 @@ class Settings(BaseSettings):
     retrain_every_labels: PositiveInt | None = Field(None, description="a positive number of labels")
     retrain_every_s: Seconds | None = Field(None, validation_alias="EDDY_RETRAIN_EVERY",
                                             description="a duration like 30m or 6h")
+    # Drift (models.drift): retrain when a feature's PSI on the serving version passes this bound.
+    retrain_on_drift: PositiveFloat | None = Field(None, description="a PSI bound such as 0.2")
+    drift_window: int = Field(10_000, ge=0, description="a number of rows (0: no drift measured)")
+    # How often the lakehouse stage samples drift into gold.drift and exports live quality and freshness.
+    monitor_every_s: Seconds = Field(30.0, validation_alias="EDDY_MONITOR_EVERY",
+                                     description="a duration like 30s or 5m")
     # A local Prometheus scraping every stage, with eddy's rules (`eddy up --monitoring`).
     monitoring: bool = Field(False, description="on or off")
+    # The local Prometheus's alerts fire after at most this hold (None: each rule's own `for`).
+    alert_for_s: Seconds | None = Field(None, validation_alias="EDDY_ALERT_FOR",
+                                        description="a duration like 10s or 1m")
     # The port each stage serves /metrics and /ready on (0: any free one, found through run/targets/).
     metrics_port: int = Field(0, ge=0, le=65535, description="a port number, or 0 for any free one")
     # How often each stage commits (None: each stage's default).

@@ -216,3 +216,19 @@ def row_count(root: str, table: Table) -> int:
     except TableNotFoundError:
         return 0
     return int(sum(n or 0 for n in actions.column("num_records").to_pylist()))
+
+
+def newest_kafka_timestamp(root: str, table: Table) -> float | None:
+    """The newest committed row's Kafka timestamp (epoch seconds) from the Delta log's file statistics
+    (no data read); None before the table has a row."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        actions = DeltaTable(table_location(root, table)).get_add_actions(flatten=True)
+    except TableNotFoundError:
+        return None
+    if "max.kafka_timestamp" not in actions.column_names:
+        return None
+    stamps = [t for t in actions.column("max.kafka_timestamp").to_pylist() if t is not None]
+    return max(stamps).timestamp() if stamps else None

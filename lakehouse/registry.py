@@ -1,4 +1,4 @@
-"""gold/models, the registry table: one row per trained version. Written and read with delta-rs
+"""gold/models, the registry table: one row per trained version (and gold/drift beside it). Written and read with delta-rs
 (no JVM), so `eddy retrain` and `eddy models` need no Spark for it; Spark reads it as gold.models."""
 
 from __future__ import annotations
@@ -8,7 +8,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lakehouse.ingest import table_location
-from lakehouse.tables import MODELS
+from lakehouse.tables import DRIFT, MODELS, Table
+
+_ARROW = {"timestamp": "timestamp", "boolean": "bool_", "double": "float64", "bigint": "int64", "string": "string"}
+
+
+def _schema(table: Table):
+    import pyarrow as pa
+
+    return pa.schema([(n, pa.timestamp("us", tz="UTC") if t == "timestamp" else getattr(pa, _ARROW[t])())
+                      for n, t in table.columns])
 
 
 def register_model(root: str, entry: dict[str, Any]) -> None:
@@ -27,9 +36,28 @@ def register_model(root: str, entry: dict[str, Any]) -> None:
                               sort_keys=True),
         "published": bool(entry.get("published")),
     }
-    schema = pa.schema([(n, pa.timestamp("us", tz="UTC") if t == "timestamp" else
-                         pa.bool_() if t == "boolean" else pa.string()) for n, t in MODELS.columns])
-    write_deltalake(table_location(root, MODELS), pa.Table.from_pylist([row], schema=schema), mode="append")
+    write_deltalake(table_location(root, MODELS), pa.Table.from_pylist([row], schema=_schema(MODELS)), mode="append")
+
+
+def append_drift(root: str, rows: list[dict[str, Any]]) -> None:
+    """Append rows (the DRIFT columns; measured_at a datetime) to gold/drift."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    if rows:
+        write_deltalake(table_location(root, DRIFT), pa.Table.from_pylist(rows, schema=_schema(DRIFT)), mode="append")
+
+
+def drift_history(root: str) -> list[dict[str, Any]]:
+    """Every row of gold/drift, oldest first ([] before the first sample)."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        table = DeltaTable(table_location(root, DRIFT))
+    except TableNotFoundError:
+        return []
+    return sorted(table.to_pyarrow_table().to_pylist(), key=lambda r: r["measured_at"])
 
 
 def registered_models(root: str) -> list[dict[str, Any]]:

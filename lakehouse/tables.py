@@ -95,13 +95,21 @@ def backfill_refused_table(spec: PipelineSpec) -> Table:
 
 def all_tables(spec: PipelineSpec) -> list[Table]:
     """Every table a query can name: the ingested ones, the backfill and its refusals, the model registry."""
-    return ingested_tables(spec) + [backfill_table(spec), backfill_refused_table(spec), MODELS]
+    return ingested_tables(spec) + [backfill_table(spec), backfill_refused_table(spec), MODELS, DRIFT]
 
 
 MODELS = Table("gold", "models", None, (
     ("version", "string"), ("parent", "string"), ("kind", "string"), ("spec_hash", "string"),
     ("uri", "string"), ("sha256", "string"), ("created_at", "timestamp"), ("metrics", "string"),
     ("published", "boolean"),
+))
+
+# Feature drift over time (models.drift): one row per feature, and one for the score (feature null,
+# kind "score"), each time the lakehouse stage samples the scorers' merged window.
+DRIFT = Table("gold", "drift", None, (
+    ("measured_at", "timestamp"), ("version", "string"), ("kind", "string"), ("feature", "string"),
+    ("psi", "double"), ("null_share", "double"), ("ref_null_share", "double"), ("rows", "bigint"),
+    ("replicas", "bigint"),
 ))
 
 

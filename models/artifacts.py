@@ -43,7 +43,7 @@ MAX_WEIGHTS_BYTES = 1 << 31
 MAX_HEADER_BYTES = 1 << 24
 # The dtypes eddy writes (and may write); anything else in a header is refused.
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "U8": 1}
-_SETTABLE = frozenset({"version", "spec_hash", "name", "metrics", "parent", "created_at"})
+_SETTABLE = frozenset({"version", "spec_hash", "name", "metrics", "parent", "created_at", "reference"})
 # The model-update message's fields (docs/contract.md): action is publish | promote | rollback.
 MESSAGE_FIELDS = ("version", "uri", "sha256", "signature", "created_at", "metrics", "spec_hash", "action",
                   "published_at")
@@ -103,7 +103,8 @@ def save_artifact(directory: str | os.PathLike, model: ScorerModule, normaliser:
     """Write model.safetensors and the signed manifest.json into `directory` (created if absent).
 
     `manifest_fields` gives version and spec_hash (required) and optionally name, metrics,
-    parent and created_at (default: now, UTC); the rest is derived from the model and the
+    parent, created_at (default: now, UTC) and reference (models.drift.reference(): the training
+    distribution drift is measured against); the rest is derived from the model and the
     normaliser. Each file is written to a temporary name and renamed, weights first."""
     key = _key(key)
     unknown = sorted(set(manifest_fields) - _SETTABLE)
@@ -128,6 +129,8 @@ def save_artifact(directory: str | os.PathLike, model: ScorerModule, normaliser:
         "created_at": manifest_fields.get("created_at") or iso_ms(int(time.time() * 1000)),
         "parent": manifest_fields.get("parent"), "sha256": hashlib.sha256(data).hexdigest(),
     }
+    if manifest_fields.get("reference") is not None:
+        fields["reference"] = manifest_fields["reference"]
     fields["signature"] = _hmac(fields, key)
     manifest = Manifest.from_dict(fields, "the new manifest")  # refuses a missing version or spec hash
     root = Path(directory)

@@ -42,7 +42,7 @@ def labelled_predictions(root: str, spec: PipelineSpec):
 
 def live_metrics(root: str, spec: PipelineSpec) -> dict[str, dict[str, Any]]:
     """model_version -> {"labelled", "positives", "pr_auc", "roc_auc", "recall_at_precision_90",
-    "precision_at_0.5"}."""
+    "precision_at_0.5", "calibration_error"}."""
     frame = labelled_predictions(root, spec)
     out: dict[str, dict[str, Any]] = {}
     for version, group in frame.groupby("model_version"):
@@ -51,5 +51,18 @@ def live_metrics(root: str, spec: PipelineSpec) -> dict[str, dict[str, Any]]:
         out[str(version)] = {
             "labelled": len(group), "positives": int(labels.sum()), **evaluate(scores, labels),
             "precision_at_0.5": float(labels[flagged].mean()) if flagged.any() else None,
+            "calibration_error": calibration_error(scores, labels),
         }
     return out
+
+
+def calibration_error(scores: np.ndarray, labels: np.ndarray, bins: int = 10) -> float | None:
+    """Expected calibration error: over `bins` equal-width score bins, the row-weighted mean of
+    |mean score - positive rate| (None without rows)."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    if not scores.size:
+        return None
+    which = np.minimum((np.clip(scores, 0.0, 1.0) * bins).astype(np.int64), bins - 1)
+    rows = np.bincount(which, minlength=bins)
+    gap = np.abs(np.bincount(which, scores, bins) - np.bincount(which, labels, bins))
+    return float(gap.sum() / rows.sum())

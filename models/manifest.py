@@ -35,6 +35,12 @@ class Manifest:
     format: str = FORMAT
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    @property
+    def reference(self) -> dict[str, Any] | None:
+        """The training distribution drift is measured against (models.drift), when recorded."""
+        ref = self.extra.get("reference")
+        return ref if isinstance(ref, dict) and isinstance(ref.get("features"), dict) else None
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         extra = data.pop("extra")

@@ -23,7 +23,8 @@ from features.errors import EddyError
 from features.spec import PipelineSpec
 from features.waiting import poll
 from models.artifacts import load_artifact, save_artifact
-from models.inputs import spec_log_mask
+from models.drift import reference
+from models.inputs import rows_to_array, spec_log_mask
 from models.scoring import LoadedModel, pick_device
 from models.training import evaluate, train
 from models.updates import artifact_path, publish, read_updates, serving_update
@@ -115,6 +116,13 @@ def _score(model: LoadedModel, spec: PipelineSpec, inputs: list) -> np.ndarray:
     return model.score_sequences(inputs) if spec.model.kind == "sequence" else model.score(inputs)
 
 
+def drift_reference(spec: PipelineSpec, records: list[dict], scores: np.ndarray) -> dict[str, Any]:
+    """The distribution drift is measured against (models.drift): the holdout's features and scores,
+    the newest labelled rows, in which every window has filled as it has on the live stream."""
+    names = list(spec.model_inputs)
+    return reference(rows_to_array([r["features"] for r in records], names), names, scores)
+
+
 def retrain(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: bytes, device: str,
             publish_mode: str = "auto", epochs: int = 8, seed: int = 0,
             on_progress: Callable[[str], None] = lambda line: None,
@@ -147,8 +155,8 @@ def retrain(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: b
     model, normaliser = train(spec.model.kind, inputs[:split], y[:split], seed=seed, device=dev, epochs=epochs,
                               on_progress=progress, names=spec.model_inputs, log1p=spec_log_mask(spec.features))
     new = LoadedModel(model, normaliser, device=dev)
-    metrics = {**evaluate(_score(new, spec, inputs[split:]), y[split:]), "holdout_rows": len(records) - split,
-               "train_rows": split}
+    holdout_scores = _score(new, spec, inputs[split:])
+    metrics = {**evaluate(holdout_scores, y[split:]), "holdout_rows": len(records) - split, "train_rows": split}
     champion_metrics = None
     if champion is not None:
         champion_metrics = evaluate(_score(champion, spec, inputs[split:]), y[split:])
@@ -156,7 +164,8 @@ def retrain(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: b
     directory = artifacts_root / spec.name / version
     manifest = save_artifact(directory, model, normaliser,
                              {"version": version, "spec_hash": spec.spec_hash, "metrics": metrics,
-                              "parent": current["version"] if current else None, "name": spec.model.name}, key)
+                              "parent": current["version"] if current else None, "name": spec.model.name,
+                              "reference": drift_reference(spec, records[split:], holdout_scores)}, key)
     better = champion_metrics is None or (metrics["pr_auc"] or 0) > (champion_metrics["pr_auc"] or 0)
     published = publish_mode == "always" or (publish_mode == "auto" and better)
     uri = directory.resolve().as_uri()

@@ -18,12 +18,16 @@ from operator import itemgetter, methodcaller
 
 import numpy as np
 import orjson
+from redis.exceptions import RedisError
 
 from features.errors import EddyError
 from features.spec import PipelineSpec
 from features.validation import iso_ms
 from features.waiting import poll
+from models.drift import WINDOW_ROWS, DriftWindow, measures, publish_snapshot
 from models.errors import InputError
+from models.inputs import rows_to_array
+from models.manifest import Manifest
 from models.scoring import LoadedModel, pick_device
 from models.state import HistoryStore, append_once, history_before
 from models.updates import UpdateListener
@@ -37,6 +41,7 @@ from streams.telemetry import StageMetrics
 log = logging.getLogger(__name__)
 STAGE = "scorer"
 _PREDICTION_FIELDS = frozenset({"score", "model_version", "scored_at"})
+DRIFT_EVERY_S = 5  # how often a replica reports its drift window
 _value, _key = methodcaller("value"), methodcaller("key")
 _first, _tail, _features = itemgetter(0), itemgetter(slice(1, None)), itemgetter("features")
 
@@ -56,6 +61,7 @@ class ScorerConfig:
     commit_interval_s: float = 0.05   # at most one transaction per this long (each costs the broker CPU)
     history: int = 16              # feature rows kept per entity for sequence models
     model_wait_s: float = 120.0    # how long to wait at start for a model on the updates topic
+    drift_window: int = WINDOW_ROWS  # rows of the live window drift is measured on (0: no drift)
 
     @property
     def group(self) -> str:
@@ -79,6 +85,7 @@ class Scorer:
         self.bad_records = 0
         self.refusals: Tally[str] = Tally()  # dead letters by reason class
         self.metrics: StageMetrics | None = None
+        self.drift: DriftWindow | None = None  # the serving version's live window, when it has a reference
         self._required = itemgetter("features", "event_id", self.spec.key, "event_time")
         self.history = (HistoryStore(redis_client, self.spec.name, config.history)
                         if self.spec.model.kind == "sequence" else None)
@@ -99,6 +106,7 @@ class Scorer:
         loaded, message = ready
         previous = self.serving.version if self.serving is not None else None
         self.serving = loaded
+        self.drift = drift_window(loaded, self.config.drift_window)
         self.swaps.append({"version": loaded.version, "from": previous, "at": time.time(),
                            "published_at": message.get("published_at"), "load_ms": message.get("load_ms"),
                            "action": message.get("action", "publish")})
@@ -188,14 +196,18 @@ class Scorer:
     def _score(self, model: LoadedModel, kept: list, records: list[dict], out: Output) -> np.ndarray | None:
         """One model call for the batch; a row the model cannot take goes to the DLQ and the rest is
         scored again (kept and records shrink in place)."""
-        history, metrics = self.history, self.metrics
+        history, metrics, drift = self.history, self.metrics, self.drift
         while records:
             try:
                 started = time.perf_counter()
-                scores = (model.score(list(map(_features, records))) if history is None
+                raw = (rows_to_array(list(map(_features, records)), model.normaliser.names)
+                       if drift is not None or history is None else np.empty(0))
+                scores = (model.score(raw) if history is None
                           else self._score_sequences(history, model, kept, records))
                 if metrics is not None:
                     metrics.model_call(len(records), time.perf_counter() - started)
+                if drift is not None:
+                    drift.add(raw, scores)
                 return scores
             except InputError as exc:
                 if exc.row is None:
@@ -225,6 +237,28 @@ class Scorer:
         scores = model.score_sequences(sequences)
         history.put_many(stored)
         return scores
+
+
+def drift_window(model: LoadedModel, rows: int) -> DriftWindow | None:
+    """The live window of a model whose manifest records a reference (a retrained one; the baseline
+    has none), None otherwise or when rows is 0."""
+    manifest = model.manifest
+    ref = manifest.reference if isinstance(manifest, Manifest) else None
+    if ref is None or rows <= 0 or model.version is None:
+        return None
+    return DriftWindow(ref, model.normaliser.names, model.version, rows)
+
+
+def report_drift(scorer: Scorer, client, replica: int, metrics: StageMetrics | None) -> None:
+    """The serving version's window to Redis (for `eddy drift`, gold.drift and retraining) and, as
+    PSI and null shares, to the metrics."""
+    window = scorer.drift
+    if window is None:
+        return
+    snapshot = window.snapshot()
+    publish_snapshot(client, scorer.spec.name, replica, snapshot)
+    if metrics is not None:
+        metrics.drift(measures(snapshot))
 
 
 def prediction(record: dict, score_text: bytes, version: str, scored_at: str) -> bytes:
@@ -289,8 +323,15 @@ def run_scorer(config: ScorerConfig, metrics: StageMetrics | None = None) -> Non
     scorer.wait_for_model()
 
     def beat_every_second() -> None:  # also while idle, so status shows the replica as alive
+        ticks = 0
         while not stop.wait(1.0):
             beat(force=True)
+            ticks += 1
+            if ticks % DRIFT_EVERY_S == 0:
+                try:
+                    report_drift(scorer, client, config.replica, metrics)
+                except RedisError as exc:  # reported again next time
+                    log.warning("drift not reported: %s", exc)
 
     threading.Thread(target=beat_every_second, name="heartbeat", daemon=True).start()
     beat(force=True)

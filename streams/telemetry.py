@@ -81,7 +81,7 @@ class StageMetrics:
             elif metric.name == "eddy_model_info":
                 self._info = _ServingInfo(metric, common)
                 self.registry.register(self._info)
-            elif metric.labels[:2] == catalogue.COMMON:
+            else:
                 families[metric.name] = _family(metric, self.registry)
         self._families = families
 
@@ -166,6 +166,25 @@ class StageMetrics:
         if self._serving is not None and self._serving != (version, device):
             self.model_swaps.inc()
         self._info.serving = self._serving = (version, device)
+
+    def drift(self, measured: dict[str, Any]) -> None:
+        """A drift window's figures (models.drift.measures()): PSI and null share per feature, score PSI."""
+        psi, nulls = self._families["eddy_feature_psi"], self._families["eddy_feature_null_share"]
+        for name, figures in measured["features"].items():
+            if figures["psi"] is not None:
+                psi.labels(self.pipeline, name).set(figures["psi"])
+            if figures["null_share"] is not None:
+                nulls.labels(self.pipeline, name).set(figures["null_share"])
+        if measured["score_psi"] is not None:
+            self._families["eddy_score_psi"].labels(self.pipeline).set(measured["score_psi"])
+
+    def quality(self, version: str, figures: dict[str, Any]) -> None:
+        """A version's live quality (models.live.live_metrics()) and holdout PR-AUC, where known."""
+        for metric, key in (("eddy_live_pr_auc", "pr_auc"), ("eddy_live_precision", "precision_at_0.5"),
+                            ("eddy_live_calibration_error", "calibration_error"), ("eddy_live_labelled", "labelled"),
+                            ("eddy_live_positives", "positives"), ("eddy_holdout_pr_auc", "holdout_pr_auc")):
+            if figures.get(key) is not None:
+                self._families[metric].labels(self.pipeline, version).set(float(figures[key]))
 
     def refuse_update(self, reason: str) -> None:
         self.updates_refused.labels(self.pipeline, self.stage, reason).inc()

@@ -54,6 +54,7 @@ class GeneratorConfig:
     mean_gap_ms: float = 1.0  # mean time between consecutive events of the whole stream
     epoch_ms_fraction: float = 0.0  # share of events whose event_time is integer epoch ms
     id_prefix: str = "t"  # event ids are "<id_prefix>-<n>", n from 1
+    amount_scale: float = 1.0  # every amount times this (a shifted profile, to try drift)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ def _validate(c: GeneratorConfig) -> None:
         raise ConfigError(f"epoch_ms_fraction must lie in [0, 1], got {c.epoch_ms_fraction}")
     if not c.mean_gap_ms > 0:
         raise ConfigError(f"mean_gap_ms must be positive, got {c.mean_gap_ms}")
+    if not 0.001 <= c.amount_scale <= 1000:
+        raise ConfigError(f"amount_scale must lie in [0.001, 1000], got {c.amount_scale}")
     _check_time(c.start_ms)
     if not re.fullmatch(r"[A-Za-z0-9_.:-]+", c.id_prefix):
         raise ConfigError(f"id_prefix may hold letters, digits and _.:- only, got {c.id_prefix!r}")
@@ -118,6 +121,7 @@ class TransactionGenerator:
         self._queue = FraudQueue()
         prehistory(self._pop, self._history_rng, self._episode_p / self._gap_ns, self._next_ns, self._queue)
         self._flight_gap_ns = self._gap_ns  # the pace the episodes in flight were drawn for
+        self.amount_scale = config.amount_scale  # may change between batches: the profile shifts from then on
 
     def profile(self, card_id: str) -> CardProfile:
         """The habits of card `card_id` ("c-<n>"), for tests and for explaining a stream."""
@@ -170,6 +174,8 @@ class TransactionGenerator:
         if slots.size:
             card[slots], merchant[slots], amount[slots] = due["card"], due["merchant"], due["amount"]
             country[slots], channel[slots], pattern[slots] = due["country"], due["channel"], due["pattern"]
+        if self.amount_scale != 1.0:
+            amount = np.clip(np.round(amount * self.amount_scale, 2), 0.01, MAX_AMOUNT)
         return self._serialise(u, t, card, merchant, amount, country, channel, pattern)
 
     def _legit(self, u: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, ...]:
