@@ -1,6 +1,8 @@
 """The whole loop on a small stream: `eddy up` with lakehouse ingestion, labelled history, `eddy retrain`
 from the lakehouse registers and publishes a version, the scorer serves it, and `eddy models` shows
-live metrics that a recomputation from the Delta tables (delta-rs + numpy here) matches."""
+live metrics that a recomputation from the Delta tables (delta-rs + numpy here) matches; the lakehouse
+stage exports the same live figures, the holdout's and each table's freshness as Prometheus gauges, and
+samples the scorers' drift window into gold.drift."""
 
 from __future__ import annotations
 
@@ -8,9 +10,10 @@ import json
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import run_eddy, stack_environment
-from tests.stack_helpers import wait_for
+from tests.stack_helpers import fetch, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.spark, pytest.mark.slow]
 
@@ -40,7 +43,8 @@ def delta(lake: str, path: str, columns: list[str]):
 
 
 def test_retrain_registers_publishes_serves_and_live_metrics_match_the_tables(tmp_path):
-    env = {**stack_environment(tmp_path / "home"), "EDDY_INGEST": "on", "EDDY_INGEST_TRIGGER": "1s"}
+    env = {**stack_environment(tmp_path / "home"), "EDDY_INGEST": "on", "EDDY_INGEST_TRIGGER": "1s",
+           "EDDY_MONITOR_EVERY": "2s"}
     lake = str(tmp_path / "home" / "lakehouse")
     try:
         up = run_eddy(["up"], env, timeout=300)
@@ -98,13 +102,50 @@ def test_retrain_registers_publishes_serves_and_live_metrics_match_the_tables(tm
         labels = labels.sort_values(["label_time", "kafka_timestamp"]).drop_duplicates("event_id", keep="last")
         joined = predictions.merge(labels, on="event_id")
         checked = 0
+        expected: dict[str, tuple[int, float | None]] = {}
         for name, group in joined.groupby("model_version"):
             live = models[name]["live"]
             y = group["is_fraud"].to_numpy().astype(int)
             assert live["labelled"] == len(group) and live["positives"] == int(y.sum())
+            expected[name] = (len(group), average_precision(group["score"].to_numpy(), y) if y.sum() else None)
             if y.sum():
-                assert live["pr_auc"] == pytest.approx(average_precision(group["score"].to_numpy(), y), abs=1e-9)
+                assert live["pr_auc"] == pytest.approx(expected[name][1], abs=1e-9)
                 checked += 1
         assert checked >= 1 and set(joined["model_version"]) >= {"baseline-1"}
+
+        # The lakehouse stage's gauges say the same (sampled every EDDY_MONITOR_EVERY, so wait for one).
+        url = json.loads(run_eddy(["status", "--json"], env).stdout)["parts"]["lakehouse"]["metrics_url"]
+
+        def gauges() -> dict[tuple[str, str], float]:
+            _, body = fetch(url)
+            return {(s.name, s.labels.get("version") or s.labels.get("table", "")): s.value
+                    for family in text_string_to_metric_families(body.decode()) for s in family.samples
+                    if s.name.startswith(("eddy_live_", "eddy_holdout_", "eddy_lakehouse_freshness"))}
+
+        wait_for(lambda: all(gauges().get(("eddy_live_labelled", v)) == n for v, (n, _) in expected.items()), 60,
+                 "the live gauges on the final tables")
+        seen = gauges()
+        for name, (_, ap) in expected.items():
+            if ap is not None:
+                assert seen[("eddy_live_pr_auc", name)] == pytest.approx(ap, abs=1e-9)
+        holdout = json.loads(registry["metrics"].iloc[0])["holdout"]["pr_auc"]
+        assert seen[("eddy_holdout_pr_auc", version)] == pytest.approx(holdout, abs=1e-12)
+        assert {t for (n, t) in seen if n == "eddy_lakehouse_freshness_seconds"} >= {
+            "bronze.transactions", "bronze.labels", "silver.features", "gold.predictions"}
+        assert all(v >= 0 for (n, _), v in seen.items() if n == "eddy_lakehouse_freshness_seconds")
+
+        def drift_rows():
+            try:
+                return delta(lake, "gold/drift", ["version", "kind", "feature", "psi", "rows"])
+            except Exception:  # noqa: BLE001 - the table may not exist yet
+                return None
+        wait_for(lambda: (d := drift_rows()) is not None and (d["version"] == version).any(), 60,
+                 "the new version's drift in gold.drift")
+        drift = drift_rows()
+        mine = drift[(drift["version"] == version) & (drift["kind"] == "feature")]
+        from features.spec import load_spec
+        assert set(mine["feature"]) == set(load_spec(env["EDDY_PIPELINE"]).model_inputs)
+        assert mine["psi"].notna().all() and (mine["rows"] > 0).all()
+        assert len(drift[(drift["version"] == version) & (drift["kind"] == "score")]) >= 1
     finally:
         run_eddy(["down"], env, timeout=120)
