@@ -257,7 +257,7 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
     result: dict[str, Any] = {"machine": {"cpus": _cpus(), "python": platform.python_version(),
                                           "platform": platform.platform()}, "engine": engine,
                               "lakehouse_ingestion": ingest, "scorers": settings.scorers,
-                              "commit_interval_s": settings.commit_interval_s}
+                              "commit_interval_s": settings.commit_interval_s, "metrics": settings.metrics}
     try:
         on_progress(f"starting a private stack in {home}")
         stack.up(settings, spec)

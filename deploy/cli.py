@@ -370,7 +370,9 @@ def bench(
 
 def print_bench(result: dict) -> None:
     """run_bench's result as a table on stdout."""
-    table = Table(title=f"eddy bench ({result['engine']} engine, {result['device']}, {result['machine']['cpus']} CPUs)")
+    metrics = "" if result.get("metrics", True) else ", metrics off"
+    table = Table(title=f"eddy bench ({result['engine']} engine, {result['device']}, {result['machine']['cpus']} CPUs"
+                        f"{metrics})")
     table.add_column("measure")
     table.add_column("value", justify="right")
     base = result["baselines"]

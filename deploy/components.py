@@ -6,13 +6,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaException
 
 from deploy.settings import Settings
 from features.spec import PipelineSpec
 from streams.engines.config import EngineConfig
+
+if TYPE_CHECKING:
+    from streams.telemetry import StageMetrics
 
 # The native engine commits every 50 ms: each transaction costs the broker ~5 ms of CPU here, so
 # 20 a second per stage keeps it near a tenth of a core, against records waiting 25 ms on average.
@@ -41,10 +44,14 @@ def engine_config(settings: Settings, spec: PipelineSpec, **defaults) -> EngineC
                         jars_dir=settings.jars_dir, **defaults)
 
 
-def serve_metrics(settings: Settings, spec: PipelineSpec, stage: str, part: str):
+def serve_metrics(settings: Settings, spec: PipelineSpec, stage: str, part: str) -> StageMetrics | None:
     """The part's StageMetrics, served on /metrics and /ready (EDDY_METRICS_PORT, or any free loopback
-    port) until the process exits, and named to the local Prometheus through run/targets/."""
+    port) until the process exits, and named to the local Prometheus through run/targets/; None with
+    EDDY_METRICS=off (the stage then counts nothing but its heartbeat)."""
     import atexit
+
+    if not settings.metrics:
+        return None
 
     from streams.telemetry import MetricsServer, StageMetrics
 

@@ -113,6 +113,8 @@ class Settings(BaseSettings):
     # How often the lakehouse stage samples drift into gold.drift and exports live quality and freshness.
     monitor_every_s: Seconds = Field(30.0, validation_alias="EDDY_MONITOR_EVERY",
                                      description="a duration like 30s or 5m")
+    # Every stage serves Prometheus metrics (off: none do, to measure what they cost).
+    metrics: bool = Field(True, description="on or off")
     # A local Prometheus scraping every stage, with eddy's rules (`eddy up --monitoring`).
     monitoring: bool = Field(False, description="on or off")
     # The local Prometheus's alerts fire after at most this hold (None: each rule's own `for`).

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import run_eddy, stack_environment
+from tests.monitoring.test_dashboards import unanswered_panels
 from tests.stack_helpers import fetch, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.spark, pytest.mark.slow]
@@ -47,7 +48,7 @@ def test_retrain_registers_publishes_serves_and_live_metrics_match_the_tables(tm
            "EDDY_MONITOR_EVERY": "2s"}
     lake = str(tmp_path / "home" / "lakehouse")
     try:
-        up = run_eddy(["up"], env, timeout=300)
+        up = run_eddy(["up", "--monitoring"], env, timeout=300)
         assert up.returncode == 0, up.stderr
         assert "lakehouse" in up.stdout
         produced = run_eddy(["produce", "--count", "12000", "--backfill", "12h", "--label-delay", "0",
@@ -147,5 +148,11 @@ def test_retrain_registers_publishes_serves_and_live_metrics_match_the_tables(tm
         assert set(mine["feature"]) == set(load_spec(env["EDDY_PIPELINE"]).model_inputs)
         assert mine["psi"].notna().all() and (mine["rows"] > 0).all()
         assert len(drift[(drift["version"] == version) & (drift["kind"] == "score")]) >= 1
+        # the model and infrastructure dashboards' live-quality and freshness panels have data now
+        prometheus = json.loads(run_eddy(["status", "--json"], env).stdout)["parts"]["prometheus"]["metrics_url"]
+        assert unanswered_panels(prometheus.removesuffix("/metrics"),
+                                 ("eddy_live_pr_auc", "eddy_live_precision", "eddy_live_calibration_error",
+                                  "eddy_holdout_pr_auc", "eddy_live_labelled", "eddy_lakehouse_freshness_seconds"),
+                                 "fraud") == []
     finally:
         run_eddy(["down"], env, timeout=120)

@@ -15,6 +15,7 @@ from deploy.prometheus_local import query
 from features.waiting import poll
 from tests.conftest import run_eddy, stack_environment
 from tests.kafka_helpers import count_committed
+from tests.monitoring.test_dashboards import unanswered_panels
 from tests.stack_helpers import status, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow]
@@ -32,6 +33,11 @@ def drift_after(env: dict[str, str], since: float, version: str) -> dict | None:
     if figures and figures["version"] == version and figures["at"] > since and figures["rows"] == WINDOW:
         return figures
     return None
+
+
+def summary(figures: dict) -> str:
+    psi = ", ".join(f"{name} {f['psi']:.3f}" for name, f in figures["features"].items())
+    return f"PSI {psi}; score {figures['score_psi']:.3f} over {figures['rows']} rows"
 
 
 def test_a_shifted_amount_drifts_fires_the_alert_and_the_other_features_stay_below(tmp_path):
@@ -91,5 +97,9 @@ def test_a_shifted_amount_drifts_fires_the_alert_and_the_other_features_stay_bel
                   for r in query(prometheus, "max by (feature) (eddy_feature_psi)")}
         assert gauges.keys() == set(spec.model_inputs)
         assert {n for n, v in gauges.items() if v > DRIFT_BOUND} == AMOUNT_FEATURES
+        # the model dashboard's drift panels have data now
+        assert unanswered_panels(prometheus, ("eddy_feature_psi", "eddy_feature_null_share", "eddy_score_psi"),
+                                 spec.name) == []
+        print(f"drift: calm {summary(calm)}; shifted {summary(shifted)}")
     finally:
         run_eddy(["down"], env)

@@ -188,3 +188,17 @@ def test_every_query_returns_series_on_catalogue_shaped_data(tmp_path: Path) -> 
     (tmp_path / "panels.test.yml").write_text(yaml.safe_dump(suite, sort_keys=False, width=1000))
     result = promtool("test", "rules", "panels.test.yml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def unanswered_panels(prometheus: str, metrics: tuple[str, ...], pipeline: str, timeout_s: float = 60) -> list[str]:
+    """The dashboard queries selecting any of `metrics` that still return no series after timeout_s
+    against a live Prometheus (each polled until it answers)."""
+    from deploy.monitoring.promql import expand_variables, selected_names
+    from deploy.prometheus_local import query
+    from features.waiting import poll
+
+    chosen = [(where, expr) for where, expr in targets() if set(selected_names(expr)) & set(metrics)]
+    assert chosen, f"no dashboard panel selects {metrics}"
+    return [where for where, expr in chosen
+            if not poll(lambda e=expr: query(prometheus, expand_variables(e, {**VARIABLES, "pipeline": pipeline})),
+                        timeout_s, every_s=2)]
