@@ -151,10 +151,48 @@ def _native(settings: Settings, spec: PipelineSpec) -> None:
 
 
 def _flink(settings: Settings, spec: PipelineSpec) -> None:
+    import threading
+
     from streams.engines.flink_job import run_job
 
-    serve_metrics(settings, spec, "features", "features-flink")  # the job's process; its counts beat to Redis
+    metrics = serve_metrics(settings, spec, "features", "features-flink")
+    if metrics is not None:  # the job's Python functions run in workers of their own: their counts come by Redis
+        threading.Thread(target=mirror_flink_counts, args=(settings, spec, metrics), name="flink-counts",
+                         daemon=True).start()
     run_job(engine_config(settings, spec))
+
+
+def mirror_flink_counts(settings: Settings, spec: PipelineSpec, metrics: StageMetrics, every_s: float = 1.0) -> None:
+    """Bring the metrics of the Flink job's process up to the counts its functions beat to Redis (summed
+    over its subtasks): records in (partition "all": a subtask does not report per partition), out,
+    duplicates and dead letters by reason, about once a second."""
+    import time
+
+    from redis.exceptions import RedisError
+
+    from streams.metrics import read_metrics
+    from streams.stores import redis_client
+
+    client = redis_client(settings.redis_url)
+    source, features = spec.topics.source, spec.topics.features
+    while True:
+        try:
+            beats = [b for b in read_metrics(client, spec.name, "features", max_age_s=60) if b.get("engine") == "flink"]
+        except RedisError:  # Redis away: the counts catch up on its return
+            metrics.redis_errors.inc()
+            beats = []
+        totals: dict[str, int] = {}
+        for beat in beats:
+            for name, value in beat.items():
+                if name in ("valid", "dlq", "duplicates") or name.startswith("refused_"):
+                    totals[name] = totals.get(name, 0) + int(value)
+        if totals:
+            seen = totals.get("valid", 0) + totals.get("dlq", 0) + totals.get("duplicates", 0)
+            metrics.total(metrics.records_in.labels(spec.name, "features", source, "all"), seen)
+            metrics.total(metrics.records_out.labels(spec.name, "features", features), totals.get("valid", 0))
+            metrics.total(metrics.duplicates, totals.get("duplicates", 0))
+            metrics.refusals({n.removeprefix("refused_"): v for n, v in totals.items() if n.startswith("refused_")})
+        time.sleep(every_s)
 
 
 COMPONENTS: dict[str, Component] = {

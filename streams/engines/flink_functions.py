@@ -19,6 +19,7 @@ from features.validation import Invalid
 from streams.dedupe import DEFAULT_RETENTION_MS
 from streams.dlq import dead_letter
 from streams.engines.config import STAGE
+from streams.telemetry import refusal_reason
 
 BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
 HEADERS = Types.MAP(Types.STRING(), BYTES)
@@ -168,5 +169,7 @@ class Featurize(KeyedProcessFunction):
 
     def _dead_letter(self, row: Row, reason: str) -> Row:
         self.counts["dlq"] += 1
+        by_reason = f"refused_{refusal_reason(reason)}"  # the job's process exports these (deploy.components)
+        self.counts[by_reason] = self.counts.get(by_reason, 0) + 1
         letter = dead_letter(self.dlq_topic, _RowMessage(row), reason, STAGE)
         return Row(letter.key, letter.value, dict(letter.headers))
