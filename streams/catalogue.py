@@ -66,7 +66,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("eddy_batch_seconds", "histogram", "Processing time of one batch.", COMMON, DURATION_BUCKETS),
     Metric("eddy_commit_seconds", "histogram", "Time to commit one Kafka transaction.", COMMON, DURATION_BUCKETS),
     Metric("eddy_latency_seconds", "histogram",
-           "From the source record's Kafka timestamp to the output's (transaction -> prediction at the scorer).",
+           "From the source record's Kafka timestamp to the output's: the engines pass the event's on to its "
+           "features record, so at the online writer and the scorer it is end to end (event -> prediction).",
            COMMON, LATENCY_BUCKETS),
     Metric("eddy_consumer_lag_records", "gauge", "Records between the group's position and the partition's end.",
            (*COMMON, "topic", "partition")),

@@ -256,7 +256,8 @@ def same_features(got: dict[str, Any], want: dict[str, Any]) -> bool:
     return True
 
 
-def check_engine_output(settings, spec: PipelineSpec, expected: dict[str, Row], delivered: list, invalid: list) -> None:
+def check_engine_output(settings, spec: PipelineSpec, expected: dict[str, Row], delivered: list, invalid: list,
+                        carries_timestamps: bool = True) -> None:
     """What an engine wrote for a make_stream() stream: exactly one row per first-seen valid event, keyed by
     its entity, equal to the reference for every non-late event, and each invalid record in the DLQ byte
     for byte with its reason and source position."""
@@ -274,6 +275,15 @@ def check_engine_output(settings, spec: PipelineSpec, expected: dict[str, Row], 
         assert msg.key() == value[spec.key].encode()
         got[value["event_id"]] = value
     assert got.keys() == expected.keys()
+    # Each row carries its source record's Kafka timestamp on (so later stages measure from the event);
+    # the Flink job's rows are stamped by its Kafka sink instead (carries_timestamps False).
+    arrived: dict[str, int] = {}
+    for d in delivered:
+        record = valid_record(spec, d.value())
+        if record is not None:
+            arrived.setdefault(record[spec.id_field], d.timestamp()[1])
+    stamps = {orjson.loads(m.value())["event_id"]: m.timestamp()[1] for m in rows}
+    assert (stamps == {event_id: arrived[event_id] for event_id in stamps}) is carries_timestamps
     late = [i for i, (_, is_late) in expected.items() if is_late]
     assert 10 <= len(late) < len(expected) // 4  # the stream holds late events, and mostly timely ones
     assert any(FUTURE_REASON in reason for _, reason in invalid)  # and events refused by the apply step

@@ -206,7 +206,8 @@ def build_app(config: EngineConfig, metrics: StageMetrics | None = None):
                     if state is None:
                         stored = store.get(key)
                         state = logic.loads(stored) if stored else logic.new_state()
-                    row = apply(state, ev, arrival_ms(msg))
+                    arrival = arrival_ms(msg)
+                    row = apply(state, ev, arrival)
                     if type(row) is Refused:  # the state is untouched
                         letter = dead_letter(spec.topics.dlq, msg, row, STAGE)
                         sink.produce(letter.topic, letter.value, letter.key, headers=letter.headers)
@@ -215,8 +216,9 @@ def build_app(config: EngineConfig, metrics: StageMetrics | None = None):
                         continue
                     if not row.late:
                         live[key] = state
-                    await send(spec.topics.features, key, featurize.message(ev, row), partition, None, None,
-                               transactional_id=tid)
+                    # the source record's timestamp carries on (Faust takes seconds), as in the native engine
+                    await send(spec.topics.features, key, featurize.message(ev, row), partition,
+                               arrival / 1000 if arrival else None, None, transactional_id=tid)
                 for key, state in live.items():
                     store[key] = value = logic.dumps(state)
                     await send(changelog, key, value, partition, None, None, transactional_id=tid)

@@ -191,7 +191,8 @@ class NativeStep:
             elif type(state) is bytes:
                 state = table[key] = logic.loads(state)
             # `type(state) is bytes` above, the fast check, narrows only its own branch: state is live here
-            row = apply(state, ev, arrival_ms(msg))  # type: ignore[arg-type]
+            arrival = arrival_ms(msg)
+            row = apply(state, ev, arrival)  # type: ignore[arg-type]
             if type(row) is Refused:  # the state is untouched
                 letter = dead_letter(self.spec.topics.dlq, msg, row, STAGE)
                 produce(letter.topic, letter.value, letter.key, headers=letter.headers)
@@ -205,7 +206,9 @@ class NativeStep:
                     part.dirty[key] = msg.offset()
             elif counted:
                 self.late += 1
-            produce(features_topic, row_value(ev, row), key, partition=p)
+            # The source record's timestamp carries on (as Kafka Streams does), so each later stage's
+            # latency is measured from the event's arrival: end to end at the scorer.
+            produce(features_topic, row_value(ev, row), key, partition=p, timestamp=arrival or 0)
         return refused
 
     def write_due(self, out: Output) -> None:

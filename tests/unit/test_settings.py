@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from deploy.settings import child_environment, load_settings, redact_url
@@ -84,3 +86,26 @@ def test_child_environment_binds_loopback_only_for_a_local_spark_and_logs_flink_
                                                        "EDDY_SPARK_MASTER": "spark://10.0.0.5:7077"}))
     assert "SPARK_LOCAL_IP" not in cluster and "FLINK_LOG_DIR" not in cluster
     assert cluster["EDDY_SPARK_MASTER"] == "spark://10.0.0.5:7077"
+
+
+def test_alert_for_shortens_only_longer_holds_in_copies_of_the_rules(tmp_path):
+    import yaml
+
+    from deploy.prometheus_local import RULES_DIR, rule_files
+
+    plain = load_settings(environ={"EDDY_HOME": str(tmp_path / "a")})
+    assert rule_files(plain, tmp_path / "a") == [str(p) for p in sorted(RULES_DIR.glob("*.yml"))]
+    short = load_settings(environ={"EDDY_HOME": str(tmp_path / "b"), "EDDY_ALERT_FOR": "10s"})
+    copies = rule_files(short, tmp_path / "b")
+    assert [p.rsplit("/", 1)[1] for p in copies] == [p.name for p in sorted(RULES_DIR.glob("*.yml"))]
+    holds = {}
+    for original, copy in zip(sorted(RULES_DIR.glob("*.yml")), copies, strict=True):
+        before, after = (yaml.safe_load(t) for t in (original.read_text(), Path(copy).read_text()))
+        for g0, g1 in zip(before["groups"], after["groups"], strict=True):
+            for r0, r1 in zip(g0["rules"], g1["rules"], strict=True):
+                assert {k: v for k, v in r0.items() if k != "for"} == {k: v for k, v in r1.items() if k != "for"}
+                if "alert" in r0:
+                    holds[r0["alert"]] = (r0.get("for"), r1.get("for"))
+    assert holds["EddyFeatureDrift"] == ("15m", "10s")
+    assert all(after in ("10s", before) for before, after in holds.values())
+    assert any(before == after for before, after in holds.values())  # 0m holds stay as they were
