@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Annotated, Any
 
@@ -582,12 +583,35 @@ def run(component: Annotated[str, typer.Argument(help="component to run in this 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point. A bad flag or setting is one line `eddy: error: ...` and exit status 2;
     any other EddyError one line and status 1; never a traceback or a boxed panel for either."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        _main(args)
+    except SystemExit as exit_:
+        status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        if args[:1] == ["run"]:  # a long-running part: its exit handlers (metrics target files) must run
+            raise
+        _hard_exit(status)
+
+
+def _hard_exit(status: int) -> None:
+    """Leave a command without interpreter teardown. delta-rs and pyarrow leave native threads that
+    abort the process while Python shuts down ("terminate called without an active exception",
+    delta-io/delta-rs#2184), turning a finished command into status 134; output is flushed first."""
+    import logging
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(status)
+
+
+def _main(args: list[str]) -> None:
     # typer bundles its own click (typer._click): its errors are not the click package's
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name="eddy", standalone_mode=False)
+        code = command.main(args=args, prog_name="eddy", standalone_mode=False)
     except NoArgsIsHelpError as exc:  # `eddy` or `eddy GROUP` alone: the help
         print(exc.ctx.get_help() if exc.ctx else exc.format_message())
         sys.exit(0)
