@@ -36,26 +36,37 @@ def rollout(env: dict) -> dict:
 
 
 class Stream:
-    """`eddy produce` at a fixed rate, labels at once, over and over until stopped."""
+    """One generator for history and live stream alike (the cards keep their rhythm, so the features keep
+    the distribution the models were trained on): the history as fast as possible, then a second of
+    events at a time at 300 events/s, labels at once, until stopped."""
 
-    def __init__(self, env: dict) -> None:
-        self.env, self.stop, self.produced = env, threading.Event(), 0
+    GAP_MS = 3_600.0  # event time between two events of the whole stream
+
+    def __init__(self, settings, spec, history: int) -> None:
+        from streams.generator import GeneratorConfig, TransactionGenerator
+        from streams.producer import SyntheticProducer
+
+        span_ms = int(self.GAP_MS * (history + 300 * 900))  # the history, then up to 15 minutes live
+        self.generator = TransactionGenerator(GeneratorConfig(
+            seed=5, cards=300, fraud_rate=0.04, start_ms=int(time.time() * 1000) - span_ms, mean_gap_ms=self.GAP_MS,
+            id_prefix="judge"))
+        self.producer = SyntheticProducer(settings.kafka, spec.topics.source, spec.labels.topic, self.generator)
+        self.producer.run(history, None, backfill=True)
+        self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def start(self) -> None:
         self.thread.start()
 
     def run(self) -> None:
-        seed = 100
         while not self.stop.is_set():
-            done = run_eddy(["produce", "--rate", "300", "--count", "1500", "--cards", "300", "--seed", str(seed),
-                             "--label-delay", "0", "--fraud-rate", "0.04"], self.env)
-            assert done.returncode == 0, done.stderr
-            self.produced += 1500
-            seed += 1
+            self.producer.run(300, 300.0, backfill=True)
 
     def end(self) -> int:
         self.stop.set()
         self.thread.join(120)
-        return self.produced
+        assert not self.producer.errors
+        return self.producer.report.events
 
 
 def train(settings, spec, shuffled: bool, seed: int) -> str:
@@ -87,9 +98,7 @@ def test_a_bad_challenger_is_rolled_back_and_a_good_one_promoted_by_the_policy(t
         up = run_eddy(["up"], env, timeout=300)
         assert up.returncode == 0, up.stderr
         assert "rollouts" in status(env)["parts"]
-        history = run_eddy(["produce", "--count", "12000", "--backfill", "12h", "--cards", "300", "--seed", "5",
-                            "--label-delay", "0", "--fraud-rate", "0.04"], env)
-        assert history.returncode == 0, history.stderr
+        stream = Stream(settings, spec, history=12_000)
         wait_for(lambda: len(read_committed(settings.kafka, spec.topics.predictions, 12_000, timeout_s=5)) >= 12_000,
                  180, "the history scored")
         champion = train(settings, spec, shuffled=False, seed=0)
@@ -99,10 +108,10 @@ def test_a_bad_challenger_is_rolled_back_and_a_good_one_promoted_by_the_policy(t
 
         # The bad one: rolled back by itself once it has the evidence.
         assert run_eddy(["rollout", "start", bad, "--policy", str(policy)], env).returncode == 0
-        stream = Stream(env)
+        stream.start()
         wait_for(lambda: rollout(env)["mode"] == "none", 300, "the judge to end the bad rollout")
         decisions = [d for d in rollout(env)["decisions"] if d["challenger"] == bad]
-        assert [d["decision"] for d in decisions if d["decision"] != "hold"] == ["start", "rollback"]
+        assert [d["decision"] for d in decisions if d["decision"] != "hold"] == ["start", "rollback"], decisions
         rollback = decisions[-1]
         assert "PR-AUC" in rollback["reason"], rollback
         rolled_back_at = datetime.fromisoformat(str(rollback["decided_at"])).timestamp()
@@ -114,12 +123,12 @@ def test_a_bad_challenger_is_rolled_back_and_a_good_one_promoted_by_the_policy(t
         wait_for(lambda: rollout(env)["mode"] == "none", 420, "the judge to end the good rollout")
         produced = stream.end()
         decisions = [d for d in rollout(env)["decisions"] if d["challenger"] == good]
-        assert [d["decision"] for d in decisions if d["decision"] != "hold"] == ["start", "advance", "promote"]
+        assert [d["decision"] for d in decisions if d["decision"] != "hold"] == ["start", "advance", "promote"], decisions
         assert rollout(env)["champion"] == good
         wait_for(lambda: status(env)["parts"]["scorer-0"].get("model_version") == good, 60, "the good one serving")
 
         # No event dropped or doubled: every produced event has exactly one served prediction.
-        total = 12_000 + produced
+        total = produced
         wait_for(lambda: len(read_committed(settings.kafka, spec.topics.predictions, total, timeout_s=5)) >= total,
                  180, "every prediction")
         served = read_committed(settings.kafka, spec.topics.predictions, total, timeout_s=60, idle_s=2.0)
@@ -133,5 +142,6 @@ def test_a_bad_challenger_is_rolled_back_and_a_good_one_promoted_by_the_policy(t
               f"prediction {last_bad - rolled_back_at:+.2f} s after it ({len(canary_after)} predictions after)")
         for d in rollout(env)["decisions"]:
             print(f"{d['decided_at']} {d['challenger']} {d['percent']}% {d['decision']}: {d['reason']}")
+            print(f"    {d['metrics']}")
     finally:
         run_eddy(["down"], env, timeout=120)
