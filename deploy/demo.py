@@ -41,9 +41,9 @@ LIVE_SECONDS = 40      # the retrain starts a third of the way in
 LIVE_MAX_EVENTS = LIVE_RATE * 240  # the stream runs on until the rollout has ended, at most 4 minutes
 LIVE_SPAN_MS = int(LIVE_MAX_EVENTS * GAP_MS)  # the live stream's event time, at the longest
 FLAG_AT = 0.5
-# The second retrain goes out as a canary: half the cards, then all, each step judged on 300 labelled
-# live predictions; a bound broken (PR-AUC 0.05 below the champion's, ...) rolls it back.
-DEMO_POLICY = Policy(steps=(50, 100), min_labelled=300, min_positives=3, min_step_s=5)
+# The second retrain goes out as a canary: half the cards, then all, each step judged on 500 labelled
+# live predictions with 8 frauds; a bound broken (PR-AUC 0.05 below the champion's, ...) rolls it back.
+DEMO_POLICY = Policy(steps=(50, 100), min_labelled=500, min_positives=8, min_step_s=5)
 
 
 class PredictionWatcher:
@@ -123,8 +123,9 @@ def _view(settings, spec, watcher: PredictionWatcher, produced: int, lags: dict,
         for who in ("champion", "challenger"):
             f = rollout["metrics"].get(who, {})
             pr = f"{f['pr_auc']:.3f}" if f.get("pr_auc") is not None else "-"
+            since = "this rollout" if who == "champion" else "this step"
             table.add_row(f"  {who} {rollout[who]}", f"{f.get('labelled', 0):,} labelled, {f.get('positives', 0)} fraud, "
-                                                     f"live PR-AUC {pr} (this step)")
+                                                     f"live PR-AUC {pr} ({since})")
     table.add_row("frauds flagged (score > 0.5)", f"{sum(r['score'] > FLAG_AT for r in live):,} of {len(live):,}")
     table.add_row("", note)
     return table

@@ -62,21 +62,22 @@ def quality(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
             "calibration_error": calibration_error(scores, labels)}
 
 
-def rollout_figures(root: str, spec: PipelineSpec, champion: str, challenger: str,
-                    since_s: float) -> dict[str, dict[str, Any]]:
+def rollout_figures(root: str, spec: PipelineSpec, champion: str, challenger: str, champion_since_s: float,
+                    challenger_since_s: float) -> dict[str, dict[str, Any]]:
     """{"champion": ..., "challenger": ...}: quality() of each version's labelled predictions whose Kafka
-    timestamp is at or after `since_s` (the step's start; epoch seconds), with `precision` and `scores`
-    (their scores) for models.rollout.judge(). The champion counts only what it served; the challenger
-    what it served as canary or scored in shadow."""
+    timestamp is at or after its `since` (epoch seconds: the challenger's step began, the rollout began
+    for the champion, which serves ever fewer entities and none at a 100% step), with `precision` and
+    `scores` (their scores) for models.rollout.judge(). The champion counts only what it served; the
+    challenger what it served as canary or scored in shadow."""
     import pandas as pd
 
     frame = labelled_predictions(root, spec, served=False)
-    if len(frame):
-        stamps = pd.to_datetime(frame["kafka_timestamp"], utc=True)
-        frame = frame[stamps >= pd.Timestamp(since_s, unit="s", tz="UTC")]
+    stamps = pd.to_datetime(frame["kafka_timestamp"], utc=True) if len(frame) else None
     out = {}
-    for who, version, roles in (("champion", champion, ("champion",)), ("challenger", challenger, ("canary", "shadow"))):
-        rows = frame[(frame["model_version"] == version) & frame["role"].isin(roles)]
+    for who, version, roles, since_s in (("champion", champion, ("champion",), champion_since_s),
+                                         ("challenger", challenger, ("canary", "shadow"), challenger_since_s)):
+        rows = frame if stamps is None else frame[stamps >= pd.Timestamp(since_s, unit="s", tz="UTC")]
+        rows = rows[(rows["model_version"] == version) & rows["role"].isin(roles)]
         scores, labels = rows["score"].to_numpy(), rows["label"].to_numpy()
         figures = quality(scores, labels) if len(rows) else {"labelled": 0, "positives": 0}
         out[who] = {**figures, "precision": figures.get("precision_at_0.5"), "scores": scores}
