@@ -189,6 +189,7 @@ def run_demo(settings: Settings, console: Console) -> dict:
         lags: dict = {}
         note = ""
         rollout: dict = {}
+        decisions: list[dict] = []
         ended_at = None
         ticks = 0
         client = redis_client(settings.redis_url)
@@ -210,10 +211,13 @@ def run_demo(settings: Settings, console: Console) -> dict:
                     else:
                         note = f"{second.version} was not better than {second.champion}: not rolled out"
                 if second_box and second_box[0].rollout is not None and ticks % 3 == 0:  # it reads the lake
-                    rollout = rollout_status(settings, spec, client)
-                    if rollout["mode"] == "none" and ended_at is None:
+                    now_status = rollout_status(settings, spec, client)
+                    decisions = now_status["decisions"]
+                    if now_status["mode"] != "none":
+                        rollout = now_status  # the view keeps the last figures of both versions when it ends
+                    elif ended_at is None:
                         ended_at = time.monotonic()
-                        last = [d for d in rollout["decisions"] if d["challenger"] == second_box[0].version][-1:]
+                        last = [d for d in decisions if d["challenger"] == second_box[0].version][-1:]
                         note = f"rollout ended: {last[0]['decision']}: {last[0]['reason']}" if last else note
                 done = (ended_at is not None and time.monotonic() - ended_at > 5) or (
                     second_box and second_box[0].rollout is None and time.monotonic() - t0 > LIVE_SECONDS)
@@ -230,8 +234,7 @@ def run_demo(settings: Settings, console: Console) -> dict:
                 retrainer.join()
             time.sleep(3)
             view.update(_view(settings, spec, watcher, producer.report.events, lags, note, rollout))
-        summary["rollout"] = [d for d in rollout.get("decisions", [])
-                              if second_box and d["challenger"] == second_box[0].version]
+        summary["rollout"] = [d for d in decisions if second_box and d["challenger"] == second_box[0].version]
         summary["second"] = second_box[0] if second_box else None
 
         console.rule("5. analytics: Spark SQL over the lakehouse")
