@@ -122,21 +122,6 @@ def fresh_topic(settings) -> Iterator[str]:
     yield name
 
 
-_EXIT_STATUS = pytest.StashKey[int]()
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_unconfigure(config: pytest.Config) -> None:
-    """The run ends with its own status, without interpreter teardown: tests read and write Delta tables
-    with delta-rs in this process, whose native threads can abort Python's shutdown ("terminate called
-    without an active exception", delta-io/delta-rs#2184) and turn a green run into status 134."""
-    status = config.stash.get(_EXIT_STATUS, None)
-    if status is not None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-
-
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Whatever a test left running (a stack whose test failed before its `eddy down`) is stopped:
     every process whose EDDY_HOME lies under this run's temporary folder."""
@@ -144,7 +129,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
     import psutil
 
-    session.config.stash[_EXIT_STATUS] = int(exitstatus)
     try:
         base = str(session.config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
     except (AttributeError, ValueError):
