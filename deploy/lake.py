@@ -155,10 +155,10 @@ def monitor_lakehouse(settings: Settings, spec: PipelineSpec, metrics: StageMetr
                       stop: threading.Event) -> None:
     """Every EDDY_MONITOR_EVERY until `stop`: the scorers' merged drift window into gold.drift, and
     (with `metrics`) each version's live quality and holdout PR-AUC and each table's freshness."""
-    import redis
+    from streams.stores import redis_client
 
     log = logging.getLogger("eddy.monitor")
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    client = redis_client(settings.redis_url)
     sampled: dict[str, Any] = {"at": None}
     while not stop.wait(settings.monitor_every_s):
         tasks: list[Callable[[], object]] = [lambda: sample_drift(settings, spec, client, sampled)]
@@ -227,8 +227,6 @@ def run_retrain_component(settings: Settings, spec: PipelineSpec) -> None:
     import logging
     import time
 
-    import redis
-
     from lakehouse.ingest import row_count
     from lakehouse.registry import register_model
     from lakehouse.tables import ingested_tables
@@ -236,13 +234,14 @@ def run_retrain_component(settings: Settings, spec: PipelineSpec) -> None:
     from models.drift import largest_drift
     from models.retrain import retrain
     from streams.metrics import Heartbeat
+    from streams.stores import redis_client
 
     log = logging.getLogger("eddy.retrainer")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     policy = RetrainPolicy(settings.retrain_every_labels, settings.retrain_every_s, settings.retrain_on_drift)
     labels_table = next(t for t in ingested_tables(spec) if spec.labels and t.topic == spec.labels.topic)
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    client = redis_client(settings.redis_url)
     heartbeat = Heartbeat(client, spec.name, RETRAIN_COMPONENT)
     rows = lakehouse_rows(settings, spec)
     state: dict[str, Any] = {"retrains": 0, "published": 0, "last_version": None, "last_error": None}
