@@ -203,9 +203,8 @@ def run_demo(settings: Settings, console: Console) -> dict:
 def _on_live_stream(settings: Settings, spec, rows: list[dict], summary: dict) -> dict[str, dict]:
     """Every model on the same events: the live stream's feature rows (as the stream computed them)
     and their labels from bronze/labels, scored by the baseline and by each retrained version."""
-    from deltalake import DeltaTable
-
     from lakehouse.ingest import table_location
+    from lakehouse.snapshot import read_snapshot
     from lakehouse.tables import ingested_tables
     from models.artifacts import load_artifact
     from models.baseline import baseline_model
@@ -216,8 +215,8 @@ def _on_live_stream(settings: Settings, spec, rows: list[dict], summary: dict) -
     if not rows or spec.model.kind != "mlp":
         return {}
     labels_table = next(t for t in ingested_tables(spec) if t.topic == spec.labels.topic)
-    frame = DeltaTable(table_location(settings.lakehouse, labels_table)).to_pandas(
-        columns=[spec.labels.id, spec.labels.label])
+    frame = read_snapshot(table_location(settings.lakehouse, labels_table),
+                          columns=[spec.labels.id, spec.labels.label]).to_pandas()
     labels = dict(zip(frame[spec.labels.id], frame[spec.labels.label], strict=True))
     rows = [r for r in rows if r["event_id"] in labels]
     y = np.array([bool(labels[r["event_id"]]) for r in rows], dtype=np.float64)

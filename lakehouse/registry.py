@@ -1,5 +1,5 @@
-"""gold/models, the registry table: one row per trained version (and gold/drift beside it). Written and read with delta-rs
-(no JVM), so `eddy retrain` and `eddy models` need no Spark for it; Spark reads it as gold.models."""
+"""gold/models, the registry table: one row per trained version (and gold/drift beside it). Written with delta-rs,
+read with lakehouse.snapshot (no JVM), so `eddy retrain` and `eddy models` need no Spark for it; Spark reads it as gold.models."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lakehouse.ingest import table_location
+from lakehouse.snapshot import read_snapshot
 from lakehouse.tables import DRIFT, MODELS, Table
 
 _ARROW = {"timestamp": "timestamp", "boolean": "bool_", "double": "float64", "bigint": "int64", "string": "string"}
@@ -50,26 +51,23 @@ def append_drift(root: str, rows: list[dict[str, Any]]) -> None:
 
 def drift_history(root: str) -> list[dict[str, Any]]:
     """Every row of gold/drift, oldest first ([] before the first sample)."""
-    from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
     try:
-        table = DeltaTable(table_location(root, DRIFT))
+        rows = read_snapshot(table_location(root, DRIFT)).to_pylist()
     except TableNotFoundError:
         return []
-    return sorted(table.to_pyarrow_table().to_pylist(), key=lambda r: r["measured_at"])
+    return sorted(rows, key=lambda r: r["measured_at"])
 
 
 def registered_models(root: str) -> list[dict[str, Any]]:
     """Every row of gold/models, oldest first ([] when no version was registered yet)."""
-    from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
     try:
-        table = DeltaTable(table_location(root, MODELS))
+        rows = read_snapshot(table_location(root, MODELS)).to_pylist()
     except TableNotFoundError:
         return []
-    rows = table.to_pyarrow_table().to_pylist()
     for row in rows:
         row["metrics"] = json.loads(row["metrics"]) if row.get("metrics") else {}
     return sorted(rows, key=lambda r: r["created_at"])

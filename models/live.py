@@ -10,6 +10,7 @@ import numpy as np
 
 from features.spec import PipelineSpec
 from lakehouse.ingest import table_location
+from lakehouse.snapshot import read_snapshot
 from lakehouse.tables import ingested_tables
 from models.training import evaluate
 
@@ -18,17 +19,17 @@ def labelled_predictions(root: str, spec: PipelineSpec):
     """A pandas frame: model_version, score, label (0/1), one row per labelled prediction (the
     first prediction of an event, in Kafka order, if it was ever scored twice)."""
     import pandas as pd
-    from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
     if spec.labels is None:
         return pd.DataFrame({"model_version": [], "score": [], "label": []})
     tables = {t.topic: t for t in ingested_tables(spec)}
     try:
-        predictions = DeltaTable(table_location(root, tables[spec.topics.predictions])).to_pandas(
-            columns=["event_id", "model_version", "score", "kafka_partition", "kafka_offset"])
-        labels = DeltaTable(table_location(root, tables[spec.labels.topic])).to_pandas(
-            columns=[spec.labels.id, spec.labels.label, "label_time", "kafka_timestamp"])
+        predictions = read_snapshot(table_location(root, tables[spec.topics.predictions]),
+                                    columns=["event_id", "model_version", "score", "kafka_partition",
+                                             "kafka_offset"]).to_pandas()
+        labels = read_snapshot(table_location(root, tables[spec.labels.topic]),
+                               columns=[spec.labels.id, spec.labels.label, "label_time", "kafka_timestamp"]).to_pandas()
     except TableNotFoundError:
         return pd.DataFrame({"model_version": [], "score": [], "label": []})
     labels = (labels.dropna(subset=[spec.labels.id, spec.labels.label])

@@ -376,15 +376,18 @@ class TransactionalLoop:
         ahead = [tp for tp in positions if tp.offset > self._committed.get((tp.topic, tp.partition), -1)]
         if not ahead:
             return
-        self.producer.begin_transaction()
         try:
-            self.producer.send_offsets_to_transaction(ahead, self.consumer.consumer_group_metadata(), 30)
-            self.producer.commit_transaction(30)
+            # Under the watchdog like every batch: after a broker restart, librdkafka's
+            # send_offsets_to_transaction was seen to never return despite its 30 s timeout.
+            with self._watchdog:
+                self.producer.begin_transaction()
+                self.producer.send_offsets_to_transaction(ahead, self.consumer.consumer_group_metadata(), 30)
+                self.producer.commit_transaction(30)
         except KafkaException as exc:
             error = exc.args[0]
             if error.fatal() or not (error.txn_requires_abort() or error.retriable()):
                 raise
-            with contextlib.suppress(KafkaException):  # tried again when next idle
+            with self._watchdog, contextlib.suppress(KafkaException):  # tried again when next idle
                 self.producer.abort_transaction(30)
             return
         self._committed.update({(tp.topic, tp.partition): tp.offset for tp in ahead})

@@ -37,10 +37,10 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     return ap
 
 
-def delta(lake: str, path: str, columns: list[str]):
-    import deltalake
+def delta(lake: str, path: str, columns: list[str] | None):
+    from lakehouse.snapshot import read_snapshot
 
-    return deltalake.DeltaTable(f"{lake}/{path}").to_pandas(columns=columns)
+    return read_snapshot(f"{lake}/{path}", columns=columns).to_pandas()
 
 
 def test_retrain_registers_publishes_serves_and_live_metrics_match_the_tables(tmp_path):
@@ -66,8 +66,7 @@ def test_retrain_registers_publishes_serves_and_live_metrics_match_the_tables(tm
         retrained = run_eddy(["retrain", "--publish", "always", "--epochs", "4"], env, timeout=600)
         assert retrained.returncode == 0, retrained.stderr
         assert "trained v" in retrained.stdout and "on 12,000 labelled rows" in retrained.stdout
-        import deltalake
-        registry = deltalake.DeltaTable(f"{lake}/gold/models").to_pandas()
+        registry = delta(lake, "gold/models", None)
         assert len(registry) == 1
         version = registry["version"].iloc[0]
         assert registry["parent"].iloc[0] == "baseline-1" and bool(registry["published"].iloc[0])

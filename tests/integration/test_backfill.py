@@ -53,7 +53,7 @@ def write_bronze(spark, root: str, spec, stream) -> None:
 
 @pytest.mark.parametrize("pipeline", ["fraud.yaml", "sensors.yaml"])
 def test_the_backfill_gives_each_event_the_reference_row(spark, tmp_path, pipeline):
-    import deltalake
+    from lakehouse.snapshot import read_snapshot
 
     spec = parse_spec(yaml.safe_load((REPO_ROOT / "pipelines" / pipeline).read_text()))
     stream = make_stream(spec, seed=5)
@@ -63,10 +63,10 @@ def test_the_backfill_gives_each_event_the_reference_row(spark, tmp_path, pipeli
 
     assert write_backfill(spark, root, spec) == len(expected)
 
-    got = deltalake.DeltaTable(table_location(root, backfill_table(spec))).to_pandas()
+    got = read_snapshot(table_location(root, backfill_table(spec))).to_pandas()
     assert sorted(got["event_id"]) == sorted(expected)  # one row per first-seen valid event, nothing else
     # the apply step's refusals, as the engines dead-letter them: the event stamped too far ahead
-    refused = deltalake.DeltaTable(table_location(root, backfill_refused_table(spec))).to_pandas()
+    refused = read_snapshot(table_location(root, backfill_refused_table(spec))).to_pandas()
     ahead = [orjson.loads(raw)[spec.id_field] for raw, reason in dead_letters(spec, stream) if reason == FUTURE_REASON]
     assert len(ahead) == 1 and sorted(refused["event_id"]) == ahead
     assert all(FUTURE_REASON in reason for reason in refused["reason"])

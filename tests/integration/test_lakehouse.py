@@ -110,9 +110,9 @@ class Round:
 
 
 def delta_rows(lake: Path, path: str):
-    import deltalake
+    from lakehouse.snapshot import read_snapshot
 
-    return deltalake.DeltaTable(str(lake / path)).to_pandas()
+    return read_snapshot(str(lake / path)).to_pandas()
 
 
 def landed_rows(lake: Path, path: str) -> int:

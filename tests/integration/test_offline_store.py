@@ -86,8 +86,9 @@ def labels_frame():
 
 
 def test_point_in_time_features_row_for_row(spark, tmp_path: Path):
-    import deltalake
     import numpy as np
+
+    from lakehouse.snapshot import read_snapshot
 
     root = str(tmp_path / "lake")
     location = write_features(spark, root)
@@ -127,7 +128,7 @@ def test_point_in_time_features_row_for_row(spark, tmp_path: Path):
     assert again.loc[labels.index, "amount_sum_1h"].equals(got["amount_sum_1h"])
 
     # delta-rs reads the same table Spark wrote
-    table = deltalake.DeltaTable(location).to_pandas()
+    table = read_snapshot(location).to_pandas()
     assert len(table) == len(FEATURE_ROWS)
     by_offset = table.set_index("kafka_offset").sort_index()
     assert by_offset["amount_sum_1h"].tolist() == [r[2] for r in FEATURE_ROWS]
