@@ -196,6 +196,7 @@ def scoring_stage(spec: PipelineSpec, device_setting: str, rows: int = 200_000, 
     import torch
 
     from models.baseline import baseline_model
+    from models.rollout import Policy, start_route
     from models.scorer import Scorer, ScorerConfig
     from models.scoring import LoadedModel
 
@@ -214,7 +215,7 @@ def scoring_stage(spec: PipelineSpec, device_setting: str, rows: int = 200_000, 
                           b"c", "features", 0, i)
                for i in range(batch)]
 
-    def stage(size: int, total: int) -> float:
+    def stage(size: int, total: int, outputs_per_event: int = 1) -> float:
         out = _Count()
         gc.freeze()  # as the scorer's loop does once a second, at its collector threshold
         threshold = gc.get_threshold()
@@ -227,8 +228,8 @@ def scoring_stage(spec: PipelineSpec, device_setting: str, rows: int = 200_000, 
             elapsed = time.perf_counter() - started
         finally:
             gc.set_threshold(*threshold)
-        assert out.records >= total
-        return out.records / elapsed
+        assert out.records >= total * outputs_per_event
+        return out.records / outputs_per_event / elapsed
 
     def model_only(size: int) -> float:
         x = np.abs(rng.normal(size=(size, len(names)))) * 10
@@ -242,8 +243,20 @@ def scoring_stage(spec: PipelineSpec, device_setting: str, rows: int = 200_000, 
         return size * reps / (time.perf_counter() - started)
 
     batched, single = stage(batch, rows), stage(1, min(rows, 20_000))
+    # A rollout's cost on the same step: a challenger in shadow (a second model call per batch, a shadow
+    # prediction per event) and as a 30% canary (the batch split in two calls by entity).
+    challenger = LoadedModel(*baseline_model(spec), SimpleNamespace(version="challenger-1"), device=device)
+    challenger.warm_up((1, 64, 1024, batch))
+    scorer.challenger = challenger
+    scorer.route = start_route("baseline-1", "challenger-1", Policy(steps=(0, 30, 100)))
+    shadow = stage(batch, rows, outputs_per_event=2)
+    scorer.route = scorer.route.next_step(time.time())
+    canary = stage(batch, rows)
+    scorer.challenger = scorer.route = None
     return {"device": str(device), "batch": batch, "micro_batched_events_per_s": round(batched, 1),
             "per_event_events_per_s": round(single, 1), "ratio": round(batched / single, 1),
+            "shadow_events_per_s": round(shadow, 1), "shadow_ratio": round(shadow / batched, 3),
+            "canary_30_events_per_s": round(canary, 1),
             "model_rows_per_s": {str(b): round(model_only(b), 1) for b in (1, 64, 1024, batch)}}
 
 

@@ -223,25 +223,37 @@ def retrain(
     from features.spec import load_spec
     from lakehouse.registry import register_model
     from models.retrain import retrain as run_retrain
+    from models.rollout import load_policy
 
     if source not in ("lakehouse", "topics"):
         raise ConfigError(f"--source: {source!r} is not lakehouse or topics")
     settings = settings_from("retrain", home=home, pipeline=pipeline)
     spec = load_spec(settings.pipeline)
+    policy = load_policy(settings.rollout_policy) if settings.rollout_policy else None
     with err.status("retraining...") as spinner:
         result = run_retrain(settings.kafka, spec, settings.artifacts_dir, settings.model_key.get_secret_value(),
                              settings.device, publish_mode, epochs=epochs,
                              on_progress=lambda line: spinner.update(f"retraining: {line}"),
                              rows=lakehouse_rows(settings, spec) if source == "lakehouse" else None,
-                             register=lambda entry: register_model(settings.lakehouse, entry))
+                             register=lambda entry: register_model(settings.lakehouse, entry), rollout_policy=policy)
     new, old = result.metrics, result.champion_metrics or {}
     out.print(f"trained {result.version} on {result.rows:,} labelled rows ({result.positives} fraud) in "
               f"{result.seconds:.1f}s")
     out.print(f"holdout PR-AUC {new['pr_auc']} (champion {result.champion}: {old.get('pr_auc')}), "
               f"ROC-AUC {new['roc_auc']} ({old.get('roc_auc')}), "
               f"recall@90%precision {new['recall_at_precision_90']} ({old.get('recall_at_precision_90')})")
-    out.print(f"published {result.version} on {spec.topics.model_updates}" if result.published
-              else f"not published (--publish {publish_mode})")
+    if result.rollout is not None:
+        from deploy.rollouts import record
+
+        record(settings, result.rollout, "start", f"by eddy retrain: steps {list(result.rollout.steps)}",
+               {"policy": result.rollout.policy})
+        out.print(f"rollout {result.rollout.rollout_id} started: {result.version} at {result.rollout.percent}% "
+                  f"({result.rollout.mode}) against {result.champion}; `eddy rollout status` follows it")
+    elif policy is not None and publish_mode == "auto" and not result.published and result.version:
+        out.print(f"not published (--publish auto: not better than {result.champion}, or a rollout is in progress)")
+    else:
+        out.print(f"published {result.version} on {spec.topics.model_updates}" if result.published
+                  else f"not published (--publish {publish_mode})")
 
 
 @app.command()
@@ -394,6 +406,10 @@ def print_bench(result: dict) -> None:
     table.add_row(f"scorer step events/s, batches of {scoring['batch']:,} / of 1",
                   f"{scoring['micro_batched_events_per_s']:,.0f} / {base['per_event_scoring_events_per_s']:,.0f} "
                   f"({scoring['ratio']}x)")
+    if "shadow_events_per_s" in scoring:
+        table.add_row("scorer step events/s in a rollout: shadow / 30% canary",
+                      f"{scoring['shadow_events_per_s']:,.0f} ({scoring['shadow_ratio']}x) / "
+                      f"{scoring['canary_30_events_per_s']:,.0f}")
     lake = result.get("lakehouse")
     if lake:
         catch, fresh = lake["catch_up"], lake["freshness"]
@@ -427,6 +443,90 @@ def query(
     with err.status("running the query..."):
         result = run_sql(session, statement)
     sys.stdout.write(render(result, fmt))
+
+
+rollout_app = typer.Typer(no_args_is_help=True, help="Progressive delivery: shadow, canary, promotion, rollback.")
+app.add_typer(rollout_app, name="rollout")
+
+
+@rollout_app.command("start")
+def rollout_start(
+    version: Annotated[str, typer.Argument(help="the challenger: a version `eddy models` lists")],
+    shadow: Annotated[bool, typer.Option("--shadow", help="score every event in shadow first (step 0)")] = False,
+    steps: Annotated[str | None, typer.Option("--steps", help="percent of entities per step, e.g. 10,30,100")] = None,
+    policy: Annotated[str | None, typer.Option("--policy", help="a YAML policy file (docs/operations.md)")] = None,
+    home: HomeOpt = None,
+    pipeline: PipelineOpt = None,
+) -> None:
+    """Roll VERSION out against the serving version, step by step, judged on live labelled predictions."""
+    from deploy.rollouts import start
+    from features.spec import load_spec
+
+    settings = settings_from("rollout start", home=home, pipeline=pipeline)
+    route = start(settings, load_spec(settings.pipeline), version, shadow=shadow, steps=steps,
+                  policy_file=policy or (str(settings.rollout_policy) if settings.rollout_policy else None))
+    out.print(f"rollout {route.rollout_id}: {route.challenger} {route.mode} at {route.percent}% against "
+              f"{route.champion}; steps {list(route.steps)}")
+
+
+@rollout_app.command("status")
+def rollout_status(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
+    home: HomeOpt = None,
+    pipeline: PipelineOpt = None,
+) -> None:
+    """The rollout in progress: step, weights, both versions' live figures since the step began, decisions."""
+    from deploy.rollouts import status
+    from features.spec import load_spec
+    from streams.stores import redis_client
+
+    settings = settings_from("rollout status", home=home, pipeline=pipeline)
+    report = status(settings, load_spec(settings.pipeline), redis_client(settings.redis_url))
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+        return
+    if report["mode"] == "none":
+        out.print(f"no rollout in progress; {report['champion']} serves")
+    else:
+        out.print(f"rollout {report['rollout']['id']}: {report['challenger']} {report['mode']} at "
+                  f"{report['rollout']['weight']:.0%} (step {report['step'] + 1} of {len(report['steps'])}: "
+                  f"{report['steps']}) against {report['champion']}; next: {report['next']['action']}, "
+                  f"{report['next']['reason']}")
+        table = Table(title="labelled live predictions: the challenger's since this step began, the champion's since the "
+                            "rollout began; rows and refusals: the scorers' counts since they started")
+        for column in ("version", "labelled", "positives", "PR-AUC", "precision@0.5", "rows scored", "refused"):
+            table.add_column(column)
+        for who in ("champion", "challenger"):
+            f = report["metrics"].get(who, {})
+            table.add_row(f"{report[who]} ({who})", f"{f.get('labelled', 0):,}", str(f.get("positives", 0)),
+                          _metric(f.get("pr_auc")), _metric(f.get("precision")), f"{int(f.get('rows') or 0):,}",
+                          str(int(f.get("refused") or 0)))
+        out.print(table)
+    for d in report["decisions"][-10:]:
+        out.print(f"{d['decided_at']:%Y-%m-%d %H:%M:%S} {d['challenger']} step {d['percent']}%: {d['decision']}: "
+                  f"{d['reason']}")
+
+
+@rollout_app.command("promote")
+def rollout_promote(home: HomeOpt = None, pipeline: PipelineOpt = None) -> None:
+    """End the rollout in progress: the challenger serves every entity from the scorers' next batch."""
+    from deploy.rollouts import end
+    from features.spec import load_spec
+
+    settings = settings_from("rollout promote", home=home, pipeline=pipeline)
+    route = end(settings, load_spec(settings.pipeline), "promoted", "promoted by hand")
+    out.print(f"{route.challenger} promoted: it serves every entity; {route.champion} is retired")
+
+
+@rollout_app.command("abort")
+def rollout_abort(home: HomeOpt = None, pipeline: PipelineOpt = None) -> None:
+    """End the rollout in progress: the champion serves alone from the scorers' next batch."""
+    from deploy.rollouts import end
+    from features.spec import load_spec
+
+    settings = settings_from("rollout abort", home=home, pipeline=pipeline)
+    route = end(settings, load_spec(settings.pipeline), "aborted", "aborted by hand")
+    out.print(f"rollout of {route.challenger} aborted: {route.champion} serves alone")
 
 
 @lakehouse_app.command("optimize")

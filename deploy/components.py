@@ -142,6 +142,13 @@ def _retrainer(settings: Settings, spec: PipelineSpec) -> None:
     run_retrain_component(settings, spec)
 
 
+def _rollouts(settings: Settings, spec: PipelineSpec) -> None:
+    from deploy.rollouts import run_judge_component
+
+    serve_metrics(settings, spec, "rollouts", "rollouts")
+    run_judge_component(settings, spec)
+
+
 def _native(settings: Settings, spec: PipelineSpec) -> None:
     from streams.engines.native_engine import run_native
 
@@ -204,6 +211,7 @@ COMPONENTS: dict[str, Component] = {
         *(Component(f"scorer-{i}", _scorer(i), replica=i) for i in range(16)),
         Component("lakehouse", _lakehouse, ingest=True),
         Component("retrainer", _retrainer, retrain=True),
+        Component("rollouts", _rollouts, ingest=True),
     )
 }
 

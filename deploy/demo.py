@@ -1,5 +1,6 @@
 """`make demo`: the loop on the local stack, unattended: a day of history, a first training, a live stream
-with a live view, a retrain that swaps in while events flow, analytics, and a summary."""
+with a live view, a retrain that goes out as a canary judged on live labels while events flow (promoted
+or rolled back by itself), analytics, and a summary."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from rich.table import Table
 
 from deploy import stack
 from deploy.lake import lakehouse_rows
+from deploy.rollouts import record
+from deploy.rollouts import status as rollout_status
 from deploy.settings import Settings
 from features.errors import EddyError
 from features.spec import load_spec
@@ -24,18 +27,23 @@ from features.waiting import poll
 from lakehouse.registry import register_model
 from models.live import live_metrics
 from models.retrain import retrain
+from models.rollout import Policy
 from streams.generator import GeneratorConfig, TransactionGenerator
 from streams.kafka import group_lag
 from streams.producer import SyntheticProducer
+from streams.stores import redis_client
 
 HISTORY_EVENTS = 40_000
 DAY_MS = 86_400_000
 GAP_MS = DAY_MS / HISTORY_EVENTS  # mean event-time gap of the stream, history and live alike
 LIVE_RATE = 300
-LIVE_SECONDS = 40
-LIVE_EVENTS = LIVE_RATE * LIVE_SECONDS
-LIVE_SPAN_MS = int(LIVE_EVENTS * GAP_MS)
+LIVE_SECONDS = 40      # the retrain starts a third of the way in
+LIVE_MAX_EVENTS = LIVE_RATE * 240  # the stream runs on until the rollout has ended, at most 4 minutes
+LIVE_SPAN_MS = int(LIVE_MAX_EVENTS * GAP_MS)  # the live stream's event time, at the longest
 FLAG_AT = 0.5
+# The second retrain goes out as a canary: half the cards, then all, each step judged on 500 labelled
+# live predictions with 8 frauds; a bound broken (PR-AUC 0.05 below the champion's, ...) rolls it back.
+DEMO_POLICY = Policy(steps=(50, 100), min_labelled=500, min_positives=8, min_step_s=5)
 
 
 class PredictionWatcher:
@@ -96,7 +104,8 @@ def _wait_for(watcher: PredictionWatcher, count: int, console: Console, timeout_
         poll(arrived, timeout_s, every_s=0.5)
 
 
-def _view(settings, spec, watcher: PredictionWatcher, produced: int, lags: dict, note: str) -> Table:
+def _view(settings, spec, watcher: PredictionWatcher, produced: int, lags: dict, note: str,
+          rollout: dict | None = None) -> Table:
     live = watcher.live
     lat = np.array(watcher.latency_ms)
     table = Table(title="eddy demo: live stream", show_header=False)
@@ -105,7 +114,18 @@ def _view(settings, spec, watcher: PredictionWatcher, produced: int, lags: dict,
     table.add_row("latency p50 / p99 (event -> prediction)",
                   f"{np.percentile(lat, 50):,.0f} / {np.percentile(lat, 99):,.0f} ms" if lat.size else "-")
     table.add_row("lag features / scorer", f"{lags.get('features', '-')} / {lags.get('scorer', '-')}")
-    table.add_row("serving version", live[-1]["model_version"] if live else "-")
+    recent = {r["model_version"] for r in live[-500:]}
+    table.add_row("serving version(s)", ", ".join(sorted(recent)) if live else "-")
+    if rollout and rollout.get("mode", "none") != "none":
+        table.add_row("rollout", f"{rollout['challenger']} {rollout['mode']} at {rollout['rollout']['weight']:.0%} "
+                                 f"(step {rollout['step'] + 1} of {len(rollout['steps'])}); next: "
+                                 f"{rollout['next']['action']}")
+        for who in ("champion", "challenger"):
+            f = rollout["metrics"].get(who, {})
+            pr = f"{f['pr_auc']:.3f}" if f.get("pr_auc") is not None else "-"
+            since = "this rollout" if who == "champion" else "this step"
+            table.add_row(f"  {who} {rollout[who]}", f"{f.get('labelled', 0):,} labelled, {f.get('positives', 0)} fraud, "
+                                                     f"live PR-AUC {pr} ({since})")
     table.add_row("frauds flagged (score > 0.5)", f"{sum(r['score'] > FLAG_AT for r in live):,} of {len(live):,}")
     table.add_row("", note)
     return table
@@ -150,17 +170,29 @@ def run_demo(settings: Settings, console: Console) -> dict:
                       f"{champion}; {'published' if first.published else 'not published'} ({first.seconds:.1f}s)")
         summary["first"] = first
 
-        console.rule(f"4. live stream at {LIVE_RATE} events/s (the day goes on, {LIVE_SPAN_MS / 3_600_000:.1f} h "
-                     "of event time), a retrain midway")
+        console.rule(f"4. live stream at {LIVE_RATE} events/s (the day goes on), a retrain midway that goes out "
+                     "as a canary, judged live")
         prefix = history.config.id_prefix
-        watcher.live_ids.update(f"{prefix}-{n}" for n in range(HISTORY_EVENTS + 1, HISTORY_EVENTS + LIVE_EVENTS + 1))
+        watcher.live_ids.update(f"{prefix}-{n}" for n in range(HISTORY_EVENTS + 1, HISTORY_EVENTS + LIVE_MAX_EVENTS + 1))
         producer = SyntheticProducer(settings.kafka, spec.topics.source, spec.labels.topic, history)
-        thread = threading.Thread(target=producer.run, args=(LIVE_EVENTS, float(LIVE_RATE), True))
+        streaming = threading.Event()
+        streaming.set()
+
+        def stream() -> None:  # a second of events at a time, until the rollout has ended (or the cap)
+            while streaming.is_set() and producer.report.events < LIVE_MAX_EVENTS:
+                producer.run(LIVE_RATE, float(LIVE_RATE), True)
+
+        thread = threading.Thread(target=stream, daemon=True)
         thread.start()
         second_box: list = []
         retrainer = None
         lags: dict = {}
         note = ""
+        rollout: dict = {}
+        decisions: list[dict] = []
+        ended_at = None
+        ticks = 0
+        client = redis_client(settings.redis_url)
         with Live(console=console, refresh_per_second=2) as view:
             t0 = time.monotonic()
             while thread.is_alive():
@@ -168,21 +200,41 @@ def run_demo(settings: Settings, console: Console) -> dict:
                     note = "retraining on everything labelled so far..."
                     retrainer = threading.Thread(target=lambda: second_box.append(retrain(
                         settings.kafka, spec, settings.artifacts_dir, settings.model_key.get_secret_value(), settings.device,
-                        "auto", seed=1, **from_lake)))
+                        "auto", seed=1, rollout_policy=DEMO_POLICY, **from_lake)))
                     retrainer.start()
                 if second_box and "retraining" in note:
                     second = second_box[0]
-                    note = (f"published {second.version}: watch the serving version change" if second.published
-                            else f"{second.version} was not better than {second.champion}: not published")
+                    if second.rollout is not None:
+                        record(settings, second.rollout, "start", f"by the demo's retrain: steps {list(DEMO_POLICY.steps)}",
+                               {"policy": second.rollout.policy})
+                        note = f"{second.version} goes out as a canary: the judge steps it on or rolls it back"
+                    else:
+                        note = f"{second.version} was not better than {second.champion}: not rolled out"
+                if second_box and second_box[0].rollout is not None and ticks % 3 == 0:  # it reads the lake
+                    now_status = rollout_status(settings, spec, client)
+                    decisions = now_status["decisions"]
+                    if now_status["mode"] != "none":
+                        rollout = now_status  # the view keeps the last figures of both versions when it ends
+                    elif ended_at is None:
+                        ended_at = time.monotonic()
+                        last = [d for d in decisions if d["challenger"] == second_box[0].version][-1:]
+                        note = f"rollout ended: {last[0]['decision']}: {last[0]['reason']}" if last else note
+                done = (ended_at is not None and time.monotonic() - ended_at > 5) or (
+                    second_box and second_box[0].rollout is None and time.monotonic() - t0 > LIVE_SECONDS)
+                if done:
+                    streaming.clear()
                 lag = group_lag(settings.kafka, timeout_s=2)
                 lags = {"features": lag.get(spec.stage_id("features"), {}).get(spec.topics.source),
                         "scorer": lag.get(spec.stage_id("scorer"), {}).get(spec.topics.features)}
-                view.update(_view(settings, spec, watcher, producer.report.events, lags, note))
+                view.update(_view(settings, spec, watcher, producer.report.events, lags, note, rollout))
                 time.sleep(1.0)
+                ticks += 1
+            streaming.clear()
             if retrainer is not None:
                 retrainer.join()
             time.sleep(3)
-            view.update(_view(settings, spec, watcher, producer.report.events, lags, note))
+            view.update(_view(settings, spec, watcher, producer.report.events, lags, note, rollout))
+        summary["rollout"] = [d for d in decisions if second_box and d["challenger"] == second_box[0].version]
         summary["second"] = second_box[0] if second_box else None
 
         console.rule("5. analytics: Spark SQL over the lakehouse")
@@ -298,9 +350,13 @@ def _print_summary(summary: dict, console: Console) -> None:
         if result is None:
             continue
         champion = f"{result.champion_metrics['pr_auc']:.3f}" if result.champion_metrics else "-"
+        outcome = ("rolled out as a canary" if result.rollout is not None
+                   else "published" if result.published else "not published")
         console.print(f"  {label} retrain {result.version}: holdout PR-AUC {result.metrics['pr_auc']:.3f} against "
                       f"{result.champion} {champion} on the same holdout; {result.rows:,} rows, {result.seconds:.1f}s; "
-                      f"{'published' if result.published else 'not published'}")
+                      f"{outcome}")
+    for d in summary.get("rollout") or []:
+        console.print(f"  rollout: {d['decided_at']:%H:%M:%S} step {d['percent']}%: {d['decision']}: {d['reason']}")
     for version, live in sorted((summary.get("live") or {}).items()):
         pr_auc = f"{live['pr_auc']:.3f}" if live["pr_auc"] is not None else "-"
         console.print(f"  served (gold.predictions joined with bronze.labels): {version}: {live['labelled']:,} labelled "

@@ -233,6 +233,7 @@ def run_retrain_component(settings: Settings, spec: PipelineSpec) -> None:
     from models.continuous import RetrainPolicy
     from models.drift import largest_drift
     from models.retrain import retrain
+    from models.rollout import load_policy
     from streams.metrics import Heartbeat
     from streams.stores import redis_client
 
@@ -256,7 +257,13 @@ def run_retrain_component(settings: Settings, spec: PipelineSpec) -> None:
             try:
                 result = retrain(settings.kafka, spec, settings.artifacts_dir, settings.model_key.get_secret_value(),
                                  settings.device, "auto", rows=rows,
-                                 register=lambda entry: register_model(settings.lakehouse, entry))
+                                 register=lambda entry: register_model(settings.lakehouse, entry),
+                                 rollout_policy=load_policy(settings.rollout_policy) if settings.rollout_policy else None)
+                if result.rollout is not None:
+                    from deploy.rollouts import record
+
+                    record(settings, result.rollout, "start", f"by the retrainer: steps {list(result.rollout.steps)}",
+                           {"policy": result.rollout.policy})
                 state.update(retrains=state["retrains"] + 1, published=state["published"] + result.published,
                              last_version=result.version, last_error=None)
                 log.info("retrained %s on %d rows: PR-AUC %s against %s %s; %s", result.version, result.rows,

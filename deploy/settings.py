@@ -113,6 +113,11 @@ class Settings(BaseSettings):
     # How often the lakehouse stage samples drift into gold.drift and exports live quality and freshness.
     monitor_every_s: Seconds = Field(30.0, validation_alias="EDDY_MONITOR_EVERY",
                                      description="a duration like 30s or 5m")
+    # Rollouts (models.rollout): how often the judge looks, and the policy that makes `eddy retrain
+    # --publish auto` (and the retrainer) start a rollout instead of swapping every scorer at once.
+    rollout_every_s: Seconds = Field(5.0, validation_alias="EDDY_ROLLOUT_EVERY",
+                                     description="a duration like 5s or 1m")
+    rollout_policy: Path | None = None
     # Every stage serves Prometheus metrics (off: none do, to measure what they cost).
     metrics: bool = Field(True, description="on or off")
     # A local Prometheus scraping every stage, with eddy's rules (`eddy up --monitoring`).

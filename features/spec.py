@@ -82,9 +82,15 @@ class Topics:
     dlq: str
     model_updates: str
 
+    @property
+    def shadow(self) -> str:
+        """Where scorers write a shadow challenger's predictions during a rollout (never read by the
+        consumers of `predictions`): the predictions topic's name with `.shadow`."""
+        return f"{self.predictions}.shadow"
+
     def all(self) -> tuple[str, ...]:
         """Every topic the pipeline uses, source first, labels included when set."""
-        names = (self.source, self.labels, self.features, self.predictions, self.dlq,
+        names = (self.source, self.labels, self.features, self.predictions, self.shadow, self.dlq,
                  self.model_updates)
         return tuple(dict.fromkeys(n for n in names if n is not None))
 
@@ -348,8 +354,9 @@ def _topics(value: Any, source: str, labels: Labels | None) -> Topics:
     named = {"source": source, **({"labels": labels.topic} if labels else {})}
     for role in roles:
         named[role] = _text(m, role, f"topics.{role}", _TOPIC) if role in m else defaults[role]
+    shadow = {"shadow predictions": f"{named['predictions']}.shadow"}  # Topics.shadow: no other role may take it
     owner: dict[str, str] = {}
-    for role, topic in named.items():
+    for role, topic in {**shadow, **named}.items():
         if topic in owner:
             raise _Invalid(f"topics.{role}", f"{topic!r} is already the {owner[topic]} topic; "
                                              "each role needs its own topic")

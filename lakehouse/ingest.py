@@ -103,7 +103,7 @@ class Ingestion:
         for table in self.tables:
             records = (self.session.readStream.format("kafka")
                        .options(**self.config.kafka_options)
-                       .option("subscribe", table.topic)
+                       .option("subscribe", ",".join(table.topics))
                        .option("startingOffsets", "earliest")
                        .option("includeHeaders", "true")
                        .option("kafka.isolation.level", "read_committed")
@@ -117,7 +117,7 @@ class Ingestion:
                 .option("checkpointLocation", join(self.config.checkpoint_location, table.layer, table.name))
                 .trigger(processingTime=f"{int(self.config.trigger_s * 1000)} milliseconds")
                 .start(table_location(self.config.root, table)))
-        log.info("ingesting %s into %s (checkpoints under %s)", ", ".join(t.topic or "" for t in self.tables),
+        log.info("ingesting %s into %s (checkpoints under %s)", ", ".join(", ".join(t.topics) for t in self.tables),
                  self.config.root, self.config.checkpoint_location)
 
     def poll(self) -> IngestStats:

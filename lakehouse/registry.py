@@ -9,7 +9,7 @@ from typing import Any
 
 from lakehouse.ingest import table_location
 from lakehouse.snapshot import read_snapshot
-from lakehouse.tables import DRIFT, MODELS, Table
+from lakehouse.tables import DRIFT, MODELS, ROLLOUTS, Table
 
 _ARROW = {"timestamp": "timestamp", "boolean": "bool_", "double": "float64", "bigint": "int64", "string": "string"}
 
@@ -71,3 +71,26 @@ def registered_models(root: str) -> list[dict[str, Any]]:
     for row in rows:
         row["metrics"] = json.loads(row["metrics"]) if row.get("metrics") else {}
     return sorted(rows, key=lambda r: r["created_at"])
+
+
+def append_rollout(root: str, row: dict[str, Any]) -> None:
+    """Append one decision (the ROLLOUTS columns; decided_at a datetime, metrics a dict) to gold/rollouts."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    row = {**row, "metrics": json.dumps(row.get("metrics") or {}, sort_keys=True, default=str)}
+    write_deltalake(table_location(root, ROLLOUTS), pa.Table.from_pylist([row], schema=_schema(ROLLOUTS)), mode="append")
+
+
+def rollout_history(root: str, rollout_id: str | None = None) -> list[dict[str, Any]]:
+    """The decisions in gold/rollouts (of one rollout, or all), oldest first; metrics parsed."""
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        rows = read_snapshot(table_location(root, ROLLOUTS)).to_pylist()
+    except TableNotFoundError:
+        return []
+    for row in rows:
+        row["metrics"] = json.loads(row["metrics"]) if row.get("metrics") else {}
+    return sorted((r for r in rows if rollout_id is None or r["rollout_id"] == rollout_id),
+                  key=lambda r: r["decided_at"])

@@ -31,6 +31,11 @@ class Table:
     name: str
     topic: str | None
     columns: tuple[tuple[str, str], ...]
+    also: tuple[str, ...] = ()  # more topics the same table ingests (gold/predictions: the shadow topic)
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        return tuple(t for t in (self.topic, *self.also) if t is not None)
 
     @property
     def sql_name(self) -> str:
@@ -71,9 +76,12 @@ def ingested_tables(spec: PipelineSpec) -> list[Table]:
     row = (("event_id", "string"), (spec.key, "string"), ("event_time", "timestamp"))
     tables.append(Table("silver", "features", spec.topics.features,
                         row + feature_columns(spec) + (("late", "boolean"),) + kafka))
+    # Served predictions and, during a shadow rollout, the shadow ones (role "shadow", kafka_topic the
+    # shadow topic): one table, so a version's figures read the same rows whichever role it had.
     tables.append(Table("gold", "predictions", spec.topics.predictions,
-                        row + (("score", "double"), ("model_version", "string"), ("scored_at", "timestamp"))
-                        + feature_columns(spec) + kafka))
+                        row + (("score", "double"), ("model_version", "string"), ("role", "string"),
+                               ("scored_at", "timestamp"))
+                        + feature_columns(spec) + kafka, also=(spec.topics.shadow,)))
     return tables
 
 
@@ -95,7 +103,7 @@ def backfill_refused_table(spec: PipelineSpec) -> Table:
 
 def all_tables(spec: PipelineSpec) -> list[Table]:
     """Every table a query can name: the ingested ones, the backfill and its refusals, the model registry."""
-    return ingested_tables(spec) + [backfill_table(spec), backfill_refused_table(spec), MODELS, DRIFT]
+    return ingested_tables(spec) + [backfill_table(spec), backfill_refused_table(spec), MODELS, DRIFT, ROLLOUTS]
 
 
 MODELS = Table("gold", "models", None, (
@@ -110,6 +118,13 @@ DRIFT = Table("gold", "drift", None, (
     ("measured_at", "timestamp"), ("version", "string"), ("kind", "string"), ("feature", "string"),
     ("psi", "double"), ("null_share", "double"), ("ref_null_share", "double"), ("rows", "bigint"),
     ("replicas", "bigint"),
+))
+
+# Every rollout decision (models.rollout): start, hold, advance, promote, rollback, abort, with the figures.
+ROLLOUTS = Table("gold", "rollouts", None, (
+    ("decided_at", "timestamp"), ("rollout_id", "string"), ("champion", "string"), ("challenger", "string"),
+    ("step", "bigint"), ("percent", "bigint"), ("mode", "string"), ("decision", "string"), ("reason", "string"),
+    ("metrics", "string"),
 ))
 
 
@@ -159,8 +174,9 @@ def rows_of(table: Table, spec: PipelineSpec, records: DataFrame) -> DataFrame:
     else:  # silver/features and gold/predictions: the features map flattened to typed columns
         json_fields = {"event_id": "string", spec.key: "string", "event_time": "string"}
         if table.name == "predictions":
-            json_fields.update(score="double", model_version="string", scored_at="string")
+            json_fields.update(score="double", model_version="string", role="string", scored_at="string")
             derived["scored_at"] = timestamp_of(F.col("j.scored_at"))
+            derived["role"] = F.coalesce(F.col("j.role"), F.lit("champion"))  # predictions from before rollouts
         else:
             json_fields["late"] = "boolean"
         features = ", ".join(f"`{n}` {t}" for n, t in feature_columns(spec))

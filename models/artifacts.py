@@ -88,13 +88,14 @@ def verify_message(fields: Mapping[str, Any], signature: str, key: bytes) -> boo
 
 
 def model_update_message(manifest: Manifest, uri: str, key: bytes, action: str = "publish",
-                         published_at: float | None = None) -> dict[str, Any]:
+                         published_at: float | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The signed model-updates record announcing `manifest`'s artifact at `uri`. `action` is publish
-    (serve if newer than what serves), promote or rollback (serve this version, explicitly)."""
+    (serve if newer than what serves), promote or rollback (serve this version, explicitly), or rollout
+    and rollout_end (models.rollout, whose state goes in `extra`, signed with the rest)."""
     fields = {"version": manifest.version, "uri": uri, "sha256": manifest.sha256,
               "created_at": manifest.created_at, "metrics": manifest.metrics,
               "spec_hash": manifest.spec_hash, "action": action,
-              "published_at": time.time() if published_at is None else published_at}
+              "published_at": time.time() if published_at is None else published_at, **(extra or {})}
     return {**fields, "signature": sign_message(fields, key)}
 
 

@@ -15,46 +15,83 @@ from lakehouse.tables import ingested_tables
 from models.training import evaluate
 
 
-def labelled_predictions(root: str, spec: PipelineSpec):
-    """A pandas frame: model_version, score, label (0/1), one row per labelled prediction (the
-    first prediction of an event, in Kafka order, if it was ever scored twice)."""
+def labelled_predictions(root: str, spec: PipelineSpec, served: bool = True):
+    """A pandas frame: model_version, role, score, label (0/1), kafka_timestamp, one row per labelled
+    prediction: with `served`, the first served prediction of each event (in Kafka order, if it was ever
+    scored twice); otherwise also the first shadow prediction of each event."""
     import pandas as pd
+    from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
+    empty = pd.DataFrame({"model_version": [], "role": [], "score": [], "label": [], "kafka_timestamp": []})
     if spec.labels is None:
-        return pd.DataFrame({"model_version": [], "score": [], "label": []})
+        return empty
     tables = {t.topic: t for t in ingested_tables(spec)}
     try:
-        predictions = read_snapshot(table_location(root, tables[spec.topics.predictions]),
-                                    columns=["event_id", "model_version", "score", "kafka_partition",
-                                             "kafka_offset"]).to_pandas()
+        location = table_location(root, tables[spec.topics.predictions])
+        has_role = "role" in {f.name for f in DeltaTable(location).schema().fields}  # none before rollouts
+        predictions = read_snapshot(location, columns=["event_id", "model_version", "score", "kafka_partition",
+                                                       "kafka_offset", "kafka_timestamp",
+                                                       *(["role"] if has_role else [])]).to_pandas()
         labels = read_snapshot(table_location(root, tables[spec.labels.topic]),
                                columns=[spec.labels.id, spec.labels.label, "label_time", "kafka_timestamp"]).to_pandas()
     except TableNotFoundError:
-        return pd.DataFrame({"model_version": [], "score": [], "label": []})
+        return empty
+    if "role" not in predictions:
+        predictions["role"] = "champion"
+    predictions["role"] = predictions["role"].fillna("champion")
     labels = (labels.dropna(subset=[spec.labels.id, spec.labels.label])
-              .sort_values(["label_time", "kafka_timestamp"]).drop_duplicates(spec.labels.id, keep="last"))
-    predictions = (predictions.dropna(subset=["event_id", "score"])
-                   .sort_values(["kafka_partition", "kafka_offset"]).drop_duplicates("event_id", keep="first"))
-    joined = predictions.merge(labels, left_on="event_id", right_on=spec.labels.id, how="inner")
-    return pd.DataFrame({"model_version": joined["model_version"], "score": joined["score"].astype(np.float64),
-                         "label": joined[spec.labels.label].astype(np.int64)})
+              .sort_values(["label_time", "kafka_timestamp"]).drop_duplicates(spec.labels.id, keep="last")
+              .drop(columns=["kafka_timestamp"]))
+    predictions = predictions.dropna(subset=["event_id", "score"]).sort_values(["kafka_partition", "kafka_offset"])
+    shadow = predictions["role"] == "shadow"
+    parts = [predictions[~shadow].drop_duplicates("event_id", keep="first")]
+    if not served:
+        parts.append(predictions[shadow].drop_duplicates("event_id", keep="first"))
+    joined = pd.concat(parts).merge(labels, left_on="event_id", right_on=spec.labels.id, how="inner")
+    return pd.DataFrame({"model_version": joined["model_version"], "role": joined["role"],
+                         "score": joined["score"].astype(np.float64),
+                         "label": joined[spec.labels.label].astype(np.int64),
+                         "kafka_timestamp": joined["kafka_timestamp"]})
+
+
+def quality(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """The live figures of labelled predictions: evaluate()'s, with counts, precision at the serving
+    threshold and calibration error."""
+    flagged = scores >= 0.5
+    return {"labelled": len(scores), "positives": int(labels.sum()), **evaluate(scores, labels),
+            "precision_at_0.5": float(labels[flagged].mean()) if flagged.any() else None,
+            "calibration_error": calibration_error(scores, labels)}
+
+
+def rollout_figures(root: str, spec: PipelineSpec, champion: str, challenger: str, champion_since_s: float,
+                    challenger_since_s: float) -> dict[str, dict[str, Any]]:
+    """{"champion": ..., "challenger": ...}: quality() of each version's labelled predictions whose Kafka
+    timestamp is at or after its `since` (epoch seconds: the challenger's step began, the rollout began
+    for the champion, which serves ever fewer entities and none at a 100% step), with `precision` and
+    `scores` (their scores) for models.rollout.judge(). The champion counts only what it served; the
+    challenger what it served as canary or scored in shadow."""
+    import pandas as pd
+
+    frame = labelled_predictions(root, spec, served=False)
+    stamps = pd.to_datetime(frame["kafka_timestamp"], utc=True) if len(frame) else None
+    out = {}
+    for who, version, roles, since_s in (("champion", champion, ("champion",), champion_since_s),
+                                         ("challenger", challenger, ("canary", "shadow"), challenger_since_s)):
+        rows = frame if stamps is None else frame[stamps >= pd.Timestamp(since_s, unit="s", tz="UTC")]
+        rows = rows[(rows["model_version"] == version) & rows["role"].isin(roles)]
+        scores, labels = rows["score"].to_numpy(), rows["label"].to_numpy()
+        figures = quality(scores, labels) if len(rows) else {"labelled": 0, "positives": 0}
+        out[who] = {**figures, "precision": figures.get("precision_at_0.5"), "scores": scores}
+    return out
 
 
 def live_metrics(root: str, spec: PipelineSpec) -> dict[str, dict[str, Any]]:
     """model_version -> {"labelled", "positives", "pr_auc", "roc_auc", "recall_at_precision_90",
-    "precision_at_0.5", "calibration_error"}."""
+    "precision_at_0.5", "calibration_error"}, on the predictions each version served."""
     frame = labelled_predictions(root, spec)
-    out: dict[str, dict[str, Any]] = {}
-    for version, group in frame.groupby("model_version"):
-        scores, labels = group["score"].to_numpy(), group["label"].to_numpy()
-        flagged = scores >= 0.5
-        out[str(version)] = {
-            "labelled": len(group), "positives": int(labels.sum()), **evaluate(scores, labels),
-            "precision_at_0.5": float(labels[flagged].mean()) if flagged.any() else None,
-            "calibration_error": calibration_error(scores, labels),
-        }
-    return out
+    return {str(version): quality(group["score"].to_numpy(), group["label"].to_numpy())
+            for version, group in frame.groupby("model_version")}
 
 
 def calibration_error(scores: np.ndarray, labels: np.ndarray, bins: int = 10) -> float | None:

@@ -10,7 +10,7 @@ from typing import Any
 from features.errors import EddyError
 from features.spec import PipelineSpec
 from models.artifacts import verify_artifact
-from models.updates import publish, read_updates, serving_update, supersedes
+from models.updates import publish, read_updates, serves, serving_update, supersedes
 from streams.kafka import KafkaConfig
 
 
@@ -55,7 +55,7 @@ def rollback(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: 
     served: list[str] = []
     current = None
     for message in read_updates(kafka, spec, key):
-        if supersedes(message, current):
+        if serves(message) and supersedes(message, current):
             current = message
             if not served or served[-1] != message["version"]:
                 served.append(message["version"])

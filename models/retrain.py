@@ -25,6 +25,7 @@ from features.waiting import poll
 from models.artifacts import load_artifact, save_artifact
 from models.drift import reference
 from models.inputs import rows_to_array, spec_log_mask
+from models.rollout import Policy, Route, current_rollout, publish_step, start_route
 from models.scoring import LoadedModel, pick_device
 from models.training import evaluate, train
 from models.updates import artifact_path, publish, read_updates, serving_update
@@ -47,6 +48,7 @@ class RetrainResult:
     positives: int
     seconds: float
     uri: str
+    rollout: Route | None = None  # the rollout started instead of publishing (a rollout policy was given)
 
 
 def _read_all(kafka: KafkaConfig, topic: str, idle_s: float = 3.0) -> list[bytes]:
@@ -127,9 +129,12 @@ def retrain(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: b
             publish_mode: str = "auto", epochs: int = 8, seed: int = 0,
             on_progress: Callable[[str], None] = lambda line: None,
             rows: Callable[[], tuple[list[dict], np.ndarray]] | None = None,
-            register: Callable[[dict[str, Any]], None] | None = None) -> RetrainResult:
+            register: Callable[[dict[str, Any]], None] | None = None,
+            rollout_policy: Policy | None = None) -> RetrainResult:
     """rows() gives the labelled feature records oldest first (default: read from the topics);
-    register(entry) records the new version in the registry table (gold/models)."""
+    register(entry) records the new version in the registry table (gold/models). With a rollout
+    policy, a better version under `--publish auto` starts a rollout against the champion instead of
+    replacing it at once (unless a rollout is already in progress: then it is only registered)."""
     if publish_mode not in PUBLISH_MODES:
         raise EddyError(f"--publish {publish_mode!r} is not one of {', '.join(PUBLISH_MODES)}")
     started = time.perf_counter()
@@ -169,7 +174,13 @@ def retrain(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: b
     better = champion_metrics is None or (metrics["pr_auc"] or 0) > (champion_metrics["pr_auc"] or 0)
     published = publish_mode == "always" or (publish_mode == "auto" and better)
     uri = directory.resolve().as_uri()
-    if published:
+    route = None
+    if published and publish_mode == "auto" and rollout_policy is not None and current is not None:
+        published = False
+        if current_rollout(updates) is None:
+            route = start_route(current["version"], version, rollout_policy)
+            publish_step(kafka, spec, key, {"uri": uri}, route)
+    elif published:
         publish(kafka, spec.topics.model_updates, manifest, uri, key)
     if register is not None:
         register({"version": version, "parent": current["version"] if current else None, "kind": spec.model.kind,
@@ -177,4 +188,4 @@ def retrain(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: b
                   "created_at": manifest.created_at, "metrics": metrics, "champion_metrics": champion_metrics,
                   "published": published})
     return RetrainResult(version, current["version"] if current else None, metrics, champion_metrics, published,
-                         len(records), int(y.sum()), round(time.perf_counter() - started, 2), uri)
+                         len(records), int(y.sum()), round(time.perf_counter() - started, 2), uri, route)

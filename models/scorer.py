@@ -28,6 +28,7 @@ from models.drift import WINDOW_ROWS, DriftWindow, measures, publish_snapshot
 from models.errors import InputError
 from models.inputs import rows_to_array
 from models.manifest import Manifest
+from models.rollout import Route, canary_mask
 from models.scoring import LoadedModel, pick_device
 from models.state import HistoryStore, append_once, history_before
 from models.updates import UpdateListener
@@ -40,7 +41,7 @@ from streams.telemetry import StageMetrics
 
 log = logging.getLogger(__name__)
 STAGE = "scorer"
-_PREDICTION_FIELDS = frozenset({"score", "model_version", "scored_at"})
+_PREDICTION_FIELDS = frozenset({"score", "model_version", "role", "scored_at"})
 DRIFT_EVERY_S = 5  # how often a replica reports its drift window
 _value, _key = methodcaller("value"), methodcaller("key")
 _first, _tail, _features = itemgetter(0), itemgetter(slice(1, None)), itemgetter("features")
@@ -76,34 +77,47 @@ class Scorer:
         self.config = config
         self.spec = config.spec
         self.device = pick_device(config.device)
-        self.serving: LoadedModel | None = None                   # the model in use
-        self._next: tuple[LoadedModel, dict] | None = None    # (model, update message) waiting for the next batch
+        self.serving: LoadedModel | None = None                   # the model in use (the champion)
+        self.challenger: LoadedModel | None = None                # a rollout's challenger, when one runs
+        self.route: Route | None = None                           # the rollout's state (models.rollout)
+        # model swaps and rollout steps from the update listener, applied in order between batches
+        self._pending: list[tuple[str, dict, LoadedModel | None]] = []
         self._lock = threading.Lock()
         self.swaps: list[dict] = []
         self.rows = 0
         self.batches = 0
         self.bad_records = 0
         self.refusals: Tally[str] = Tally()  # dead letters by reason class
+        self.by_version: dict[str, dict[str, float]] = {}  # rows, refused, model_s per version (rollout evidence)
         self.metrics: StageMetrics | None = None
         self.drift: DriftWindow | None = None  # the serving version's live window, when it has a reference
         self._required = itemgetter("features", "event_id", self.spec.key, "event_time")
         self.history = (HistoryStore(redis_client, self.spec.name, config.history)
                         if self.spec.model.kind == "sequence" else None)
         self.listener = UpdateListener(config.kafka, self.spec, config.model_key, self.device,
-                                       on_ready=self._ready, serving=lambda: self.serving)
+                                       on_ready=self._ready, serving=lambda: self.serving, on_rollout=self._rollout)
 
     def _ready(self, loaded: LoadedModel, message: dict) -> None:
         with self._lock:
-            self._next = (loaded, message)
+            self._pending.append(("serve", message, loaded))
+
+    def _rollout(self, message: dict, loaded: LoadedModel | None) -> None:
+        with self._lock:
+            self._pending.append(("rollout", message, loaded))
 
     def swap_if_ready(self) -> None:
-        """Serve the model the update listener has loaded, if one waits; called between batches and
-        when idle, never during a batch, so each batch is scored by one version."""
+        """Apply what the update listener has handed over (a model to serve, a rollout's step or end), in
+        topic order; called between batches and when idle, never during a batch, so each batch is
+        scored under one state."""
         with self._lock:
-            ready, self._next = self._next, None
-        if ready is None:
-            return
-        loaded, message = ready
+            pending, self._pending = self._pending, []
+        for kind, message, loaded in pending:
+            if kind == "serve" and loaded is not None:
+                self._serve(loaded, message)
+            elif kind == "rollout":
+                self._step(message, loaded)
+
+    def _serve(self, loaded: LoadedModel, message: dict) -> None:
         previous = self.serving.version if self.serving is not None else None
         self.serving = loaded
         self.drift = drift_window(loaded, self.config.drift_window)
@@ -112,6 +126,29 @@ class Scorer:
                            "action": message.get("action", "publish")})
         log.info("serving model %s (was %s, %s, loaded in %s ms)", loaded.version, previous,
                  message.get("action", "publish"), message.get("load_ms"))
+
+    def _step(self, message: dict, loaded: LoadedModel | None) -> None:
+        """A rollout step (the challenger, newly loaded or the one held, at this step's mode and weight),
+        or its end: promoted (the challenger serves everything from now), rolled back or aborted."""
+        state = message["rollout"]
+        if message["action"] == "rollout_end":
+            if state.get("outcome") == "promoted" and self.challenger is not None \
+                    and self.challenger.version == message["version"]:
+                self._serve(self.challenger, message)
+            log.info("rollout %s of %s ended: %s (%s)", state["id"], message["version"], state.get("outcome"),
+                     state.get("reason"))
+            self.challenger, self.route = None, None
+            return
+        if loaded is not None:
+            self.challenger = loaded
+        if self.challenger is None or self.challenger.version != message["version"]:
+            log.warning("rollout %s names %s, which is not loaded here: the champion serves alone", state["id"],
+                        message["version"])
+            self.route = None
+            return
+        self.route = Route.from_message(message)
+        log.info("rollout %s: %s as %s at %s%% against %s", self.route.rollout_id, self.route.challenger,
+                 self.route.mode, self.route.percent, self.route.champion)
 
     def wait_for_model(self) -> None:
         """Block until the updates topic has been replayed and a model serves; EddyError after
@@ -127,8 +164,9 @@ class Scorer:
                         f"{self.config.model_wait_s:.0f}s: run `eddy up` (it publishes the baseline) or `eddy promote`")
 
     def process(self, messages: Sequence, out: Output) -> None:
-        """One batch, inside its transaction: unreadable records to the DLQ, one model call for the rest,
-        one prediction each. EddyError when no model serves yet (run_scorer waits for one first)."""
+        """One batch, inside its transaction: unreadable records to the DLQ, then one model call per version
+        the batch routes to, one served prediction per record (and, in shadow, one shadow prediction).
+        EddyError when no model serves yet (run_scorer waits for one first)."""
         self.swap_if_ready()
         model = self.serving
         if model is None or model.version is None:  # run_scorer waits for a model (an artifact) first
@@ -138,12 +176,79 @@ class Scorer:
             records, kept = self._parse_each(messages, out)
         else:
             kept = list(messages)
-        scores = self._score(model, kept, records, out)
-        if scores is None:  # every record went to the DLQ
+        route, challenger = self.route, self.challenger
+        if challenger is None or route is None:
+            route = None
+        raw = self._inputs(model, route, kept, records, out)
+        if raw is None:  # every record went to the DLQ
             return
-        self._emit(model.version, kept, records, scores, out)
+        stored = self._histories(kept, records) if self.history is not None else None
+        topics = self.spec.topics
+        everyone = np.arange(len(records))
+        if route is None or route.mode == "shadow":
+            scores = self._call(model, raw, stored, everyone)
+            self._emit(model.version, "champion", topics.predictions, kept, records, scores, out)
+            if self.drift is not None:
+                self.drift.add(raw, scores)
+            if route is not None and challenger is not None:
+                shadow = self._call(challenger, raw, stored, everyone)
+                self._emit(challenger.version, "shadow", topics.shadow, kept, records, shadow, out)
+        else:
+            assert challenger is not None
+            canary = canary_mask([m.key() for m in kept], route.weight)
+            for who, role, rows in ((model, "champion", np.flatnonzero(~canary)),
+                                    (challenger, "canary", np.flatnonzero(canary))):
+                if not rows.size:
+                    continue
+                scores = self._call(who, raw, stored, rows)
+                self._emit(who.version, role, topics.predictions, [kept[i] for i in rows],
+                           [records[i] for i in rows], scores, out)
+                if role == "champion" and self.drift is not None:
+                    self.drift.add(raw[rows], scores)
+        if stored is not None and self.history is not None:
+            self.history.put_many(stored[1])
         self.rows += len(records)
         self.batches += 1
+
+    def _inputs(self, model: LoadedModel, route: Route | None, kept: list, records: list[dict],
+                out: Output) -> np.ndarray | None:
+        """The batch's raw feature values [B, F]; a row the model cannot take goes to the DLQ (kept and
+        records shrink in place) and is counted against the version it was routed to. None when none is left."""
+        while records:
+            try:
+                return rows_to_array(list(map(_features, records)), model.normaliser.names)
+            except InputError as exc:
+                if exc.row is None:
+                    raise
+                msg = kept.pop(exc.row)
+                records.pop(exc.row)
+                letter = dead_letter(self.spec.topics.dlq, msg, f"features the model cannot take: {exc}", STAGE)
+                out.produce(letter.topic, letter.value, letter.key, headers=letter.headers)
+                self.bad_records += 1
+                self.refusals["model_input"] += 1
+                to_canary = route is not None and route.mode == "canary" and bool(canary_mask([msg.key()], route.weight)[0])
+                self._count(route.challenger if route is not None and to_canary else (model.version or ""), refused=1)
+        return None
+
+    def _call(self, model: LoadedModel, raw: np.ndarray, stored, rows: np.ndarray) -> np.ndarray:
+        """One model call for the batch's `rows`: of raw values, or of each entity's history ending with the
+        row (`stored`: the sequences built once for the batch)."""
+        started = time.perf_counter()
+        if stored is None:
+            scores = model.score(raw if rows.size == len(raw) else raw[rows])
+        else:
+            sequences = stored[0]
+            scores = model.score_sequences(sequences if rows.size == len(sequences) else [sequences[i] for i in rows])
+        seconds = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.model_call(int(rows.size), seconds)
+        self._count(model.version or "", rows=int(rows.size), model_s=seconds)
+        return scores
+
+    def _count(self, version: str, **add: float) -> None:
+        counts = self.by_version.setdefault(version, {"rows": 0, "refused": 0, "model_s": 0.0})
+        for name, value in add.items():
+            counts[name] += value
 
     def _parse_all(self, messages: Sequence) -> list[dict] | None:
         """The batch's records when every one is a features record with its id, key, time and a
@@ -176,56 +281,33 @@ class Scorer:
             kept.append(msg)
         return records, kept
 
-    def _emit(self, version: str, kept: list, records: list[dict], scores: np.ndarray, out: Output) -> None:
-        """One prediction per record (prediction(), or splice_predictions() where it gives the same bytes).
+    def _emit(self, version: str | None, role: str, topic: str, kept: list, records: list[dict], scores: np.ndarray,
+              out: Output) -> None:
+        """One prediction per record to `topic` (prediction(), or splice_predictions() where it gives the
+        same bytes).
 
         A score is written as its float32's shortest text (null when not finite), all of a batch's in
         one call: float64 repr, 17 digits of which 8 are noise, cost more than the rest of a record."""
-        topic = self.spec.topics.predictions
+        version = version or ""
         scored_at = iso_ms(int(time.time() * 1000))
         texts = orjson.dumps(np.asarray(scores, dtype=np.float32), option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",")
         values = list(map(_value, kept))
         produce = out.produce
         if splice_applies(values, records):
-            built = splice_predictions(values, texts, version, scored_at)
+            built = splice_predictions(values, texts, version, scored_at, role)
         else:
-            built = [prediction(record, text, version, scored_at) for record, text in zip(records, texts, strict=True)]
+            built = [prediction(record, text, version, scored_at, role)
+                     for record, text in zip(records, texts, strict=True)]
         for value, key in zip(built, map(_key, kept), strict=True):
             produce(topic, value, key)
 
-    def _score(self, model: LoadedModel, kept: list, records: list[dict], out: Output) -> np.ndarray | None:
-        """One model call for the batch; a row the model cannot take goes to the DLQ and the rest is
-        scored again (kept and records shrink in place)."""
-        history, metrics, drift = self.history, self.metrics, self.drift
-        while records:
-            try:
-                started = time.perf_counter()
-                raw = (rows_to_array(list(map(_features, records)), model.normaliser.names)
-                       if drift is not None or history is None else np.empty(0))
-                scores = (model.score(raw) if history is None
-                          else self._score_sequences(history, model, kept, records))
-                if metrics is not None:
-                    metrics.model_call(len(records), time.perf_counter() - started)
-                if drift is not None:
-                    drift.add(raw, scores)
-                return scores
-            except InputError as exc:
-                if exc.row is None:
-                    raise
-                msg = kept.pop(exc.row)
-                records.pop(exc.row)
-                letter = dead_letter(self.spec.topics.dlq, msg, f"features the model cannot take: {exc}", STAGE)
-                out.produce(letter.topic, letter.value, letter.key, headers=letter.headers)
-                self.bad_records += 1
-                self.refusals["model_input"] += 1
-        return None
-
-    def _score_sequences(self, history: HistoryStore, model: LoadedModel, messages: list,
-                         records: list[dict]) -> np.ndarray:
-        """Histories from Redis (only rows older than each record), scored at once, then written back."""
+    def _histories(self, messages: list, records: list[dict]) -> tuple[list[list[dict]], dict]:
+        """Each record's entity history from Redis (rows older than it) with itself last, built once for
+        every model the batch calls, and the histories to write back after (late records not added)."""
+        assert self.history is not None
         keep = self.config.history
         key_field = self.spec.key
-        stored = history.get_many([r[key_field] for r in records])
+        stored = self.history.get_many([r[key_field] for r in records])
         sequences = []
         for msg, record in zip(messages, records, strict=True):
             entity = record[key_field]
@@ -234,9 +316,7 @@ class Scorer:
             sequences.append([r[2] for r in before[-(keep - 1):]] + [record["features"]])
             if not record.get("late"):
                 stored[entity] = append_once(rows, msg.partition(), msg.offset(), record["features"], keep)
-        scores = model.score_sequences(sequences)
-        history.put_many(stored)
-        return scores
+        return sequences, stored
 
 
 def drift_window(model: LoadedModel, rows: int) -> DriftWindow | None:
@@ -261,11 +341,12 @@ def report_drift(scorer: Scorer, client, replica: int, metrics: StageMetrics | N
         metrics.drift(measures(snapshot))
 
 
-def prediction(record: dict, score_text: bytes, version: str, scored_at: str) -> bytes:
+def prediction(record: dict, score_text: bytes, version: str, scored_at: str, role: str = "champion") -> bytes:
     """A prediction (docs/contract.md): the features record's own fields behind score (its text as
-    given), model_version and scored_at, which replace any fields of the record with those names."""
-    return orjson.dumps({"score": orjson.Fragment(score_text), "model_version": version, "scored_at": scored_at,
-                         **{k: v for k, v in record.items() if k not in _PREDICTION_FIELDS}})
+    given), model_version, role (champion, canary or shadow) and scored_at, which replace any fields of
+    the record with those names."""
+    return orjson.dumps({"score": orjson.Fragment(score_text), "model_version": version, "role": role,
+                         "scored_at": scored_at, **{k: v for k, v in record.items() if k not in _PREDICTION_FIELDS}})
 
 
 def splice_applies(values: list[bytes], records: list[dict]) -> bool:
@@ -276,10 +357,12 @@ def splice_applies(values: list[bytes], records: list[dict]) -> bool:
             and not any(map(bytes.startswith, values, repeat(b"{}"))))
 
 
-def splice_predictions(values: list[bytes], score_texts: list[bytes], version: str, scored_at: str) -> list[bytes]:
-    """prediction() for a batch of compact features records, by putting score, model_version and
+def splice_predictions(values: list[bytes], score_texts: list[bytes], version: str, scored_at: str,
+                       role: str = "champion") -> list[bytes]:
+    """prediction() for a batch of compact features records, by putting score, model_version, role and
     scored_at in front of each record's own bytes (in C: no per-record Python)."""
-    head = b',"model_version":%s,"scored_at":"%s",' % (orjson.dumps(version), scored_at.encode())
+    head = b',"model_version":%s,"role":%s,"scored_at":"%s",' % (orjson.dumps(version), orjson.dumps(role),
+                                                                 scored_at.encode())
     splice = b'{"score":%b' + head.replace(b"%", b"%%") + b"%b"
     return list(map(splice.__mod__, zip(score_texts, map(_tail, values), strict=True)))
 
@@ -318,6 +401,9 @@ def run_scorer(config: ScorerConfig, metrics: StageMetrics | None = None) -> Non
                        updates_accepted=counters.accepted, updates_refused=counters.refused,
                        updates_ignored=counters.ignored_older,
                        last_refusal=counters.last_refusal or None, bad_records=scorer.bad_records,
+                       rollout=scorer.route.to_dict() if scorer.route is not None else None,
+                       challenger=scorer.challenger.version if scorer.challenger is not None else None,
+                       by_version={v: dict(c) for v, c in list(scorer.by_version.items())},
                        **loop.stats.summary())
 
     scorer.wait_for_model()

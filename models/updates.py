@@ -1,7 +1,8 @@
 """Model updates over Kafka: signed messages naming an artifact; scorers verify, load, warm up, swap.
 
 A message is `{"version", "uri", "sha256", "signature", "created_at", "metrics", "spec_hash", "action"}`
-(docs/contract.md, "model-updates", with `action`: publish, promote or rollback). Nothing in it is trusted before its
+(docs/contract.md, "model-updates", with `action`: publish, promote or rollback, which change the version
+that serves, or rollout and rollout_end, which carry a rollout's state in a `rollout` field: models.rollout). Nothing in it is trusted before its
 HMAC signature checks; the artifact is then checked again (sha256, signature, safetensors) by
 load_artifact before any weight is parsed."""
 
@@ -31,7 +32,20 @@ if TYPE_CHECKING:
     from models.scoring import LoadedModel
 
 log = logging.getLogger(__name__)
-ACTIONS = ("publish", "promote", "rollback")
+SERVING_ACTIONS = ("publish", "promote", "rollback")
+ROLLOUT_ACTIONS = ("rollout", "rollout_end")
+ACTIONS = SERVING_ACTIONS + ROLLOUT_ACTIONS
+
+
+def serves(message: dict) -> bool:
+    """Whether the message is about which version serves (not a rollout's state)."""
+    return message.get("action", "publish") in SERVING_ACTIONS
+
+
+def _rollout_state(message: dict) -> bool:
+    state = message.get("rollout")
+    return isinstance(state, dict) and all(k in state for k in ("id", "champion", "step", "steps", "started_at",
+                                                                 "step_started_at"))
 
 
 def supersedes(message: dict, current: dict | None) -> bool:
@@ -96,7 +110,7 @@ def serving_update(updates: list[dict]) -> dict | None:
     """Which of the updates (topic order) serves now, by the rule scorers apply."""
     current = None
     for message in updates:
-        if supersedes(message, current):
+        if serves(message) and supersedes(message, current):
             current = message
     return current
 
@@ -124,10 +138,17 @@ def update_message(manifest, uri: str, key: bytes, action: str = "publish") -> b
 def publish(kafka: KafkaConfig, topic: str, manifest, uri: str, key: bytes, action: str = "publish") -> None:
     """Publish a signed update for the artifact at `uri` (already saved there); EddyError when the
     broker does not acknowledge it within 30 s."""
+    publish_messages(kafka, topic, [update_message(manifest, uri, key, action)], manifest.version)
+
+
+def publish_messages(kafka: KafkaConfig, topic: str, values: list[bytes], what: str) -> None:
+    """Produce signed model-updates records in order; EddyError when the broker does not acknowledge
+    them within 30 s."""
     producer = Producer(kafka.client(**{"enable.idempotence": True}))
-    producer.produce(topic, update_message(manifest, uri, key, action))
+    for value in values:
+        producer.produce(topic, value)
     if producer.flush(30) != 0:
-        raise EddyError(f"could not publish model {manifest.version} to {topic!r}: the broker did not acknowledge")
+        raise EddyError(f"could not publish {what} to {topic!r}: the broker did not acknowledge")
 
 
 @dataclass
@@ -146,9 +167,11 @@ class UpdateListener:
     warmed up and handed to on_ready(loaded). Refusals are one log line and a counter."""
 
     def __init__(self, kafka: KafkaConfig, spec: PipelineSpec, key: bytes, device,
-                 on_ready: Callable[[LoadedModel, dict], None], serving: Callable[[], LoadedModel | None]) -> None:
+                 on_ready: Callable[[LoadedModel, dict], None], serving: Callable[[], LoadedModel | None],
+                 on_rollout: Callable[[dict, LoadedModel | None], None] = lambda message, loaded: None) -> None:
         self.kafka, self.spec, self.key, self.device = kafka, spec, key, device
-        self.on_ready, self.serving = on_ready, serving
+        self.on_ready, self.serving, self.on_rollout = on_ready, serving, on_rollout
+        self._challenger: str | None = None  # the challenger version last handed to on_rollout
         self.counters = UpdateCounters()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="model-updates", daemon=True)
@@ -174,6 +197,7 @@ class UpdateListener:
         ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
         behind = {p for p, end in ends.items() if end > 0}
         history: list[dict] = []  # what served, in order, while replaying the topic at start
+        rollout: dict | None = None  # the rollout in progress at the end of the replay
         if not behind:
             self.caught_up.set()
         try:
@@ -185,12 +209,16 @@ class UpdateListener:
                         self._apply(msg.value())
                         continue
                     message = self._check(msg.value())
-                    if message is not None and supersedes(message, history[-1] if history else None):
+                    if message is not None and not serves(message):
+                        rollout = message if message["action"] == "rollout" else None
+                    elif message is not None and supersedes(message, history[-1] if history else None):
                         history.append(message)
                     if msg.offset() + 1 >= ends[msg.partition()]:
                         behind.discard(msg.partition())
                     if not behind:
                         self._serve_latest(history)
+                        if rollout is not None:
+                            self._apply_rollout(rollout)
                         self.caught_up.set()
         finally:
             consumer.close()
@@ -216,6 +244,8 @@ class UpdateListener:
                 raise UpdateRefused(f"update {message['version']!r} is for another spec")
             if message.get("action", "publish") not in ACTIONS:
                 raise UpdateRefused(f"update {message['version']!r} has unknown action {message['action']!r}")
+            if not serves(message) and not _rollout_state(message):
+                raise UpdateRefused(f"update {message['version']!r}: a {message['action']} without its rollout state")
             return message
         except (UpdateRefused, orjson.JSONDecodeError) as exc:
             self._refuse(str(exc))
@@ -230,6 +260,9 @@ class UpdateListener:
         message = self._check(raw)
         if message is None:
             return
+        if not serves(message):
+            self._apply_rollout(message)
+            return
         current = self.serving()
         serving = current.manifest if current is not None else None  # a Manifest: served models are artifacts
         if isinstance(serving, Manifest) and not supersedes(message, {"created_at": serving.created_at}):
@@ -238,7 +271,30 @@ class UpdateListener:
             return
         self._load(message)
 
+    def _apply_rollout(self, message: dict) -> None:
+        """Hand a rollout's step or end to the scorer: a new challenger is loaded (verified like any
+        update) first; the same challenger at another step is handed on without loading."""
+        if message["action"] == "rollout_end":
+            self._challenger = None
+            self.on_rollout(message, None)
+            return
+        if message["version"] == self._challenger:
+            self.on_rollout(message, None)
+            return
+        loaded = self._verified_load(message)
+        if loaded is not None:
+            self._challenger = message["version"]
+            self.on_rollout(message, loaded)
+
     def _load(self, message: dict) -> bool:
+        loaded = self._verified_load(message)
+        if loaded is None:
+            return False
+        self.on_ready(loaded, message)
+        return True
+
+    def _verified_load(self, message: dict) -> LoadedModel | None:
+        """The update's artifact loaded and warmed up (message["load_ms"] set), or None (refused)."""
         started = time.perf_counter()
         try:
             loaded = load_artifact(artifact_path(message["uri"]), self.key, self.spec.spec_hash,
@@ -249,13 +305,13 @@ class UpdateListener:
             loaded.warm_up()
         except EddyError as exc:
             self._refuse(f"update {message.get('version')!r}: {exc}")
-            return False
+            return None
         except Exception as exc:  # noqa: BLE001 - no bad artifact may stop the scorer
             self._refuse(f"update {message.get('version')!r}: {type(exc).__name__}: {str(exc)[:200]}")
-            return False
+            return None
         self.counters.accepted += 1
-        self.on_ready(loaded, {**message, "load_ms": round((time.perf_counter() - started) * 1000, 1)})
-        return True
+        message["load_ms"] = round((time.perf_counter() - started) * 1000, 1)
+        return loaded
 
 
 def ensure_baseline(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: bytes) -> str | None:

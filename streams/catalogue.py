@@ -12,7 +12,7 @@ from typing import Literal
 Kind = Literal["counter", "gauge", "histogram"]
 
 # The `stage` label's values; each is also the stage id's suffix (eddy-<pipeline>-<stage>).
-STAGES = ("features", "online-writer", "scorer", "lakehouse", "retrainer")
+STAGES = ("features", "online-writer", "scorer", "lakehouse", "retrainer", "rollouts")
 # The `reason` label of eddy_records_refused_total: short classes, never free text (cardinality).
 REFUSAL_REASONS = ("not_json", "schema", "future_time", "too_large", "aggregation", "unreadable_features",
                    "model_input")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from features.waiting import TimedOut, wait_until
 from tests.conftest import run_eddy
@@ -30,3 +31,20 @@ def fetch(url: str, timeout_s: float = 10.0) -> tuple[int, bytes]:
 
     with urllib.request.urlopen(url, timeout=timeout_s) as answer:
         return answer.status, answer.read()
+
+
+def variant(spec, settings, version: str, scale: float) -> Path:
+    """A second model: the baseline with its output layer scaled, saved and signed like any artifact."""
+    import torch
+
+    from models.artifacts import save_artifact
+    from models.baseline import baseline_model
+
+    model, normaliser = baseline_model(spec)
+    with torch.no_grad():
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.weight.mul_(scale)
+    directory = settings.artifacts_dir / spec.name / version
+    save_artifact(directory, model, normaliser, {"version": version, "spec_hash": spec.spec_hash},
+                  settings.model_key.get_secret_value())
+    return directory

@@ -76,6 +76,7 @@ def kafka_acls(spec: PipelineSpec) -> dict[str, list[dict[str, Any]]]:
             _rule("topic", t.features, READ),
             _rule("topic", t.model_updates, READ),
             _rule("topic", t.predictions, WRITE),
+            _rule("topic", t.shadow, WRITE),  # a shadow challenger's predictions during a rollout
             _rule("topic", t.dlq, WRITE),
             _rule("group", sid("scorer"), ["Read", "Describe"]),
             _rule("group", sid("model-updates"), ["Read", "Describe"], prefix=True),  # the update listener
@@ -86,7 +87,8 @@ def kafka_acls(spec: PipelineSpec) -> dict[str, list[dict[str, Any]]]:
             _rule("group", sid("lakehouse"), ["Read", "Describe"], prefix=True),
             _rule("group", SPARK_GROUP_PREFIX, ["Read", "Describe"], prefix=True),
         ],
-        # the retrainer, `eddy retrain`, `eddy promote` and `eddy rollback`: the only writer of model-updates
+        # the retrainer, the rollout judge, `eddy retrain`, `eddy promote`, `eddy rollback` and `eddy rollout`:
+        # the only writer of model-updates
         "publisher": [
             _rule("topic", t.model_updates, ["Read", "Write", "Describe"]),
             _rule("group", sid("registry"), ["Read", "Describe"], prefix=True),
@@ -117,7 +119,7 @@ def chart_values(spec: PipelineSpec, spec_text: str = "", spec_file: str = "") -
     """The chart's `pipeline` values for `spec`; `spec_text` is the YAML the pods load (EDDY_PIPELINE)."""
     t = spec.topics
     roles = {t.source: "source", t.labels: "labels", t.features: "features", t.predictions: "predictions",
-             t.dlq: "dlq", t.model_updates: "model-updates"}
+             t.shadow: "shadow", t.dlq: "dlq", t.model_updates: "model-updates"}
     topics = []
     for topic in t.all():
         entry: dict[str, Any] = {"name": topic, "resource": resource_name(topic), "role": roles[topic]}

@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import EDDY, REPO, run_eddy, stack_environment
 from tests.faults import live_producer, source_records
 from tests.kafka_helpers import count_committed, read_committed
-from tests.stack_helpers import group_lag, status, wait_for
+from tests.stack_helpers import group_lag, status, variant, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow]
 
@@ -47,23 +47,6 @@ def produce(env, count: int, *extra: str) -> None:
 def predictions(settings, spec, count: int) -> list[dict]:
     msgs = read_committed(settings.kafka, spec.topics.predictions, count, timeout_s=180, idle_s=2.0)
     return [{**orjson.loads(m.value()), "_partition": m.partition(), "_offset": m.offset()} for m in msgs]
-
-
-def variant(spec, settings, version: str, scale: float) -> Path:
-    """A second model: the baseline with its output layer scaled, saved and signed like any artifact."""
-    import torch
-
-    from models.artifacts import save_artifact
-    from models.baseline import baseline_model
-
-    model, normaliser = baseline_model(spec)
-    with torch.no_grad():
-        last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-        last.weight.mul_(scale)
-    directory = settings.artifacts_dir / spec.name / version
-    save_artifact(directory, model, normaliser, {"version": version, "spec_hash": spec.spec_hash},
-                  settings.model_key.get_secret_value())
-    return directory
 
 
 def test_hot_swap_under_load_changes_version_at_one_point_per_partition(stack):

@@ -353,7 +353,7 @@ def test_acls_are_least_privilege_for_the_spec(spec_name: str) -> None:
     assert topics("features", "Read") == {t.source}
     assert topics("features", "Write") == {t.features, t.dlq}
     assert topics("scorer", "Read") == {t.features, t.model_updates}
-    assert topics("scorer", "Write") == {t.predictions, t.dlq}
+    assert topics("scorer", "Write") == {t.predictions, t.shadow, t.dlq}  # the shadow topic: rollouts
     assert topics("online-writer", "Read") == {t.features} and not topics("online-writer", "Write")
     assert topics("lakehouse", "Read") == set(t.all()) and not topics("lakehouse", "Write")
     # the retrainer is the only writer of model-updates

@@ -59,9 +59,10 @@ def test_predictions_carry_the_record_its_score_version_and_time():
     for record, predicted, score in zip([*plain, spaced, tricky], got, expected_scores, strict=True):
         assert np.float32(predicted["score"]) == score and 0.0 <= score <= 1.0  # the float32, exactly
         assert predicted["model_version"] == "v7" and predicted["scored_at"].endswith("Z")
+        assert predicted["role"] == "champion"  # no rollout runs
         for name in ("event_id", "card_id", "event_time", "features"):
             assert predicted[name] == record[name]
-    fields = {"event_id", "card_id", "event_time", "features", "late", "score", "model_version", "scored_at"}
+    fields = {"event_id", "card_id", "event_time", "features", "late", "score", "model_version", "role", "scored_at"}
     assert all(set(predicted) == fields for predicted in got)  # the same fields on every path
     assert s.rows == 5 and s.bad_records == 0
 
@@ -91,7 +92,7 @@ def test_a_batch_spliced_at_once_equals_the_same_records_built_one_by_one():
     scores = s.serving.score([orjson.loads(v)["features"] for v in plain])
     for (_, value, _, _), raw, score in zip(together.records, plain, scores, strict=True):
         scored_at = orjson.loads(value)["scored_at"]
-        assert value == b'{"score":%s,"model_version":"v%%s-8","scored_at":"%s",%s' % (
+        assert value == b'{"score":%s,"model_version":"v%%s-8","role":"champion","scored_at":"%s",%s' % (
             str(score).encode(), scored_at.encode(), raw[1:])  # numpy's float32 text is the shortest, as orjson's
     strip = [{k: v for k, v in orjson.loads(value).items() if k != "scored_at"} for _, value, _, _ in together.records]
     assert strip == [{k: v for k, v in orjson.loads(value).items() if k != "scored_at"}

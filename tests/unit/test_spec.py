@@ -32,7 +32,7 @@ def test_fraud_spec_loads_with_everything_derived():
     assert spec.feature_names == spec.model_inputs == (
         "txn_count_1m", "amount_sum_1h", "amount_avg_24h", "merchants_24h", "secs_since_last")
     assert spec.max_window_ms == 86_400_000 and spec.state_horizon_ms == 86_430_000
-    assert spec.topics.all() == ("transactions", "labels", "features", "predictions",
+    assert spec.topics.all() == ("transactions", "labels", "features", "predictions", "predictions.shadow",
                                  "transactions.dlq", "model-updates")
     assert (spec.labels.topic, spec.labels.id, spec.labels.label) == (
         "labels", "event_id", "is_fraud")
@@ -60,8 +60,8 @@ def test_topic_defaults_and_optional_labels(fraud):
     del fraud["topics"], fraud["labels"]
     spec = parse_spec(fraud)
     assert spec.labels is None and spec.topics.labels is None
-    assert spec.topics.all() == ("transactions", "features", "predictions", "transactions.dlq",
-                                 "model-updates")
+    assert spec.topics.all() == ("transactions", "features", "predictions", "predictions.shadow",
+                                 "transactions.dlq", "model-updates")
 
 
 def test_partial_topics_keep_the_other_defaults(fraud):
