@@ -156,7 +156,7 @@ def swap_time(settings: Settings, spec: PipelineSpec, rate: int = 1000) -> dict[
     version = f"bench-{uuid.uuid4().hex[:6]}"
     directory = settings.artifacts_dir / spec.name / version
     manifest = save_artifact(directory, model, normaliser, {"version": version, "spec_hash": spec.spec_hash},
-                             settings.model_key.get_secret_value())
+                             settings.signing_key())
     now_ms = int(time.time() * 1000)
     gen = TransactionGenerator(GeneratorConfig(seed=3, start_ms=now_ms, id_prefix=f"S{now_ms}"))
     producer = threading.Thread(target=SyntheticProducer(settings.kafka, spec.topics.source, None, gen).run,
@@ -164,7 +164,7 @@ def swap_time(settings: Settings, spec: PipelineSpec, rate: int = 1000) -> dict[
     producer.start()
     time.sleep(2)
     published = time.time()
-    publish(settings.kafka, spec.topics.model_updates, manifest, directory.as_uri(), settings.model_key.get_secret_value())
+    publish(settings.kafka, spec.topics.model_updates, manifest, directory.as_uri(), settings.signing_key())
     latest: dict[str, Any] = {"auto.offset.reset": "latest"}
     consumer = reader(settings.kafka, [spec.topics.predictions], **latest)
 
@@ -199,9 +199,11 @@ def scoring_stage(spec: PipelineSpec, device_setting: str, rows: int = 200_000, 
     from models.rollout import Policy, start_route
     from models.scorer import Scorer, ScorerConfig
     from models.scoring import LoadedModel
+    from models.signing import SigningKey
 
     torch.set_num_threads(1)
-    scorer = Scorer(ScorerConfig(KafkaConfig("127.0.0.1:1"), spec, "redis://127.0.0.1:1/0", device_setting, b"k"),
+    scorer = Scorer(ScorerConfig(KafkaConfig("127.0.0.1:1"), spec, "redis://127.0.0.1:1/0", device_setting,
+                                 SigningKey.generate().public()),
                     redis_client=None)
     device = scorer.device
     model, normaliser = baseline_model(spec)

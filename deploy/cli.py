@@ -231,7 +231,7 @@ def retrain(
     spec = load_spec(settings.pipeline)
     policy = load_policy(settings.rollout_policy) if settings.rollout_policy else None
     with err.status("retraining...") as spinner:
-        result = run_retrain(settings.kafka, spec, settings.artifacts_dir, settings.model_key.get_secret_value(),
+        result = run_retrain(settings.kafka, spec, settings.artifacts_dir, settings.signing_key(),
                              settings.device, publish_mode, epochs=epochs,
                              on_progress=lambda line: spinner.update(f"retraining: {line}"),
                              rows=lakehouse_rows(settings, spec) if source == "lakehouse" else None,
@@ -268,7 +268,7 @@ def models(
 
     settings = settings_from("models", home=home, pipeline=pipeline)
     rows = list_models(settings.kafka, load_spec(settings.pipeline), settings.artifacts_dir,
-                       settings.model_key.get_secret_value(), lakehouse_root=settings.lakehouse)
+                       settings.trusted_keys(), lakehouse_root=settings.lakehouse)
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
         return
@@ -282,6 +282,14 @@ def models(
                       _metric(m["metrics"].get("pr_auc")), f"{live['labelled']:,}" if live else "-",
                       _metric(live.get("pr_auc")), _metric(live.get("roc_auc")), _metric(live.get("precision_at_0.5")))
     out.print(table)
+
+
+@app.command("model-key")
+def model_key(home: HomeOpt = None) -> None:
+    """The public half of the model key, for EDDY_MODEL_TRUST where models are served (the key id on stderr)."""
+    key = settings_from("model-key", home=home).signing_key()
+    print(key.public_hex()[0])
+    print(f"key id {key.id}", file=sys.stderr)
 
 
 @app.command()
@@ -334,7 +342,7 @@ def promote(
     from models.registry import promote as run_promote
 
     settings = settings_from("promote", home=home, pipeline=pipeline)
-    run_promote(settings.kafka, load_spec(settings.pipeline), settings.artifacts_dir, settings.model_key.get_secret_value(),
+    run_promote(settings.kafka, load_spec(settings.pipeline), settings.artifacts_dir, settings.signing_key(),
                 version)
     out.print(f"published {version}; scorers swap to it between batches")
 
@@ -347,7 +355,7 @@ def rollback(home: HomeOpt = None, pipeline: PipelineOpt = None) -> None:
 
     settings = settings_from("rollback", home=home, pipeline=pipeline)
     previous = run_rollback(settings.kafka, load_spec(settings.pipeline), settings.artifacts_dir,
-                            settings.model_key.get_secret_value())
+                            settings.signing_key())
     out.print(f"rolled back to {previous}")
 
 

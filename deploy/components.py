@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +33,7 @@ class Component:
     ingest: bool = False                             # lakehouse ingestion: only when settings.ingest
     retrain: bool = False                            # continuous retraining: only when a policy is set
     replica: int | None = None                       # scorer replicas: started while replica < settings.scorers
+    signs: bool = False                              # publishes models: the only ones given the private key
 
 
 def engine_config(settings: Settings, spec: PipelineSpec, **defaults) -> EngineConfig:
@@ -117,7 +118,7 @@ def _scorer(replica: int) -> Callable[[Settings, PipelineSpec], None]:
         interval: dict[str, Any] = ({} if settings.commit_interval_s is None
                                     else {"commit_interval_s": settings.commit_interval_s})
         run_scorer(ScorerConfig(settings.kafka, spec, settings.redis_url, settings.device,
-                                settings.model_key.get_secret_value(), replica=replica,
+                                settings.trusted_keys(), replica=replica,
                                 drift_window=settings.drift_window, **interval),
                    metrics=serve_metrics(settings, spec, "scorer", f"scorer-{replica}"))
 
@@ -210,8 +211,8 @@ COMPONENTS: dict[str, Component] = {
         Component("online-writer", _online_writer),
         *(Component(f"scorer-{i}", _scorer(i), replica=i) for i in range(16)),
         Component("lakehouse", _lakehouse, ingest=True),
-        Component("retrainer", _retrainer, retrain=True),
-        Component("rollouts", _rollouts, ingest=True),
+        Component("retrainer", _retrainer, retrain=True, signs=True),
+        Component("rollouts", _rollouts, ingest=True, signs=True),
     )
 }
 
@@ -227,6 +228,15 @@ def wanted(settings: Settings) -> list[Component]:
 def retraining(settings: Settings) -> bool:
     """Whether continuous retraining is configured (any of its three triggers)."""
     return bool(settings.retrain_every_labels or settings.retrain_every_s or settings.retrain_on_drift)
+
+
+def environment(settings: Settings, name: str, env: Mapping[str, str]) -> dict[str, str]:
+    """`env` for component `name`: one that does not publish models gets the trusted public keys
+    (EDDY_MODEL_TRUST) and neither the private key nor a way to find it."""
+    if COMPONENTS[name].signs:
+        return dict(env)
+    trusted = env.get("EDDY_MODEL_TRUST") or ",".join(settings.trusted_keys().public_hex())
+    return {**{k: v for k, v in env.items() if k != "EDDY_MODEL_KEY"}, "EDDY_MODEL_TRUST": trusted}
 
 
 def argv(name: str) -> list[str]:

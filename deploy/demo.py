@@ -163,7 +163,7 @@ def run_demo(settings: Settings, console: Console) -> dict:
 
         console.rule("3. first training from the lakehouse (champion: the baseline)")
         from_lake = {"rows": lakehouse_rows(settings, spec), "register": lambda e: register_model(settings.lakehouse, e)}
-        first = retrain(settings.kafka, spec, settings.artifacts_dir, settings.model_key.get_secret_value(), settings.device,
+        first = retrain(settings.kafka, spec, settings.artifacts_dir, settings.signing_key(), settings.device,
                         "auto", on_progress=lambda line: None, **from_lake)
         champion = f"{first.champion_metrics['pr_auc']:.3f}" if first.champion_metrics else "-"
         console.print(f"  {first.version}: holdout PR-AUC {first.metrics['pr_auc']:.3f} against {first.champion} "
@@ -199,7 +199,7 @@ def run_demo(settings: Settings, console: Console) -> dict:
                 if retrainer is None and time.monotonic() - t0 > LIVE_SECONDS / 3:
                     note = "retraining on everything labelled so far..."
                     retrainer = threading.Thread(target=lambda: second_box.append(retrain(
-                        settings.kafka, spec, settings.artifacts_dir, settings.model_key.get_secret_value(), settings.device,
+                        settings.kafka, spec, settings.artifacts_dir, settings.signing_key(), settings.device,
                         "auto", seed=1, rollout_policy=DEMO_POLICY, **from_lake)))
                     retrainer.start()
                 if second_box and "retraining" in note:
@@ -276,7 +276,7 @@ def _on_live_stream(settings: Settings, spec, rows: list[dict], summary: dict) -
     for name in ("first", "second"):
         result = summary.get(name)
         if result is not None:
-            models[result.version] = load_artifact(artifact_path(result.uri), settings.model_key.get_secret_value(),
+            models[result.version] = load_artifact(artifact_path(result.uri), settings.trusted_keys(),
                                                    spec.spec_hash, list(spec.model_inputs))
     features = [r["features"] for r in rows]
     return {version: {"events": len(rows), "positives": int(y.sum()), **evaluate(model.score(features), y)}

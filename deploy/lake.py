@@ -255,7 +255,7 @@ def run_retrain_component(settings: Settings, spec: PipelineSpec) -> None:
                 log.info("retraining: a feature drifted (PSI %.3f above %s)", drift, settings.retrain_on_drift)
             policy.done(labels, time.monotonic())
             try:
-                result = retrain(settings.kafka, spec, settings.artifacts_dir, settings.model_key.get_secret_value(),
+                result = retrain(settings.kafka, spec, settings.artifacts_dir, settings.signing_key(),
                                  settings.device, "auto", rows=rows,
                                  register=lambda entry: register_model(settings.lakehouse, entry),
                                  rollout_policy=load_policy(settings.rollout_policy) if settings.rollout_policy else None)

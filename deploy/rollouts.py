@@ -24,7 +24,7 @@ HOLD_RECORD_S = 60.0  # a "hold" decision is recorded at most this often (every 
 def _updates(settings: Settings, spec: PipelineSpec) -> list[dict]:
     from models.updates import read_updates
 
-    return read_updates(settings.kafka, spec, settings.model_key.get_secret_value())
+    return read_updates(settings.kafka, spec, settings.trusted_keys())
 
 
 def record(settings: Settings, route: Route, decision: str, reason: str, metrics: dict[str, Any] | None = None) -> None:
@@ -61,9 +61,9 @@ def start(settings: Settings, spec: PipelineSpec, version: str, shadow: bool = F
     if not (directory / "manifest.json").exists():
         known = ", ".join(sorted(p.parent.name for p in (settings.artifacts_dir / spec.name).glob("*/manifest.json")))
         raise EddyError(f"no model version {version!r} under {settings.artifacts_dir / spec.name}; known: {known or 'none'}")
-    verify_artifact(directory, settings.model_key.get_secret_value(), spec.spec_hash, list(spec.model_inputs))
+    verify_artifact(directory, settings.trusted_keys(), spec.spec_hash, list(spec.model_inputs))
     route = start_route(serving["version"], version, policy)
-    publish_step(settings.kafka, spec, settings.model_key.get_secret_value(), {"uri": directory.resolve().as_uri()},
+    publish_step(settings.kafka, spec, settings.signing_key(), {"uri": directory.resolve().as_uri()},
                  route)
     record(settings, route, "start", f"steps {list(route.steps)} ({'shadow first' if route.percent == 0 else 'canary'})",
            {"policy": route.policy})
@@ -80,7 +80,7 @@ def _running(settings: Settings, spec: PipelineSpec) -> tuple[Route, dict]:
 def end(settings: Settings, spec: PipelineSpec, outcome: str, reason: str) -> Route:
     """Promote (the challenger serves everything) or abort (the champion serves alone) the rollout in progress."""
     route, message = _running(settings, spec)
-    publish_end(settings.kafka, spec, settings.model_key.get_secret_value(), message, route, outcome, reason)
+    publish_end(settings.kafka, spec, settings.signing_key(), message, route, outcome, reason)
     record(settings, route, {"promoted": "promote", "aborted": "abort"}.get(outcome, outcome), reason)
     return route
 
@@ -114,7 +114,7 @@ def evaluate(settings: Settings, spec: PipelineSpec, client, route: Route, now: 
 
 def act(settings: Settings, spec: PipelineSpec, route: Route, message: dict, decision: Decision, now: float) -> None:
     """Carry out a decision: the next step, the promotion or the rollback, published and recorded."""
-    key = settings.model_key.get_secret_value()
+    key = settings.signing_key()
     if decision.action == "advance":
         following = route.next_step(now)
         assert following is not None

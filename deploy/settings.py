@@ -25,6 +25,7 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from features.errors import ConfigError, SpecError
 from features.spec import parse_duration
+from models.signing import SigningKey, TrustedKeys
 from streams.kafka import KafkaConfig, parse_properties
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -95,8 +96,11 @@ class Settings(BaseSettings):
     partitions: PositiveInt = Field(3, description="a positive integer")
     scorers: int = Field(1, ge=1, le=16, description="a number of scorer replicas from 1 to 16")
     jars_dir: Path = Field(REPO_ROOT / ".jars", validation_alias="EDDY_JARS")
-    # empty: a key generated once into home (validated like kafka's default, into SecretBytes)
+    # The Ed25519 key that signs models (64 hex characters); empty: one generated once into home/model.key.
+    # Read only by what signs (signing_key()); scorers get trusted_keys(), public halves only.
     model_key: SecretBytes = Field(b"")  # type: ignore[assignment]
+    # The public keys scorers trust (64 hex characters each, comma-separated); empty: the model key's own.
+    model_trust: str = ""
     ingest: bool = Field(True, description="on or off")  # run lakehouse ingestion in the stack
     ingest_trigger_s: Seconds = Field(2.0, validation_alias="EDDY_INGEST_TRIGGER",
                                       description="a duration like 2s or 500ms")
@@ -164,10 +168,29 @@ class Settings(BaseSettings):
 
     @field_validator("model_key", mode="before")
     @classmethod
-    def _model_key(cls, value: Any, info: ValidationInfo) -> Any:
-        if value or "home" not in info.data:
-            return value
-        return _stored_key(info.data["home"])
+    def _model_key(cls, value: Any) -> Any:
+        if value:
+            SigningKey.from_hex(value.decode() if isinstance(value, bytes) else str(value))  # one line if malformed
+        return value
+
+    @field_validator("model_trust")
+    @classmethod
+    def _model_trust(cls, value: str) -> str:
+        if value.strip():
+            TrustedKeys.parse(value)
+        return value
+
+    def signing_key(self) -> SigningKey:
+        """The private key that signs models: EDDY_MODEL_KEY, or the one generated once into home."""
+        text = self.model_key.get_secret_value() or stored_key(self.home)
+        return SigningKey.from_hex(text.decode(), "EDDY_MODEL_KEY" if self.model_key.get_secret_value()
+                                   else str(self.home / "model.key"))
+
+    def trusted_keys(self) -> TrustedKeys:
+        """The public keys whose models are served: EDDY_MODEL_TRUST, else the model key's own public half."""
+        if self.model_trust.strip():
+            return TrustedKeys.parse(self.model_trust)
+        return self.signing_key().public()
 
     @field_validator("spark_conf", mode="before")
     @classmethod
@@ -202,10 +225,15 @@ class Settings(BaseSettings):
         return self.model_copy(update={k: v for k, v in changes.items() if v is not None})
 
 
-def _stored_key(home: Path) -> bytes:
-    """The model key generated once into EDDY_HOME (readable by the owner only)."""
+def stored_key(home: Path) -> bytes:
+    """The model key generated once into EDDY_HOME (readable by the owner only; a file that others
+    could read or that another user owns is refused)."""
     path = home / "model.key"
     if path.exists():
+        info = path.stat()
+        if info.st_mode & 0o077 or info.st_uid != os.getuid():
+            raise ConfigError(f"{path}: the model key must be owned by this user with mode 0600 "
+                              f"(it is {info.st_mode & 0o777:o}, owner uid {info.st_uid}); chmod 600 it")
         return path.read_bytes().strip()
     home.mkdir(parents=True, exist_ok=True)
     key = secrets.token_hex(32).encode()

@@ -14,7 +14,7 @@ import psutil
 
 from deploy import broker, components, redis_local
 from deploy.processes import ProcessTable
-from deploy.settings import Settings, child_environment, redact_url
+from deploy.settings import Settings, child_environment, redact_url, stored_key
 from features.errors import EddyError, ServiceError
 from features.spec import PipelineSpec, load_spec
 from features.waiting import poll
@@ -46,7 +46,7 @@ def private_settings(base: Settings, home: Path, **changes: Any) -> Settings:
     home.mkdir(parents=True, exist_ok=True)
     key_file = home / "model.key"
     key_file.touch(mode=0o600)
-    key_file.write_bytes(base.model_key.get_secret_value())
+    key_file.write_bytes(base.model_key.get_secret_value() or stored_key(base.home))
     return base.model_copy(update=dict(
         home=home, kafka=KafkaConfig(f"127.0.0.1:{free_port()}", base.kafka.properties),
         redis_url=f"redis://127.0.0.1:{free_port()}/0", lakehouse=str(home / "lakehouse"), **changes))
@@ -84,7 +84,7 @@ def up(settings: Settings, spec: PipelineSpec | None = None, with_components: bo
     if with_components:
         from models.updates import ensure_baseline
 
-        report.baseline = ensure_baseline(settings.kafka, spec, settings.artifacts_dir, settings.model_key.get_secret_value())
+        report.baseline = ensure_baseline(settings.kafka, spec, settings.artifacts_dir, settings.signing_key())
         _start_components(settings, spec, table, report)
     return report
 

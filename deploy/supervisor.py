@@ -230,7 +230,8 @@ def stack_supervisor(settings: Settings, table: ProcessTable) -> Supervisor:
     if table.get(redis_local.NAME) is not None:
         starters[redis_local.NAME] = lambda: redis_local.ensure_redis(settings, table)
     for name in wanted:
-        starters[name] = functools.partial(table.start, name, components.argv(name), env)
+        starters[name] = functools.partial(table.start, name, components.argv(name),
+                                           components.environment(settings, name, env))
     return Supervisor(table, starters, wanted)
 
 

@@ -36,6 +36,7 @@ from models.inputs import Normaliser
 from models.manifest import FORMAT, MANIFEST_FILE, Manifest, short
 from models.modules import ScorerModule, build_model
 from models.scoring import LoadedModel
+from models.signing import SigningKey, TrustedKeys
 
 WEIGHTS_FILE = "model.safetensors"
 MAX_MANIFEST_BYTES = 1 << 20
@@ -46,7 +47,7 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "U8": 1}
 _SETTABLE = frozenset({"version", "spec_hash", "name", "metrics", "parent", "created_at", "reference"})
 # The model-update message's fields (docs/contract.md): action is publish | promote | rollback.
 MESSAGE_FIELDS = ("version", "uri", "sha256", "signature", "created_at", "metrics", "spec_hash", "action",
-                  "published_at")
+                  "published_at", "seq")
 
 
 def canonical_json(fields: Mapping[str, Any]) -> bytes:
@@ -58,56 +59,76 @@ def canonical_json(fields: Mapping[str, Any]) -> bytes:
         raise ArtifactError(f"cannot sign fields that are not plain JSON: {exc}") from None
 
 
-def _key(key: bytes) -> bytes:
-    if not isinstance(key, bytes | bytearray):
-        raise ConfigError(f"the model key must be bytes, got {type(key).__name__}")
-    if not key:
-        raise ConfigError("the model key is empty; set EDDY_MODEL_KEY (or let eddy generate one)")
-    return bytes(key)
+def _signer(key: SigningKey) -> SigningKey:
+    if not isinstance(key, SigningKey):
+        raise ConfigError(f"signing needs the model's private key, got {type(key).__name__}")
+    return key
 
 
-def _hmac(fields: Mapping[str, Any], key: bytes) -> str:
-    body = {k: v for k, v in fields.items() if k != "signature"}
-    return hmac.new(_key(key), canonical_json(body), hashlib.sha256).hexdigest()
+def _trust(keys: TrustedKeys) -> TrustedKeys:
+    if not isinstance(keys, TrustedKeys):
+        raise ConfigError(f"verifying needs trusted model keys, got {type(keys).__name__}")
+    return keys
 
 
-def sign_message(fields: Mapping[str, Any], key: bytes) -> str:
-    """Hex HMAC-SHA256 over the canonical JSON of all `fields` except "signature"."""
-    return _hmac(fields, key)
+def _body(fields: Mapping[str, Any]) -> bytes:
+    return canonical_json({k: v for k, v in fields.items() if k != "signature"})
 
 
-def verify_message(fields: Mapping[str, Any], signature: str, key: bytes) -> bool:
-    """Whether `signature` signs `fields` (its "signature" entry, if any, is ignored) under `key`."""
+def sign_message(fields: Mapping[str, Any], key: SigningKey) -> str:
+    """The Ed25519 signature (`ed25519:<key id>:<hex>`) over the canonical JSON of all `fields` except
+    "signature"."""
+    return _signer(key).sign(_body(fields))
+
+
+def verify_message(fields: Mapping[str, Any], signature: str, trusted: TrustedKeys) -> bool:
+    """Whether `signature` is a trusted key's over `fields` (its "signature" entry, if any, is ignored)."""
     if not isinstance(signature, str) or not isinstance(fields, Mapping):
         return False
     try:
-        expected = _hmac(fields, key)
+        body = _body(fields)
     except ArtifactError:
         return False
-    return hmac.compare_digest(expected, signature)
+    return _trust(trusted).verify(body, signature)
 
 
-def model_update_message(manifest: Manifest, uri: str, key: bytes, action: str = "publish",
-                         published_at: float | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+_last_sequence = 0
+
+
+def next_sequence(now: float | None = None, after: int = 0) -> int:
+    """A model-update sequence number: the time in microseconds, above `after` and above every one this
+    process handed out before."""
+    global _last_sequence
+    _last_sequence = max(int((time.time() if now is None else now) * 1e6), after + 1, _last_sequence + 1)
+    return _last_sequence
+
+
+def model_update_message(manifest: Manifest, uri: str, key: SigningKey, action: str = "publish",
+                         published_at: float | None = None, extra: Mapping[str, Any] | None = None,
+                         seq: int | None = None) -> dict[str, Any]:
     """The signed model-updates record announcing `manifest`'s artifact at `uri`. `action` is publish
     (serve if newer than what serves), promote or rollback (serve this version, explicitly), or rollout
-    and rollout_end (models.rollout, whose state goes in `extra`, signed with the rest)."""
+    and rollout_end (models.rollout, whose state goes in `extra`, signed with the rest). `seq` is the
+    message's place in the topic's order (models.updates.publish_messages sets it; by default the
+    time in microseconds): scorers ignore one that is not above the last they took, so a message
+    replayed onto the topic changes nothing."""
+    published_at = time.time() if published_at is None else published_at
     fields = {"version": manifest.version, "uri": uri, "sha256": manifest.sha256,
               "created_at": manifest.created_at, "metrics": manifest.metrics,
-              "spec_hash": manifest.spec_hash, "action": action,
-              "published_at": time.time() if published_at is None else published_at, **(extra or {})}
+              "spec_hash": manifest.spec_hash, "action": action, "published_at": published_at,
+              "seq": next_sequence(published_at) if seq is None else seq, **(extra or {})}
     return {**fields, "signature": sign_message(fields, key)}
 
 
 def save_artifact(directory: str | os.PathLike, model: ScorerModule, normaliser: Normaliser,
-                  manifest_fields: Mapping[str, Any], key: bytes) -> Manifest:
+                  manifest_fields: Mapping[str, Any], key: SigningKey) -> Manifest:
     """Write model.safetensors and the signed manifest.json into `directory` (created if absent).
 
     `manifest_fields` gives version and spec_hash (required) and optionally name, metrics,
     parent, created_at (default: now, UTC) and reference (models.drift.reference(): the training
     distribution drift is measured against); the rest is derived from the model and the
     normaliser. Each file is written to a temporary name and renamed, weights first."""
-    key = _key(key)
+    key = _signer(key)
     unknown = sorted(set(manifest_fields) - _SETTABLE)
     if unknown:
         raise BadManifest(f"manifest field(s) {', '.join(unknown)} cannot be set; "
@@ -132,7 +153,7 @@ def save_artifact(directory: str | os.PathLike, model: ScorerModule, normaliser:
     }
     if manifest_fields.get("reference") is not None:
         fields["reference"] = manifest_fields["reference"]
-    fields["signature"] = _hmac(fields, key)
+    fields["signature"] = sign_message(fields, key)
     manifest = Manifest.from_dict(fields, "the new manifest")  # refuses a missing version or spec hash
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
@@ -155,7 +176,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def verify_artifact(directory: str | os.PathLike, key: bytes, expected_spec_hash: str | None,
+def verify_artifact(directory: str | os.PathLike, key: TrustedKeys, expected_spec_hash: str | None,
                     expected_features: Sequence[str] | None) -> Manifest:
     """The artifact's manifest, after checking (in this order, each refusal its own error):
     manifest JSON and fields (BadManifest), signature (BadSignature), sha256 of the weights
@@ -164,7 +185,7 @@ def verify_artifact(directory: str | os.PathLike, key: bytes, expected_spec_hash
     return _verified(Path(directory), key, expected_spec_hash, expected_features)[0]
 
 
-def load_artifact(directory: str | os.PathLike, key: bytes, expected_spec_hash: str | None,
+def load_artifact(directory: str | os.PathLike, key: TrustedKeys, expected_spec_hash: str | None,
                   expected_features: Sequence[str] | None,
                   device: torch.device | str = "cpu") -> LoadedModel:
     """Verify (see verify_artifact), then build the model from the very bytes that were
@@ -191,9 +212,9 @@ def load_artifact(directory: str | os.PathLike, key: bytes, expected_spec_hash: 
     return LoadedModel(model, normaliser, manifest, device)
 
 
-def _verified(root: Path, key: bytes, expected_spec_hash: str | None,
+def _verified(root: Path, key: TrustedKeys, expected_spec_hash: str | None,
               expected_features: Sequence[str] | None) -> tuple[Manifest, bytes]:
-    key = _key(key)
+    key = _trust(key)
     where = os.fspath(root / MANIFEST_FILE)
     raw = _read(root / MANIFEST_FILE, MAX_MANIFEST_BYTES, BadManifest)
     try:
@@ -201,9 +222,9 @@ def _verified(root: Path, key: bytes, expected_spec_hash: str | None,
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadManifest(f"{where}: not valid JSON: {str(exc).splitlines()[0]}") from None
     manifest = Manifest.from_dict(data, where)
-    if not hmac.compare_digest(_hmac(data, key), manifest.signature):
-        raise BadSignature(f"{where}: the signature does not match under this model key "
-                           "(forged, altered, or signed with another key)")
+    if not verify_message(data, manifest.signature, key):
+        raise BadSignature(f"{where}: the signature is not a trusted model key's "
+                           "(forged, altered, or signed with a key that is not trusted)")
     weights_path = root / WEIGHTS_FILE
     weights = _read(weights_path, MAX_WEIGHTS_BYTES, ChecksumMismatch)
     if not hmac.compare_digest(hashlib.sha256(weights).hexdigest(), manifest.sha256):

@@ -17,6 +17,7 @@ from models.artifacts import save_artifact
 from models.inputs import Z_CLIP, Normaliser
 from models.manifest import Manifest
 from models.modules import ScorerModule, SequenceScorer, build_model
+from models.signing import SigningKey
 
 PRIOR_RATE = 0.01  # the score of an unremarkable event: the positive rate eddy expects
 # Source fields read as money (the transaction prior applies when a feature aggregates one).
@@ -111,7 +112,7 @@ def _encode_linear(net: nn.Sequential, w: np.ndarray, bias: float) -> None:
     linears[-1].bias[0] = bias - lift
 
 
-def baseline_artifact(spec: PipelineSpec, directory: str | os.PathLike, key: bytes,
+def baseline_artifact(spec: PipelineSpec, directory: str | os.PathLike, key: SigningKey,
                       version: str = "baseline-1") -> Manifest:
     """Write the signed baseline artifact for `spec` into `directory` (see baseline_prior)."""
     model, normaliser = baseline_model(spec)

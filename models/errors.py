@@ -29,7 +29,7 @@ class BadManifest(ArtifactError):
 
 
 class BadSignature(ArtifactError):
-    """The manifest's HMAC signature does not match under this key: forged, or signed with another key."""
+    """The manifest's signature is not a trusted key's: forged, altered, or signed with a key that is not trusted."""
 
 
 class ChecksumMismatch(ArtifactError):

@@ -11,13 +11,15 @@ from models.modules import KINDS
 
 FORMAT = "eddy-model/1"
 MANIFEST_FILE = "manifest.json"
+_SIGNATURE = re.compile(r"^ed25519:[0-9a-f]{16}:[0-9a-f]{128}$")
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """What manifest.json holds. `signature` is HMAC-SHA256 (hex) over the canonical JSON of
-    every other field, `sha256` included, so the signature also covers the weights."""
+    """What manifest.json holds. `signature` is the publisher's Ed25519 signature (models.signing:
+    `ed25519:<key id>:<hex>`) over the canonical JSON of every other field, `sha256` included, so the
+    signature also covers the weights."""
 
     version: str
     kind: str
@@ -81,7 +83,7 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "created_at": (str, bool),
     "parent": ((str, type(None)), lambda v: True),
     "sha256": (str, lambda v: bool(_HEX64.match(v))),
-    "signature": (str, lambda v: bool(_HEX64.match(v))),
+    "signature": (str, lambda v: bool(_SIGNATURE.match(v))),
 }
 
 

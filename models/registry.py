@@ -10,11 +10,12 @@ from typing import Any
 from features.errors import EddyError
 from features.spec import PipelineSpec
 from models.artifacts import verify_artifact
+from models.signing import SigningKey, TrustedKeys
 from models.updates import publish, read_updates, serves, serving_update, supersedes
 from streams.kafka import KafkaConfig
 
 
-def list_models(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: bytes,
+def list_models(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: TrustedKeys,
                 lakehouse_root: str | None = None) -> list[dict[str, Any]]:
     """Every artifact of this pipeline with its manifest's metrics, newest first; `serving` marks the
     one in use; with the lakehouse root, `live` holds each version's quality on live labelled
@@ -39,7 +40,7 @@ def list_models(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, ke
     return sorted(out, key=lambda m: str(m["created_at"]), reverse=True)
 
 
-def promote(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: bytes, version: str,
+def promote(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: SigningKey, version: str,
             action: str = "promote") -> None:
     """Publish an existing version so that scorers serve it, whatever its age."""
     directory = artifacts_root / spec.name / version
@@ -50,7 +51,7 @@ def promote(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: b
     publish(kafka, spec.topics.model_updates, manifest, directory.resolve().as_uri(), key, action=action)
 
 
-def rollback(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: bytes) -> str:
+def rollback(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: SigningKey) -> str:
     """Serve again the version that served before the current one; returns it."""
     served: list[str] = []
     current = None

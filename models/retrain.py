@@ -27,6 +27,7 @@ from models.drift import reference
 from models.inputs import rows_to_array, spec_log_mask
 from models.rollout import Policy, Route, current_rollout, publish_step, start_route
 from models.scoring import LoadedModel, pick_device
+from models.signing import SigningKey
 from models.training import evaluate, train
 from models.updates import artifact_path, publish, read_updates, serving_update
 from streams.kafka import KafkaConfig
@@ -125,7 +126,7 @@ def drift_reference(spec: PipelineSpec, records: list[dict], scores: np.ndarray)
     return reference(rows_to_array([r["features"] for r in records], names), names, scores)
 
 
-def retrain(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: bytes, device: str,
+def retrain(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: SigningKey, device: str,
             publish_mode: str = "auto", epochs: int = 8, seed: int = 0,
             on_progress: Callable[[str], None] = lambda line: None,
             rows: Callable[[], tuple[list[dict], np.ndarray]] | None = None,

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 import yaml
 
 from features.errors import ConfigError
 from features.spec import PipelineSpec
 from models.artifacts import model_update_message
 from models.manifest import Manifest
+from models.signing import SigningKey
 from streams.kafka import KafkaConfig
 
 BUCKETS = 10_000                      # a weight is applied in steps of 0.01%
@@ -170,12 +170,12 @@ def start_route(champion: str, challenger: str, policy: Policy, now: float | Non
     return Route(f"r-{uuid.uuid4().hex[:12]}", champion, challenger, 0, policy.steps, now, now, policy.to_dict())
 
 
-def rollout_message(manifest: Manifest, uri: str, key: bytes, route: Route) -> dict[str, Any]:
+def rollout_message(manifest: Manifest, uri: str, key: SigningKey, route: Route) -> dict[str, Any]:
     """The signed model-updates record of a rollout step (action `rollout`), naming the challenger's artifact."""
     return model_update_message(manifest, uri, key, action="rollout", extra={"rollout": route.to_dict()})
 
 
-def rollout_end_message(manifest: Manifest, uri: str, key: bytes, route: Route, outcome: str,
+def rollout_end_message(manifest: Manifest, uri: str, key: SigningKey, route: Route, outcome: str,
                         reason: str) -> dict[str, Any]:
     """The signed record ending a rollout: `promoted` (the challenger serves everything from the next
     batch), `rolled_back` (a bound broke) or `aborted` (by hand); the champion serves alone otherwise."""
@@ -285,29 +285,29 @@ def current_rollout(updates: Sequence[Mapping[str, Any]]) -> tuple[Route, dict[s
     return state
 
 
-def _manifest_of(message: Mapping[str, Any], spec: PipelineSpec, key: bytes) -> Manifest:
+def _manifest_of(message: Mapping[str, Any], spec: PipelineSpec, key: SigningKey) -> Manifest:
     from models.artifacts import verify_artifact
     from models.updates import artifact_path
 
     return verify_artifact(artifact_path(message["uri"]), key, spec.spec_hash, list(spec.model_inputs))
 
 
-def publish_step(kafka: KafkaConfig, spec: PipelineSpec, key: bytes, message: Mapping[str, Any], route: Route) -> None:
+def publish_step(kafka: KafkaConfig, spec: PipelineSpec, key: SigningKey, message: Mapping[str, Any], route: Route) -> None:
     """Publish `route` (a next step, or the first) for the challenger of `message` (any update naming it)."""
     from models.updates import publish_messages
 
-    value = orjson.dumps(rollout_message(_manifest_of(message, spec, key), message["uri"], key, route))
-    publish_messages(kafka, spec.topics.model_updates, [value], f"rollout step {route.percent}%")
+    step = rollout_message(_manifest_of(message, spec, key), message["uri"], key, route)
+    publish_messages(kafka, spec.topics.model_updates, [step], key, f"rollout step {route.percent}%")
 
 
-def publish_end(kafka: KafkaConfig, spec: PipelineSpec, key: bytes, message: Mapping[str, Any], route: Route,
+def publish_end(kafka: KafkaConfig, spec: PipelineSpec, key: SigningKey, message: Mapping[str, Any], route: Route,
                 outcome: str, reason: str) -> None:
     """End the rollout: with `promoted`, the end and then a promote of the challenger (so the registry
     and a scorer that starts later see it as serving), in this order."""
     from models.updates import publish_messages, update_message
 
     manifest = _manifest_of(message, spec, key)
-    values = [orjson.dumps(rollout_end_message(manifest, message["uri"], key, route, outcome, reason))]
+    messages = [rollout_end_message(manifest, message["uri"], key, route, outcome, reason)]
     if outcome == "promoted":
-        values.append(update_message(manifest, message["uri"], key, action="promote"))
-    publish_messages(kafka, spec.topics.model_updates, values, f"the end of rollout {route.rollout_id}")
+        messages.append(update_message(manifest, message["uri"], key, action="promote"))
+    publish_messages(kafka, spec.topics.model_updates, messages, key, f"the end of rollout {route.rollout_id}")

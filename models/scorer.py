@@ -30,6 +30,7 @@ from models.inputs import rows_to_array
 from models.manifest import Manifest
 from models.rollout import Route, canary_mask
 from models.scoring import LoadedModel, pick_device
+from models.signing import TrustedKeys
 from models.state import HistoryStore, append_once, history_before
 from models.updates import UpdateListener
 from streams.dlq import dead_letter
@@ -55,7 +56,7 @@ class ScorerConfig:
     spec: PipelineSpec
     redis_url: str
     device: str
-    model_key: bytes
+    model_key: TrustedKeys  # public keys only: a scorer verifies, never signs
     replica: int = 0
     batch_size: int = 4096
     batch_wait_s: float = 0.1         # an idle poll's wait for the first record (a batch never waits to fill)
@@ -393,13 +394,14 @@ def run_scorer(config: ScorerConfig, metrics: StageMetrics | None = None) -> Non
                           scorer.rows)
             metrics.refusals(scorer.refusals)
             metrics.total(metrics.updates_refused.labels(config.spec.name, STAGE, "verification"), counters.refused)
+            metrics.total(metrics.updates_refused.labels(config.spec.name, STAGE, "replayed"), counters.replayed)
             if serving is not None:
                 metrics.serving(serving.version or "", str(scorer.device))
         heartbeat.beat(scorer.rows, force=force, device=str(scorer.device),
                        model_version=serving.version if serving is not None else None,
                        batch_size=round(scorer.rows / max(scorer.batches, 1), 1),
                        updates_accepted=counters.accepted, updates_refused=counters.refused,
-                       updates_ignored=counters.ignored_older,
+                       updates_ignored=counters.ignored_older, updates_replayed=counters.replayed,
                        last_refusal=counters.last_refusal or None, bad_records=scorer.bad_records,
                        rollout=scorer.route.to_dict() if scorer.route is not None else None,
                        challenger=scorer.challenger.version if scorer.challenger is not None else None,

@@ -2,8 +2,10 @@
 
 A message is `{"version", "uri", "sha256", "signature", "created_at", "metrics", "spec_hash", "action"}`
 (docs/contract.md, "model-updates", with `action`: publish, promote or rollback, which change the version
-that serves, or rollout and rollout_end, which carry a rollout's state in a `rollout` field: models.rollout). Nothing in it is trusted before its
-HMAC signature checks; the artifact is then checked again (sha256, signature, safetensors) by
+that serves, or rollout and rollout_end, which carry a rollout's state in a `rollout` field: models.rollout),
+and `seq`, its place in the topic's order. Nothing in it is trusted before its Ed25519 signature checks
+against a trusted key (models.signing); a message whose `seq` is not above the last one taken (a replay,
+a duplicate) changes nothing; the artifact is then checked again (sha256, signature, safetensors) by
 load_artifact before any weight is parsed."""
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from features.errors import EddyError
 from features.spec import PipelineSpec
 from features.waiting import poll
-from models.artifacts import load_artifact, model_update_message, verify_message
+from models.artifacts import load_artifact, model_update_message, next_sequence, sign_message, verify_message
 from models.manifest import Manifest
+from models.signing import SigningKey, TrustedKeys
 from streams.kafka import KafkaConfig, consumed
 
 if TYPE_CHECKING:
@@ -56,7 +59,7 @@ def supersedes(message: dict, current: dict | None) -> bool:
     return str(message["created_at"]) > str(current["created_at"])
 
 
-def read_updates(kafka: KafkaConfig, spec: PipelineSpec, key: bytes) -> list[dict]:
+def read_updates(kafka: KafkaConfig, spec: PipelineSpec, key: TrustedKeys) -> list[dict]:
     """Every validly signed update for this spec whose artifact verifies, in topic order (a snapshot)."""
     consumer = Consumer(kafka.client(**{"group.id": f"{spec.stage_id('registry')}-{uuid.uuid4().hex[:8]}",
                                         "enable.auto.commit": False, "isolation.level": "read_committed"}))
@@ -66,7 +69,7 @@ def read_updates(kafka: KafkaConfig, spec: PipelineSpec, key: bytes) -> list[dic
         ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
         consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
         behind = {p for p, end in ends.items() if end > 0}
-        out = []
+        out: list[dict] = []
 
         def read_batch() -> bool:
             """One batch of the topic into `out`; True once every partition was read to its end."""
@@ -81,9 +84,9 @@ def read_updates(kafka: KafkaConfig, spec: PipelineSpec, key: bytes) -> list[dic
                 try:
                     message = orjson.loads(value)
                     fields = {k: v for k, v in message.items() if k != "signature"}
-                    if verify_message(fields, message["signature"], key) and message.get("spec_hash") == spec.spec_hash:
-                        if _servable(message, spec, key):
-                            out.append(message)
+                    if (verify_message(fields, message["signature"], key) and message.get("spec_hash") == spec.spec_hash
+                            and _in_order(message, out[-1] if out else None) and _servable(message, spec, key)):
+                        out.append(message)
                 except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
                     continue
             return not behind
@@ -95,7 +98,13 @@ def read_updates(kafka: KafkaConfig, spec: PipelineSpec, key: bytes) -> list[dic
         consumer.close()
 
 
-def _servable(message: dict, spec: PipelineSpec, key: bytes) -> bool:
+def _in_order(message: dict, last: dict | None) -> bool:
+    """Whether the message's seq is above the last taken one's (what a scorer takes)."""
+    seq = message.get("seq")
+    return isinstance(seq, int) and not isinstance(seq, bool) and (last is None or seq > last["seq"])
+
+
+def _servable(message: dict, spec: PipelineSpec, key: TrustedKeys) -> bool:
     """Whether a scorer would load this update's artifact (what a scorer refuses never served)."""
     from models.artifacts import verify_artifact
 
@@ -128,27 +137,63 @@ def artifact_path(uri: str) -> Path:
     return Path(parts.path)
 
 
-def update_message(manifest, uri: str, key: bytes, action: str = "publish") -> bytes:
-    """The signed model-updates value for an artifact already saved at uri."""
+def update_message(manifest, uri: str, key: SigningKey, action: str = "publish") -> dict:
+    """The signed model-updates message for an artifact already saved at uri."""
     if action not in ACTIONS:
         raise ValueError(f"action {action!r} is not one of {ACTIONS}")
-    return orjson.dumps(model_update_message(manifest, uri, key, action))
+    return model_update_message(manifest, uri, key, action)
 
 
-def publish(kafka: KafkaConfig, topic: str, manifest, uri: str, key: bytes, action: str = "publish") -> None:
+def publish(kafka: KafkaConfig, topic: str, manifest, uri: str, key: SigningKey, action: str = "publish") -> None:
     """Publish a signed update for the artifact at `uri` (already saved there); EddyError when the
     broker does not acknowledge it within 30 s."""
-    publish_messages(kafka, topic, [update_message(manifest, uri, key, action)], manifest.version)
+    publish_messages(kafka, topic, [update_message(manifest, uri, key, action)], key, manifest.version)
 
 
-def publish_messages(kafka: KafkaConfig, topic: str, values: list[bytes], what: str) -> None:
-    """Produce signed model-updates records in order; EddyError when the broker does not acknowledge
-    them within 30 s."""
+def publish_messages(kafka: KafkaConfig, topic: str, messages: list[dict], key: SigningKey, what: str) -> None:
+    """Produce model-updates messages in order, each signed with its `seq`: above the newest trusted
+    message's on the topic and above the time in microseconds, so it is taken even when this host's
+    clock is behind the last publisher's. EddyError when the broker does not acknowledge within 30 s."""
+    last = last_sequence(kafka, topic, key)
     producer = Producer(kafka.client(**{"enable.idempotence": True}))
-    for value in values:
-        producer.produce(topic, value)
+    for message in messages:
+        fields = {k: v for k, v in message.items() if k != "signature"} | {"seq": next_sequence(after=last)}
+        producer.produce(topic, orjson.dumps({**fields, "signature": sign_message(fields, key)}))
     if producer.flush(30) != 0:
         raise EddyError(f"could not publish {what} to {topic!r}: the broker did not acknowledge")
+
+
+def last_sequence(kafka: KafkaConfig, topic: str, trusted: TrustedKeys, tail: int = 20) -> int:
+    """The highest seq among the last `tail` records of each partition that a trusted key signed (0 if none)."""
+    consumer = Consumer(kafka.client(**{"group.id": f"eddy-seq-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
+                                        "isolation.level": "read_committed"}))
+    try:
+        partitions = list(consumer.list_topics(topic, timeout=30).topics[topic].partitions)
+        ranges = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in partitions}
+        wanted = {p: (max(low, high - tail), high) for p, (low, high) in ranges.items() if high > low}
+        consumer.assign([TopicPartition(topic, p, start) for p, (start, _) in wanted.items()])
+        best, left = 0, set(wanted)
+
+        def read() -> bool:
+            nonlocal best
+            for msg in consumed(consumer.consume(100, 0.5)):
+                if msg.error() is not None:
+                    continue
+                if msg.offset() + 1 >= wanted[msg.partition()][1]:
+                    left.discard(msg.partition())
+                try:
+                    message = orjson.loads(msg.value() or b"null")
+                    if verify_message(message, message["signature"], trusted) and _in_order(message, None):
+                        best = max(best, message["seq"])
+                except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+                    continue
+            return not left
+
+        if left:
+            poll(read, 30, every_s=0)
+        return best
+    finally:
+        consumer.close()
 
 
 @dataclass
@@ -158,6 +203,7 @@ class UpdateCounters:
     accepted: int = 0
     refused: int = 0
     ignored_older: int = 0
+    replayed: int = 0  # signed, but its seq was not above the last taken: a replay or a duplicate
     last_refusal: str = ""
     swap_ms: list[float] = field(default_factory=list)
 
@@ -166,12 +212,13 @@ class UpdateListener:
     """Reads the model-updates topic from the beginning in a thread; each accepted update is loaded,
     warmed up and handed to on_ready(loaded). Refusals are one log line and a counter."""
 
-    def __init__(self, kafka: KafkaConfig, spec: PipelineSpec, key: bytes, device,
+    def __init__(self, kafka: KafkaConfig, spec: PipelineSpec, key: TrustedKeys, device,
                  on_ready: Callable[[LoadedModel, dict], None], serving: Callable[[], LoadedModel | None],
                  on_rollout: Callable[[dict, LoadedModel | None], None] = lambda message, loaded: None) -> None:
         self.kafka, self.spec, self.key, self.device = kafka, spec, key, device
         self.on_ready, self.serving, self.on_rollout = on_ready, serving, on_rollout
         self._challenger: str | None = None  # the challenger version last handed to on_rollout
+        self._last_seq = 0  # the seq of the last message taken
         self.counters = UpdateCounters()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="model-updates", daemon=True)
@@ -246,6 +293,15 @@ class UpdateListener:
                 raise UpdateRefused(f"update {message['version']!r} has unknown action {message['action']!r}")
             if not serves(message) and not _rollout_state(message):
                 raise UpdateRefused(f"update {message['version']!r}: a {message['action']} without its rollout state")
+            if not _in_order(message, None):
+                raise UpdateRefused(f"update {message['version']!r} has no sequence number")
+            if message["seq"] <= self._last_seq:
+                self.counters.replayed += 1
+                log.warning("model update %s (%s, seq %d) ignored: not after the last one taken (seq %d): "
+                            "a replay or a duplicate", message["version"], message.get("action", "publish"),
+                            message["seq"], self._last_seq)
+                return None
+            self._last_seq = message["seq"]
             return message
         except (UpdateRefused, orjson.JSONDecodeError) as exc:
             self._refuse(str(exc))
@@ -314,7 +370,7 @@ class UpdateListener:
         return loaded
 
 
-def ensure_baseline(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: bytes) -> str | None:
+def ensure_baseline(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: SigningKey) -> str | None:
     """On a stack where no model was ever published, save and publish the baseline so predictions
     flow from the first event; returns its version, or None when the topic already has updates."""
     from confluent_kafka import Consumer

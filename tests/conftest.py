@@ -25,7 +25,7 @@ def stack_environment(home: Path) -> dict[str, str]:
         "EDDY_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
         "EDDY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
         "EDDY_PIPELINE": str(REPO / "pipelines" / "fraud.yaml"),
-        "EDDY_MODEL_KEY": "test-model-key",
+        "EDDY_MODEL_KEY": "7e57" * 16,
         # Spark ingestion costs ~1.3 GB and a core: only the tests of the lakehouse turn it on.
         "EDDY_INGEST": "off",
     }

@@ -46,5 +46,5 @@ def variant(spec, settings, version: str, scale: float) -> Path:
         last.weight.mul_(scale)
     directory = settings.artifacts_dir / spec.name / version
     save_artifact(directory, model, normaliser, {"version": version, "spec_hash": spec.spec_hash},
-                  settings.model_key.get_secret_value())
+                  settings.signing_key())
     return directory

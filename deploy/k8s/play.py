@@ -39,7 +39,7 @@ STAGES = ("features-native", "online-writer", "scorer")
 _REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
-def play_values(bootstrap: str, redis_port: int, lakehouse: Path, image: str) -> dict[str, Any]:
+def play_values(bootstrap: str, redis_port: int, lakehouse: Path, image: str, trusted: str) -> dict[str, Any]:
     """Chart values for one machine: the host's broker and Redis as the external ones, no operators."""
     repository, _, tag = image.rpartition(":")
     return {
@@ -47,7 +47,7 @@ def play_values(bootstrap: str, redis_port: int, lakehouse: Path, image: str) ->
         "kafka": {"mode": "external", "topics": {"partitions": 3}, "external": {"bootstrap": bootstrap}},
         "redis": {"mode": "external", "existingSecret": "eddy-redis-users",
                   "external": {"host": "127.0.0.1", "port": redis_port}},
-        "modelKey": {"existingSecret": "eddy-model-key"},
+        "modelKey": {"existingSecret": "eddy-model-key", "trusted": trusted},
         "objectStorage": {"lakehouse": str(lakehouse)},
         "artifacts": {"claimName": "eddy-artifacts"},
         "engine": {"type": "native"},
@@ -193,7 +193,7 @@ def main(argv: list[str]) -> int:
     try:
         stack.up(settings, with_components=False)
         print(f"[play] broker {settings.kafka.bootstrap}, Redis {env['EDDY_REDIS_URL']}, home {home}", flush=True)
-        ensure_baseline(settings.kafka, spec, settings.artifacts_dir, key.encode())
+        ensure_baseline(settings.kafka, spec, settings.artifacts_dir, settings.signing_key())
         for path in (home, lakehouse, *lakehouse.rglob("*")):  # the pods' user (10001) reads the artifacts
             path.chmod(path.stat().st_mode | 0o055)
         passwords = {role: secrets.token_hex(16) for role in ROLES}
@@ -204,7 +204,8 @@ def main(argv: list[str]) -> int:
             r.acl_setuser(role, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"],
                           categories=["+@all"])
         port = int(env["EDDY_REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
-        docs = render(spec_path, play_values(settings.kafka.bootstrap, port, lakehouse, args.image))
+        docs = render(spec_path, play_values(settings.kafka.bootstrap, port, lakehouse, args.image,
+                                        ",".join(settings.signing_key().public_hex())))
         played = for_podman(docs, {"eddy-redis-users": passwords, "eddy-model-key": {"model-key": key}},
                             lakehouse, work)
         manifest.write_text(yaml.safe_dump_all(played, sort_keys=False))

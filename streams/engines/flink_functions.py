@@ -108,8 +108,9 @@ class Featurize(KeyedProcessFunction):
         self.parse = Validator(self.spec).parse
         self.apply = Featurizer(self.spec).apply_bytes
         self.dlq_topic = self.spec.topics.dlq
-        # PICKLED, not BYTES: thread mode converts a BYTES state value to a tuple of ints and fails on None.
-        self.state = runtime_context.get_state(ValueStateDescriptor("entity-state", Types.PICKLED_BYTE_ARRAY()))
+        # The entity state's bytes kept as a STRING (latin-1: one char per byte), never pickled: BYTES comes
+        # back as a tuple of ints in thread mode and fails on None, and a pickle would be run on restore.
+        self.state = runtime_context.get_state(ValueStateDescriptor("entity-state", Types.STRING()))
         seen = MapStateDescriptor("seen-ids", Types.STRING(), Types.BOOLEAN())
         # Cleanup named explicitly: PyFlink's default (background) cleanup builds a RocksDB filter setting
         # through a JVM gateway, which in thread mode starts a second JVM from inside the task.
@@ -157,13 +158,14 @@ class Featurize(KeyedProcessFunction):
         if self.seen.contains(event.event_id):
             self.counts["duplicates"] += 1
             return
-        new_state, value = self.apply(self.state.value(), event, row[ARRIVAL])
+        stored = self.state.value()
+        new_state, value = self.apply(None if stored is None else stored.encode("latin-1"), event, row[ARRIVAL])
         self.seen.put(event.event_id, True)  # seen, as the other engines' front door has it, refused or not
         if isinstance(value, Refused):  # the shared apply step's refusal: the record's fault, not a stop
             yield DLQ_TAG, self._dead_letter(row, value)
             return
         if new_state is not None:
-            self.state.update(new_state)
+            self.state.update(new_state.decode("latin-1"))
         self.counts["valid"] += 1
         yield Row(event.key.encode(), value)
 

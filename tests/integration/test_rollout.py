@@ -102,7 +102,7 @@ def test_canary_by_entity_through_a_weight_change_and_a_kill_gives_one_predictio
     from models.updates import read_updates
 
     env, settings, spec = stack
-    key = settings.model_key.get_secret_value()
+    key = settings.signing_key()
     started = run_eddy(["rollout", "start", "v-challenger", "--steps", "30,60,100"], env)
     assert started.returncode == 0, started.stderr
     rollout_id = rollout(env)["rollout"]["id"]

@@ -56,7 +56,7 @@ def test_hot_swap_under_load_changes_version_at_one_point_per_partition(stack):
     env, settings, spec = stack
     baseline_count = count_committed(settings.kafka, spec.topics.predictions)
     directory = variant(spec, settings, "v2", 0.5)
-    manifest = verify_artifact(directory, settings.model_key.get_secret_value(), spec.spec_hash, list(spec.model_inputs))
+    manifest = verify_artifact(directory, settings.signing_key(), spec.spec_hash, list(spec.model_inputs))
 
     import threading
 
@@ -73,7 +73,7 @@ def test_hot_swap_under_load_changes_version_at_one_point_per_partition(stack):
 
     started = time.time()
     wait_for(flowing_in_every_partition, 120, "the baseline to score the new events in every partition")
-    publish(settings.kafka, spec.topics.model_updates, manifest, directory.as_uri(), settings.model_key.get_secret_value())
+    publish(settings.kafka, spec.topics.model_updates, manifest, directory.as_uri(), settings.signing_key())
     producer.join()
     produce(env, 5_000, "--rate", "1000")
 
@@ -94,10 +94,11 @@ def test_hot_swap_under_load_changes_version_at_one_point_per_partition(stack):
 def test_forged_corrupt_and_pickled_updates_are_refused_and_the_old_model_keeps_serving(stack, tmp_path):
     from models.artifacts import WEIGHTS_FILE, model_update_message, save_artifact, verify_artifact
     from models.baseline import baseline_model
+    from models.signing import SigningKey
     from tests.kafka_helpers import produce_all
 
     env, settings, spec = stack
-    key = settings.model_key.get_secret_value()
+    key = settings.signing_key()
     serving = status(env)["parts"]["scorer-0"]["model_version"]
     refused_before = status(env)["parts"]["scorer-0"]["updates_refused"]
     marker = tmp_path / "unpickled"
@@ -115,7 +116,7 @@ def test_forged_corrupt_and_pickled_updates_are_refused_and_the_old_model_keeps_
     # 1. forged: signed with another key
     forged = artifact("v-forged")
     m = verify_artifact(forged, key, spec.spec_hash, None)
-    bad_sig = model_update_message(m, forged.as_uri(), b"not-the-key")
+    bad_sig = model_update_message(m, forged.as_uri(), SigningKey.generate())
     # 2. corrupt: the weights change after signing
     corrupt = artifact("v-corrupt")
     m_corrupt = verify_artifact(corrupt, key, spec.spec_hash, None)
@@ -149,7 +150,7 @@ def test_an_older_publish_is_ignored_and_rollback_and_promote_are_served(stack):
     from models.updates import publish
 
     env, settings, spec = stack
-    key = settings.model_key.get_secret_value()
+    key = settings.signing_key()
     scorer = status(env)["parts"]["scorer-0"]
     assert scorer["model_version"] == "v2"
     baseline = settings.artifacts_dir / spec.name / "baseline-1"
@@ -177,6 +178,22 @@ def test_an_older_publish_is_ignored_and_rollback_and_promote_are_served(stack):
     wait_for(lambda: status(env)["parts"]["scorer-0"]["updates_accepted"] > scorer["updates_accepted"] + 1, 60,
              "the promotion to load")
     assert serving_after(300) == {"v2"}
+
+    # The rollback replayed (its signed bytes copied off the topic) and the promote duplicated: signed by
+    # the trusted key, but not after the last message taken, so both are ignored and counted; no reload.
+    from tests.kafka_helpers import produce_all
+
+    copied = {}
+    for m in read_committed(settings.kafka, spec.topics.model_updates, 10**6, timeout_s=5):
+        copied[orjson.loads(m.value()).get("action")] = m.value()  # the last of each action
+    part = status(env)["parts"]["scorer-0"]
+    produce_all(settings.kafka, spec.topics.model_updates, [(None, copied["rollback"]), (None, copied["promote"])])
+    wait_for(lambda: status(env)["parts"]["scorer-0"]["updates_replayed"] >= part["updates_replayed"] + 2, 60,
+             "the replayed rollback and the duplicate promote to be ignored")
+    assert status(env)["parts"]["scorer-0"]["updates_accepted"] == part["updates_accepted"]
+    assert serving_after(300) == {"v2"}
+    log = Path(part["log"]).read_text()
+    assert "(rollback, seq" in log and "a replay or a duplicate" in log
     listed = orjson.loads(run_eddy(["models", "--json"], env).stdout)
     assert [m["version"] for m in listed if m["serving"]] == ["v2"]
     assert {"baseline-1", "v2"} <= {m["version"] for m in listed}
@@ -222,7 +239,7 @@ def _manifest(directory: Path):
     return Manifest(**{k: v for k, v in data.items() if k in Manifest.__dataclass_fields__})
 
 
-def _resign(directory: Path, key: bytes) -> None:
+def _resign(directory: Path, key) -> None:
     """Recompute sha256 and signature of a manifest after its weights file was replaced."""
     import hashlib
     import json

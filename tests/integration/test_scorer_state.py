@@ -55,9 +55,9 @@ def sequence_scorer(settings, tmp_path):
     data["name"] = f"seq{uuid.uuid4().hex[:6]}"
     data["model"]["kind"] = "sequence"
     spec = parse_spec(data)
-    key = b"k"
+    key = settings.signing_key()
     baseline_artifact(spec, tmp_path / "m", key)
-    scorer = Scorer(ScorerConfig(settings.kafka, spec, settings.redis_url, "cpu", key, history=4),
+    scorer = Scorer(ScorerConfig(settings.kafka, spec, settings.redis_url, "cpu", key.public(), history=4),
                     redis.Redis.from_url(settings.redis_url))
     scorer.serving = load_artifact(tmp_path / "m", key, spec.spec_hash, list(spec.model_inputs), "cpu")
     return spec, scorer

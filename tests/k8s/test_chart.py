@@ -172,6 +172,22 @@ def test_secrets_come_only_from_secrets(spec_name: str, profile: str) -> None:
                     assert names.index("EDDY_REDIS_PASSWORD") < names.index("EDDY_REDIS_URL")
 
 
+@pytest.mark.parametrize(("spec_name", "profile"), all_renders())
+def test_only_publishers_hold_the_model_key(spec_name: str, profile: str) -> None:
+    """The private model key reaches the retrain jobs (they sign); scorers get the public keys they trust."""
+    holders, trusting = set(), set()
+    for where, meta, pod in workloads(rendered(spec_name, profile)):
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            names = {e["name"] for e in c.get("env", [])}
+            component = meta.get("labels", {}).get("app.kubernetes.io/component", where)
+            if "EDDY_MODEL_KEY" in names:
+                holders.add(component)
+            if "EDDY_MODEL_TRUST" in names:
+                trusting.add(component)
+    assert "scorer" in trusting and "scorer" not in holders
+    assert holders <= {"retrain", "retrainer"} and holders, holders
+
+
 def serving(docs: tuple[dict, ...]) -> list[tuple[str, dict, dict]]:
     """The long-running eddy stages that serve /metrics and /ready (Deployments and StatefulSets)."""
     return [w for w in workloads(docs) if w[0].split("/")[0] in ("Deployment", "StatefulSet") and is_eddy_stage(w[1])]

@@ -16,9 +16,12 @@ from models.continuous import RetrainPolicy
 from models.drift import DRIFT_BOUND, DriftWindow, measures, psi, reference
 from models.errors import BadSignature
 from models.live import calibration_error
+from models.signing import SigningKey
 
 SPEC = load_spec(Path(__file__).resolve().parents[2] / "pipelines" / "fraud.yaml")
 NAMES = ("a", "b", "c")
+
+KEY = SigningKey.from_hex("33" * 32)
 
 
 def sample(rng: np.random.Generator, n: int, shift: float = 0.0) -> np.ndarray:
@@ -87,14 +90,14 @@ def test_the_reference_is_signed_into_the_manifest(tmp_path):
     rng = np.random.default_rng(4)
     ref = reference(rng.random((500, len(SPEC.model_inputs))), SPEC.model_inputs, rng.random(500))
     manifest = save_artifact(tmp_path, model, normaliser, {"version": "v1", "spec_hash": SPEC.spec_hash,
-                                                           "reference": ref}, b"k" * 32)
+                                                           "reference": ref}, KEY)
     assert manifest.reference == ref
-    assert verify_artifact(tmp_path, b"k" * 32, SPEC.spec_hash, None).reference == ref
+    assert verify_artifact(tmp_path, KEY, SPEC.spec_hash, None).reference == ref
     data = json.loads((tmp_path / MANIFEST_FILE).read_text())
     data["reference"]["features"][SPEC.model_inputs[0]]["shares"][0] += 0.5  # a reference that hides drift
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(data))
     with pytest.raises(BadSignature):
-        verify_artifact(tmp_path, b"k" * 32, SPEC.spec_hash, None)
+        verify_artifact(tmp_path, KEY, SPEC.spec_hash, None)
 
 
 def test_calibration_error_is_the_row_weighted_gap_per_score_bin():

@@ -28,13 +28,14 @@ from models.inputs import (
 )
 from models.modules import KINDS, build_model, model_config
 from models.scoring import LoadedModel, pick_device
+from models.signing import SigningKey
 from models.training import evaluate, train
 
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 FRAUD = load_spec(PIPELINES / "fraud.yaml")
 SENSORS = load_spec(PIPELINES / "sensors.yaml")
 NAMES = FRAUD.model_inputs
-KEY = b"unit-test-model-key"
+KEY = SigningKey.from_hex("11" * 32)
 SMALL = {"mlp": {"hidden": [16, 8]}, "sequence": {"hidden": 8, "head": [8], "seq_len": 4}}
 
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import pathlib
 import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,10 +41,12 @@ from models.errors import (
     SpecMismatch,
 )
 from models.modules import build_model
+from models.signing import SigningKey
 
 SPEC = load_spec(Path(__file__).resolve().parents[2] / "pipelines" / "fraud.yaml")
 NAMES = SPEC.model_inputs
-KEY = b"unit-test-model-key"
+KEY = SigningKey.from_hex("11" * 32)
+OTHER = SigningKey.from_hex("22" * 32)
 REQUIRED = ("format", "version", "name", "kind", "config", "spec_hash", "features", "input_layout",
             "normalisation", "metrics", "created_at", "parent", "sha256", "signature")
 
@@ -68,7 +71,7 @@ def manifest_of(root: Path) -> dict:
     return json.loads((root / MANIFEST_FILE).read_text())
 
 
-def resign(root: Path, change: Callable[[dict], None] = lambda m: None, key: bytes = KEY,
+def resign(root: Path, change: Callable[[dict], None] = lambda m: None, key: SigningKey = KEY,
            sign: bool = True) -> None:
     """Rewrite the manifest with the weights' real sha256, then `change`, then a valid signature."""
     data = manifest_of(root)
@@ -80,7 +83,7 @@ def resign(root: Path, change: Callable[[dict], None] = lambda m: None, key: byt
     (root / MANIFEST_FILE).write_text(json.dumps(data))
 
 
-def refused(root: Path, error: type[ArtifactError], key: bytes = KEY, spec_hash: str | None = SPEC.spec_hash,
+def refused(root: Path, error: type[ArtifactError], key: SigningKey = KEY, spec_hash: str | None = SPEC.spec_hash,
             features: tuple[str, ...] | None = NAMES) -> str:
     with pytest.raises(error) as verify_err:
         verify_artifact(root, key, spec_hash, features)
@@ -113,12 +116,12 @@ def test_load_leaves_the_callers_rng_alone(artifact: Path) -> None:
 
 
 def test_signed_with_another_key(artifact: Path) -> None:
-    resign(artifact, key=b"attacker-key")
+    resign(artifact, key=SigningKey.generate())
     assert "signature" in refused(artifact, BadSignature)
 
 
 def test_verified_with_another_key(artifact: Path) -> None:
-    refused(artifact, BadSignature, key=b"another-key")
+    refused(artifact, BadSignature, key=OTHER)
 
 
 def test_manifest_edited_without_resigning(artifact: Path) -> None:
@@ -259,7 +262,7 @@ def test_model_update_message_round_trip_and_tampering(artifact: Path) -> None:
     assert message["sha256"] == manifest.sha256 and message["spec_hash"] == SPEC.spec_hash
     wire = json.loads(json.dumps(message))  # through Kafka as JSON
     assert verify_message(wire, wire["signature"], KEY)
-    assert not verify_message(wire, wire["signature"], b"other-key")
+    assert not verify_message(wire, wire["signature"], OTHER)
     for name, value in (("version", "v9"), ("uri", "file:///elsewhere"), ("sha256", "0" * 64),
                         ("created_at", "2020-01-01T00:00:00Z"), ("metrics", {"pr_auc": 1.0}),
                         ("spec_hash", "f" * 64)):
@@ -272,7 +275,7 @@ def test_sign_message_is_canonical() -> None:
     fields = {"version": "v1", "metrics": {"b": 1.5, "a": None}, "uri": "s3://x/ü"}
     reordered = {"uri": "s3://x/ü", "metrics": {"a": None, "b": 1.5}, "version": "v1", "signature": "ignored"}
     sig = sign_message(fields, KEY)
-    assert sig == sign_message(reordered, KEY) and len(sig) == 64
+    assert sig == sign_message(reordered, KEY) and re.fullmatch(f"ed25519:{KEY.id}:[0-9a-f]{{128}}", sig)
     assert sig != sign_message({**fields, "version": "v2"}, KEY)
     assert verify_message(reordered, sig, KEY)
     with pytest.raises(ArtifactError):

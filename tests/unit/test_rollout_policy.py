@@ -29,11 +29,14 @@ from models.rollout import (
 )
 from models.scorer import Scorer, ScorerConfig
 from models.scoring import LoadedModel
+from models.signing import SigningKey
 from streams.kafka import KafkaConfig
 from streams.loop import HeldRecord
 
 SPEC = load_spec(Path(__file__).resolve().parents[2] / "pipelines" / "fraud.yaml")
 KEYS = [f"c-{i}".encode() for i in range(20_000)]
+
+KEY = SigningKey.from_hex("33" * 32)
 
 
 def test_the_canary_takes_a_stable_growing_share_of_entities():
@@ -103,17 +106,17 @@ def test_a_shifted_score_distribution_rolls_back():
 
 def test_steps_and_ends_are_signed_and_the_topic_says_which_rollout_runs(tmp_path):
     model, normaliser = baseline_model(SPEC)
-    manifest = save_artifact(tmp_path, model, normaliser, {"version": "v2", "spec_hash": SPEC.spec_hash}, b"k" * 32)
+    manifest = save_artifact(tmp_path, model, normaliser, {"version": "v2", "spec_hash": SPEC.spec_hash}, KEY)
     first = route()
-    step = rollout_message(manifest, tmp_path.as_uri(), b"k" * 32, first)
+    step = rollout_message(manifest, tmp_path.as_uri(), KEY, first)
     fields = {k: v for k, v in step.items() if k != "signature"}
-    assert verify_message(fields, step["signature"], b"k" * 32)
+    assert verify_message(fields, step["signature"], KEY)
     forged = {**fields, "rollout": {**fields["rollout"], "weight": 1.0, "step": 2}}
-    assert not verify_message(forged, step["signature"], b"k" * 32)
+    assert not verify_message(forged, step["signature"], KEY)
     assert Route.from_message(step) == first
-    second = rollout_message(manifest, tmp_path.as_uri(), b"k" * 32, first.next_step(10.0))
+    second = rollout_message(manifest, tmp_path.as_uri(), KEY, first.next_step(10.0))
     assert current_rollout([step, second])[0].percent == 30
-    end = rollout_end_message(manifest, tmp_path.as_uri(), b"k" * 32, first, "rolled_back", "PR-AUC fell")
+    end = rollout_end_message(manifest, tmp_path.as_uri(), KEY, first, "rolled_back", "PR-AUC fell")
     assert current_rollout([step, second, end]) is None
     assert end["rollout"]["outcome"] == "rolled_back"
 
@@ -146,7 +149,7 @@ def batch(n: int) -> list[HeldRecord]:
 
 
 def scorer_with(steps: tuple[int, ...]) -> Scorer:
-    s = Scorer(ScorerConfig(KafkaConfig("127.0.0.1:1"), SPEC, "redis://127.0.0.1:1/0", "cpu", b"k"), redis_client=None)
+    s = Scorer(ScorerConfig(KafkaConfig("127.0.0.1:1"), SPEC, "redis://127.0.0.1:1/0", "cpu", SigningKey.generate().public()), redis_client=None)
     s.serving, s.challenger = loaded("v1", 1.0), loaded("v2", 0.5)
     s.route = start_route("v1", "v2", Policy(steps=steps))
     return s

@@ -17,6 +17,7 @@ from features.spec import load_spec
 from models.baseline import baseline_model
 from models.scorer import Scorer, ScorerConfig, prediction, splice_applies, splice_predictions
 from models.scoring import LoadedModel
+from models.signing import SigningKey
 from streams.kafka import KafkaConfig
 from streams.loop import HeldRecord
 
@@ -33,7 +34,7 @@ class Out:
 
 def scorer() -> Scorer:
     torch.manual_seed(0)
-    s = Scorer(ScorerConfig(KafkaConfig("127.0.0.1:1"), SPEC, "redis://127.0.0.1:1/0", "cpu", b"k"), redis_client=None)
+    s = Scorer(ScorerConfig(KafkaConfig("127.0.0.1:1"), SPEC, "redis://127.0.0.1:1/0", "cpu", SigningKey.generate().public()), redis_client=None)
     model, normaliser = baseline_model(SPEC)
     s.serving = LoadedModel(model, normaliser, SimpleNamespace(version="v7"), device="cpu")
     return s

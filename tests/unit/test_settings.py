@@ -8,6 +8,7 @@ import pytest
 
 from deploy.settings import child_environment, load_settings, redact_url
 from features.errors import ConfigError
+from models.signing import SigningKey
 from streams.kafka import KafkaConfig, parse_properties
 
 
@@ -48,21 +49,37 @@ def test_kafka_config_file_reaches_every_client_and_secrets_are_redacted(tmp_pat
         "sasl.username=alice\nsasl.password=hunter2\nssl.key.password=s3cr3t\n"
     )
     s = load_settings(environ={"EDDY_HOME": str(tmp_path), "EDDY_KAFKA_CONFIG": str(props),
-                               "EDDY_REDIS_URL": "redis://:topsecret@cache:6379/0", "EDDY_MODEL_KEY": "k3y"})
+                               "EDDY_REDIS_URL": "redis://:topsecret@cache:6379/0", "EDDY_MODEL_KEY": "ab" * 32})
     conf = s.kafka.client(**{"group.id": "g"})
     assert conf["security.protocol"] == "SASL_SSL" and conf["sasl.password"] == "hunter2" and conf["group.id"] == "g"
     shown = repr(s) + str(s)
-    for secret in ("hunter2", "s3cr3t", "topsecret", "k3y"):
+    for secret in ("hunter2", "s3cr3t", "topsecret", "ab" * 32):
         assert secret not in shown
     assert "sasl.username': 'alice'" in shown and "***" in shown
-    assert s.model_key.get_secret_value() == b"k3y"
+    assert s.signing_key().public_hex() == SigningKey.from_hex("ab" * 32).public_hex()
 
 
 def test_model_key_generated_once_and_private(tmp_path):
-    first = load_settings(environ={"EDDY_HOME": str(tmp_path)}).model_key.get_secret_value()
-    second = load_settings(environ={"EDDY_HOME": str(tmp_path)}).model_key.get_secret_value()
-    assert first == second and len(first) == 64
+    first = load_settings(environ={"EDDY_HOME": str(tmp_path)}).signing_key()
+    second = load_settings(environ={"EDDY_HOME": str(tmp_path)}).signing_key()
+    assert first.id == second.id and len((tmp_path / "model.key").read_text()) == 64
     assert (tmp_path / "model.key").stat().st_mode & 0o777 == 0o600
+    (tmp_path / "model.key").chmod(0o644)  # readable by others: refused, in one line that says the fix
+    with pytest.raises(ConfigError, match="mode 0600.*chmod 600"):
+        load_settings(environ={"EDDY_HOME": str(tmp_path)}).signing_key()
+
+
+def test_model_keys_are_checked_and_trust_is_public_keys_only(tmp_path):
+    with pytest.raises(ConfigError, match="64 hex characters"):
+        load_settings(environ={"EDDY_HOME": str(tmp_path), "EDDY_MODEL_KEY": "short"})
+    with pytest.raises(ConfigError, match="EDDY_MODEL_TRUST"):
+        load_settings(environ={"EDDY_HOME": str(tmp_path), "EDDY_MODEL_TRUST": "not-a-key"})
+    old, new = SigningKey.from_hex("01" * 32), SigningKey.from_hex("02" * 32)
+    trust = ",".join(old.public_hex() + new.public_hex())  # a rotation: both trusted while the old retires
+    s = load_settings(environ={"EDDY_HOME": str(tmp_path), "EDDY_MODEL_TRUST": trust})
+    trusted = s.trusted_keys()
+    assert not isinstance(trusted, SigningKey) and set(trusted.keys) == {old.id, new.id}
+    assert not (tmp_path / "model.key").exists()  # trusting needs no private key, so none was made
 
 
 def test_properties_parse_errors_name_the_line():

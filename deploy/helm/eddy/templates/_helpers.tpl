@@ -156,6 +156,10 @@ app.kubernetes.io/component: {{ .component }}
 - name: {{ $name }}
   value: {{ $value | quote }}
 {{- end }}
+{{- if .modelTrust }}
+- name: EDDY_MODEL_TRUST
+  value: {{ required "modelKey.trusted is required: the public keys scorers trust (eddy model-key prints them)" $v.modelKey.trusted | quote }}
+{{- end }}
 {{- if .modelKey }}
 - name: EDDY_MODEL_KEY
   valueFrom:
@@ -274,7 +278,7 @@ livenessProbe:
 The pod spec of an eddy stage. The image's entry point is `eddy run`: a stage's args are its name; a
 command (`eddy retrain`, `eddy lakehouse optimize`) sets "command" (list "eddy").
 (dict "ctx" $ "component" "scorer" "role" "scorer" "args" (list ...) "command" (list ...)
-  "resources" .. "extra" (dict EDDY_X "v") "modelKey" bool "objectStorage" bool "artifacts" bool
+  "resources" .. "extra" (dict EDDY_X "v") "modelKey" bool (the private key: publishers only) "modelTrust" bool (the public keys) "objectStorage" bool "artifacts" bool
   "serving" bool (probes and the metrics port) "restartPolicy" "Never" "nodeSelector" .. "tolerations" ..)
 */}}
 {{- define "eddy.podSpec" -}}
