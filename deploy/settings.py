@@ -26,7 +26,7 @@ from pydantic_settings.sources.utils import parse_env_vars
 from features.errors import ConfigError, SpecError
 from features.spec import parse_duration
 from models.signing import SigningKey, TrustedKeys
-from streams.kafka import KafkaConfig, parse_properties
+from streams.kafka import KafkaConfig, check_client_security, parse_properties
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 Device = Literal["auto", "cpu", "cuda"]
@@ -83,6 +83,7 @@ class Settings(BaseSettings):
     # Fields are checked in this order, so that later ones may use home and kafka_config.
     home: Annotated[Path, AfterValidator(lambda home: home.expanduser().resolve())] = Path(".eddy")
     kafka_config: Path | None = None  # a client properties file (security.protocol, sasl.*, ssl.*)
+    kafka_unverified_tls: bool = False  # accept enable.ssl.certificate.verification=false in kafka_config
     # The bootstrap text, with kafka_config's properties. Defaults are validated too (BaseSettings'
     # validate_default), so _kafka makes this text a KafkaConfig; Field's type says str.
     kafka: Annotated[KafkaConfig, NoDecode] = Field(  # type: ignore[assignment]
@@ -142,6 +143,7 @@ class Settings(BaseSettings):
             return value
         config = info.data.get("kafka_config")
         properties = _properties(config, "EDDY_KAFKA_CONFIG", "a properties file") if config else {}
+        check_client_security(properties, info.data.get("kafka_unverified_tls", False), f"EDDY_KAFKA_CONFIG ({config})")
         return KafkaConfig(str(value), properties)
 
     @field_validator("redis_url")

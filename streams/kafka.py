@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from confluent_kafka import KafkaError, Message
 
 _CLIENT_LOG = logging.getLogger("eddy.kafka.client")
-_SECRET_MARKERS = ("password", "secret", "jaas", "token", "key.password", "sasl.oauthbearer")
+_SECRET_MARKERS = ("password", "secret", "jaas", "token", "key.password", "sasl.oauthbearer", "key.pem",
+                   "keystore.key")
 
 
 def is_secret_key(name: str) -> bool:
@@ -36,6 +37,18 @@ def parse_properties(text: str, source: str = "<properties>") -> dict[str, str]:
             raise ConfigError(f"{source}:{number}: expected 'key=value', got {line[:40]!r}")
         props[line[:sep].strip()] = line[sep + 1 :].strip()
     return props
+
+
+def check_client_security(props: Mapping[str, str], allow_unverified_tls: bool, source: str) -> None:
+    """ConfigError for client settings that would trust any broker or send a password in clear."""
+    if props.get("enable.ssl.certificate.verification", "true").strip().lower() in ("false", "0", "no", "off") \
+            and not allow_unverified_tls:
+        raise ConfigError(f"{source}: enable.ssl.certificate.verification=false trusts any broker certificate; "
+                          "remove it, or set EDDY_KAFKA_UNVERIFIED_TLS=on to accept that")
+    mechanism = (props.get("sasl.mechanisms") or props.get("sasl.mechanism") or "").upper()
+    if props.get("security.protocol", "").upper() == "SASL_PLAINTEXT" and mechanism == "PLAIN":
+        raise ConfigError(f"{source}: SASL PLAIN over SASL_PLAINTEXT sends the password in clear; "
+                          "use security.protocol=SASL_SSL (or a SCRAM mechanism)")
 
 
 @dataclass(frozen=True)

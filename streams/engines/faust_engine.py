@@ -143,7 +143,8 @@ def _credentials(kafka: KafkaConfig):
                                     props.get("ssl.key.password"))
     if protocol.startswith("SASL"):
         return SASLCredentials(username=props.get("sasl.username"), password=props.get("sasl.password"),
-                               mechanism=props.get("sasl.mechanism", "PLAIN"), ssl_context=context)
+                               mechanism=props.get("sasl.mechanisms") or props.get("sasl.mechanism", "PLAIN"),
+                               ssl_context=context)
     return SSLCredentials(context)
 
 

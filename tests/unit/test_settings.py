@@ -126,3 +126,20 @@ def test_alert_for_shortens_only_longer_holds_in_copies_of_the_rules(tmp_path):
     assert holds["EddyFeatureDrift"] == ("15m", "10s")
     assert all(after in ("10s", before) for before, after in holds.values())
     assert any(before == after for before, after in holds.values())  # 0m holds stay as they were
+
+
+def test_unsafe_kafka_client_settings_are_refused_in_one_line(tmp_path):
+    props = tmp_path / "client.properties"
+    props.write_text("security.protocol=SSL\nenable.ssl.certificate.verification=false\n")
+    env = {"EDDY_HOME": str(tmp_path), "EDDY_KAFKA_CONFIG": str(props)}
+    with pytest.raises(ConfigError, match="trusts any broker certificate.*EDDY_KAFKA_UNVERIFIED_TLS=on"):
+        load_settings(environ=env)
+    allowed = load_settings(environ={**env, "EDDY_KAFKA_UNVERIFIED_TLS": "on"})
+    assert allowed.kafka.properties["enable.ssl.certificate.verification"] == "false"
+    for mechanism in ("sasl.mechanism", "sasl.mechanisms"):
+        props.write_text(f"security.protocol=SASL_PLAINTEXT\n{mechanism}=PLAIN\nsasl.username=u\nsasl.password=p\n")
+        with pytest.raises(ConfigError, match="password in clear"):
+            load_settings(environ=env)
+    props.write_text("security.protocol=SASL_SSL\nsasl.mechanisms=PLAIN\nssl.key.pem=PRIVATE\nssl.keystore.key=K2\n")
+    shown = repr(load_settings(environ=env))
+    assert "PRIVATE" not in shown and "K2" not in shown
