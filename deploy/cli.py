@@ -249,6 +249,8 @@ def retrain(
                {"policy": result.rollout.policy})
         out.print(f"rollout {result.rollout.rollout_id} started: {result.version} at {result.rollout.percent}% "
                   f"({result.rollout.mode}) against {result.champion}; `eddy rollout status` follows it")
+    elif result.refused is not None:  # trained and registered, but kept off the topic: say why, fail
+        raise EddyError(f"{result.version} not published: {result.refused}")
     elif policy is not None and publish_mode == "auto" and not result.published and result.version:
         out.print(f"not published (--publish auto: not better than {result.champion}, or a rollout is in progress)")
     else:

@@ -268,7 +268,8 @@ def run_retrain_component(settings: Settings, spec: PipelineSpec) -> None:
                              last_version=result.version, last_error=None)
                 log.info("retrained %s on %d rows: PR-AUC %s against %s %s; %s", result.version, result.rows,
                          result.metrics.get("pr_auc"), result.champion,
-                         (result.champion_metrics or {}).get("pr_auc"), "published" if result.published else "kept")
+                         (result.champion_metrics or {}).get("pr_auc"),
+                         "published" if result.published else f"kept ({result.refused})" if result.refused else "kept")
             except Exception as exc:  # noqa: BLE001 - one failed retrain (too few labels) waits for the next
                 state["last_error"] = str(exc)[:200]
                 log.warning("retrain failed: %s", exc)

@@ -44,6 +44,7 @@ def start(settings: Settings, spec: PipelineSpec, version: str, shadow: bool = F
     """Start a rollout of an existing version against the one serving; EddyError when one is in progress,
     the version is unknown or already serves."""
     from models.artifacts import verify_artifact
+    from models.policy import check_publish
     from models.updates import serving_update
 
     policy = load_policy(policy_file, steps, shadow)
@@ -61,10 +62,10 @@ def start(settings: Settings, spec: PipelineSpec, version: str, shadow: bool = F
     if not (directory / "manifest.json").exists():
         known = ", ".join(sorted(p.parent.name for p in (settings.artifacts_dir / spec.name).glob("*/manifest.json")))
         raise EddyError(f"no model version {version!r} under {settings.artifacts_dir / spec.name}; known: {known or 'none'}")
-    verify_artifact(directory, settings.trusted_keys(), spec.spec_hash, list(spec.model_inputs))
+    key = settings.signing_key()
+    check_publish(spec, verify_artifact(directory, key, spec.spec_hash, list(spec.model_inputs)), key, "rollout")
     route = start_route(serving["version"], version, policy)
-    publish_step(settings.kafka, spec, settings.signing_key(), {"uri": directory.resolve().as_uri()},
-                 route)
+    publish_step(settings.kafka, spec, key, {"uri": directory.resolve().as_uri()}, route)
     record(settings, route, "start", f"steps {list(route.steps)} ({'shadow first' if route.percent == 0 else 'canary'})",
            {"policy": route.policy})
     return route

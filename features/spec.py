@@ -63,11 +63,25 @@ class Labels:
 
 
 @dataclass(frozen=True)
+class PublishPolicy:
+    """What a model must show before it is published, promoted or rolled out (models.policy): holdout
+    PR-AUC and rows at least these, a holdout PR-AUC at most `max_drop` below the champion's on the
+    same holdout, and a signature by one of `signers` (key ids; empty: any trusted key). None: no bound."""
+
+    min_pr_auc: float | None = None
+    min_holdout_rows: int | None = None
+    max_drop: float | None = None
+    signers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Model:
-    """The model the pipeline scores with: its name and kind (one of MODEL_KINDS)."""
+    """The model the pipeline scores with: its name and kind (one of MODEL_KINDS), and the publish policy
+    (not part of the spec hash: a changed policy keeps every model compatible)."""
 
     name: str
     kind: str
+    publish: PublishPolicy = PublishPolicy()
 
 
 @dataclass(frozen=True)
@@ -226,12 +240,33 @@ def _parse(data: Any) -> PipelineSpec:
     features = _features(top["features"], types, {key, id_field, ts_field} | RESERVED_FEATURE_NAMES)
     labels = None if top.get("labels") is None else _labels(top["labels"])
     topics = _topics(top.get("topics"), _text(src, "topic", "source.topic", _TOPIC), labels)
-    model_sec = _section(top["model"], "model", ("name", "kind"))
+    model_sec = _section(top["model"], "model", ("name", "kind"), ("publish",))
     model = Model(_text(model_sec, "name", "model.name", _NAME),
-                  _choice(model_sec, "kind", "model.kind", MODEL_KINDS))
+                  _choice(model_sec, "kind", "model.kind", MODEL_KINDS),
+                  _publish_policy(model_sec.get("publish") or {}))
     spec = PipelineSpec(name, _text(entity, "name", "entity.name", _IDENT), key, id_field,
                         ts_field, lateness, schema, features, labels, topics, model, "", max_future)
     return replace(spec, spec_hash=_hash(spec))
+
+
+def _publish_policy(value: Any) -> PublishPolicy:
+    sec = _section(value, "model.publish", (), ("min_pr_auc", "min_holdout_rows", "max_drop", "signers"))
+
+    def share(key: str) -> float | None:
+        v = sec.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1):
+            raise _Invalid(f"model.publish.{key}", f"expected a number from 0 to 1, got {v!r}")
+        return None if v is None else float(v)
+
+    rows = sec.get("min_holdout_rows")
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 0):
+        raise _Invalid("model.publish.min_holdout_rows", f"expected a whole number of rows, got {rows!r}")
+    signers = sec.get("signers") or []
+    if not isinstance(signers, list) or not all(isinstance(s, str) and re.fullmatch(r"[0-9a-f]{16}", s)
+                                                for s in signers):
+        raise _Invalid("model.publish.signers", "expected a list of key ids (16 hex characters: "
+                                                "`eddy model-key` prints the key, its id on stderr)")
+    return PublishPolicy(share("min_pr_auc"), rows, share("max_drop"), tuple(signers))
 
 
 def _section(value: Any, path: str, required: tuple[str, ...],
@@ -373,7 +408,7 @@ def _hash(spec: PipelineSpec) -> str:
         "schema": {f.name: f.type for f in spec.schema},
         "features": [[f.name, f.agg, f.of, f.window_ms] for f in spec.features],
         "labels": None if spec.labels is None else spec.labels.__dict__,
-        "topics": spec.topics.__dict__, "model": spec.model.__dict__,
+        "topics": spec.topics.__dict__, "model": {"name": spec.model.name, "kind": spec.model.kind},
     }
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()

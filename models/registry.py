@@ -10,6 +10,7 @@ from typing import Any
 from features.errors import EddyError
 from features.spec import PipelineSpec
 from models.artifacts import verify_artifact
+from models.policy import check_publish
 from models.signing import SigningKey, TrustedKeys
 from models.updates import publish, read_updates, serves, serving_update, supersedes
 from streams.kafka import KafkaConfig
@@ -48,6 +49,7 @@ def promote(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: S
         known = ", ".join(sorted(p.parent.name for p in (artifacts_root / spec.name).glob("*/manifest.json")))
         raise EddyError(f"no model version {version!r} under {artifacts_root / spec.name}; known: {known or 'none'}")
     manifest = verify_artifact(directory, key, spec.spec_hash, list(spec.model_inputs))
+    check_publish(spec, manifest, key, action)
     publish(kafka, spec.topics.model_updates, manifest, directory.resolve().as_uri(), key, action=action)
 
 

@@ -25,6 +25,7 @@ from features.waiting import poll
 from models.artifacts import load_artifact, save_artifact
 from models.drift import reference
 from models.inputs import rows_to_array, spec_log_mask
+from models.policy import PublishRefused, check_publish
 from models.rollout import Policy, Route, current_rollout, publish_step, start_route
 from models.scoring import LoadedModel, pick_device
 from models.signing import SigningKey
@@ -50,6 +51,7 @@ class RetrainResult:
     seconds: float
     uri: str
     rollout: Route | None = None  # the rollout started instead of publishing (a rollout policy was given)
+    refused: str | None = None  # why the spec's publish policy kept it from the topic
 
 
 def _read_all(kafka: KafkaConfig, topic: str, idle_s: float = 3.0) -> list[bytes]:
@@ -175,7 +177,13 @@ def retrain(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: S
     better = champion_metrics is None or (metrics["pr_auc"] or 0) > (champion_metrics["pr_auc"] or 0)
     published = publish_mode == "always" or (publish_mode == "auto" and better)
     uri = directory.resolve().as_uri()
-    route = None
+    route, refused = None, None
+    if published:
+        try:
+            check_publish(spec, manifest, key, "publish", champion_metrics)
+        except PublishRefused as exc:
+            published, refused = False, str(exc)
+            on_progress(f"not published: {refused}")
     if published and publish_mode == "auto" and rollout_policy is not None and current is not None:
         published = False
         if current_rollout(updates) is None:
@@ -189,4 +197,4 @@ def retrain(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: S
                   "created_at": manifest.created_at, "metrics": metrics, "champion_metrics": champion_metrics,
                   "published": published})
     return RetrainResult(version, current["version"] if current else None, metrics, champion_metrics, published,
-                         len(records), int(y.sum()), round(time.perf_counter() - started, 2), uri, route)
+                         len(records), int(y.sum()), round(time.perf_counter() - started, 2), uri, route, refused)
