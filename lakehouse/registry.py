@@ -49,28 +49,28 @@ def append_drift(root: str, rows: list[dict[str, Any]]) -> None:
         write_deltalake(table_location(root, DRIFT), pa.Table.from_pylist(rows, schema=_schema(DRIFT)), mode="append")
 
 
-def drift_history(root: str) -> list[dict[str, Any]]:
-    """Every row of gold/drift, oldest first ([] before the first sample)."""
+def _rows(root: str, table: Table, order: str) -> list[dict[str, Any]]:
+    """Every row of `table`, sorted by `order` ([] before the table exists); a `metrics` column parsed."""
     from deltalake.exceptions import TableNotFoundError
 
     try:
-        rows = read_snapshot(table_location(root, DRIFT)).to_pylist()
+        rows = read_snapshot(table_location(root, table)).to_pylist()
     except TableNotFoundError:
         return []
-    return sorted(rows, key=lambda r: r["measured_at"])
+    for row in rows:
+        if "metrics" in row:
+            row["metrics"] = json.loads(row["metrics"]) if row["metrics"] else {}
+    return sorted(rows, key=lambda r: r[order])
+
+
+def drift_history(root: str) -> list[dict[str, Any]]:
+    """Every row of gold/drift, oldest first ([] before the first sample)."""
+    return _rows(root, DRIFT, "measured_at")
 
 
 def registered_models(root: str) -> list[dict[str, Any]]:
     """Every row of gold/models, oldest first ([] when no version was registered yet)."""
-    from deltalake.exceptions import TableNotFoundError
-
-    try:
-        rows = read_snapshot(table_location(root, MODELS)).to_pylist()
-    except TableNotFoundError:
-        return []
-    for row in rows:
-        row["metrics"] = json.loads(row["metrics"]) if row.get("metrics") else {}
-    return sorted(rows, key=lambda r: r["created_at"])
+    return _rows(root, MODELS, "created_at")
 
 
 def append_rollout(root: str, row: dict[str, Any]) -> None:
@@ -84,13 +84,4 @@ def append_rollout(root: str, row: dict[str, Any]) -> None:
 
 def rollout_history(root: str, rollout_id: str | None = None) -> list[dict[str, Any]]:
     """The decisions in gold/rollouts (of one rollout, or all), oldest first; metrics parsed."""
-    from deltalake.exceptions import TableNotFoundError
-
-    try:
-        rows = read_snapshot(table_location(root, ROLLOUTS)).to_pylist()
-    except TableNotFoundError:
-        return []
-    for row in rows:
-        row["metrics"] = json.loads(row["metrics"]) if row.get("metrics") else {}
-    return sorted((r for r in rows if rollout_id is None or r["rollout_id"] == rollout_id),
-                  key=lambda r: r["decided_at"])
+    return [r for r in _rows(root, ROLLOUTS, "decided_at") if rollout_id is None or r["rollout_id"] == rollout_id]
