@@ -86,6 +86,14 @@ def test_up_twice_status_and_down_on_a_private_stack(tmp_path):
             assert part["managed"] is True and part["pid"] and part["rss_mb"] > 0
             assert Path(part["log"]).exists()
         assert parts["features-faust"]["replicas"] == 1 and parts["features-faust"]["engine"] == "faust"
+        # Only what publishes models holds the private key: these get the public key to trust instead.
+        from models.signing import SigningKey
+
+        trusted = SigningKey.from_hex(env["EDDY_MODEL_KEY"]).public_hex()[0]
+        for name in ("scorer-0", "features-faust", "online-writer"):
+            environ = dict(v.split("=", 1) for v in Path(f"/proc/{parts[name]['pid']}/environ").read_text().split("\0")
+                           if "=" in v)
+            assert "EDDY_MODEL_KEY" not in environ and environ["EDDY_MODEL_TRUST"] == trusted, name
 
         again = run_eddy(["up"], env)
         assert again.returncode == 0, again.stderr
