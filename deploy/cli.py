@@ -502,8 +502,8 @@ def rollout_status(
                   f"{report['rollout']['weight']:.0%} (step {report['step'] + 1} of {len(report['steps'])}: "
                   f"{report['steps']}) against {report['champion']}; next: {report['next']['action']}, "
                   f"{report['next']['reason']}")
-        table = Table(title="labelled live predictions: the challenger's since this step began, the champion's since the "
-                            "rollout began; rows and refusals: the scorers' counts since they started")
+        table = Table(title="labelled live predictions of the same events (each served by one version, scored in shadow "
+                            "by the other) since this step began; rows and refusals: the scorers' counts since they started")
         for column in ("version", "labelled", "positives", "PR-AUC", "precision@0.5", "rows scored", "refused"):
             table.add_column(column)
         for who in ("champion", "challenger"):

@@ -123,9 +123,8 @@ def _view(settings, spec, watcher: PredictionWatcher, produced: int, lags: dict,
         for who in ("champion", "challenger"):
             f = rollout["metrics"].get(who, {})
             pr = f"{f['pr_auc']:.3f}" if f.get("pr_auc") is not None else "-"
-            since = "this rollout" if who == "champion" else "this step"
             table.add_row(f"  {who} {rollout[who]}", f"{f.get('labelled', 0):,} labelled, {f.get('positives', 0)} fraud, "
-                                                     f"live PR-AUC {pr} ({since})")
+                                                     f"live PR-AUC {pr} (this step)")
     table.add_row("frauds flagged (score > 0.5)", f"{sum(r['score'] > FLAG_AT for r in live):,} of {len(live):,}")
     table.add_row("", note)
     return table

@@ -101,12 +101,11 @@ def scorer_counts(client, spec: PipelineSpec) -> dict[str, dict[str, float]]:
 
 
 def evaluate(settings: Settings, spec: PipelineSpec, client, route: Route, now: float) -> Decision:
-    """The judge's decision on the rollout now, from the lakehouse (the challenger's labelled predictions
-    since the step began, the champion's since the rollout began) and the scorers' counts."""
+    """The judge's decision on the rollout now, from the lakehouse (both versions' labelled predictions of
+    the same events since the step began) and the scorers' counts."""
     from models.live import rollout_figures
 
-    figures = rollout_figures(settings.lakehouse, spec, route.champion, route.challenger, route.started_at,
-                              route.step_started_at)
+    figures = rollout_figures(settings.lakehouse, spec, route.champion, route.challenger, route.step_started_at)
     counts = scorer_counts(client, spec)
     champion = {**figures["champion"], **counts.get(route.champion, {})}
     challenger = {**figures["challenger"], **counts.get(route.challenger, {})}

@@ -16,14 +16,15 @@ from models.training import evaluate
 
 
 def labelled_predictions(root: str, spec: PipelineSpec, served: bool = True):
-    """A pandas frame: model_version, role, score, label (0/1), kafka_timestamp, one row per labelled
+    """A pandas frame: event_id, model_version, role, score, label (0/1), kafka_timestamp, one row per labelled
     prediction: with `served`, the first served prediction of each event (in Kafka order, if it was ever
     scored twice); otherwise also the first shadow prediction of each event."""
     import pandas as pd
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
-    empty = pd.DataFrame({"model_version": [], "role": [], "score": [], "label": [], "kafka_timestamp": []})
+    empty = pd.DataFrame({"event_id": [], "model_version": [], "role": [], "score": [], "label": [],
+                          "kafka_timestamp": []})
     if spec.labels is None:
         return empty
     tables = {t.topic: t for t in ingested_tables(spec)}
@@ -49,7 +50,8 @@ def labelled_predictions(root: str, spec: PipelineSpec, served: bool = True):
     if not served:
         parts.append(predictions[shadow].drop_duplicates("event_id", keep="first"))
     joined = pd.concat(parts).merge(labels, left_on="event_id", right_on=spec.labels.id, how="inner")
-    return pd.DataFrame({"model_version": joined["model_version"], "role": joined["role"],
+    return pd.DataFrame({"event_id": joined["event_id"], "model_version": joined["model_version"],
+                         "role": joined["role"],
                          "score": joined["score"].astype(np.float64),
                          "label": joined[spec.labels.label].astype(np.int64),
                          "kafka_timestamp": joined["kafka_timestamp"]})
@@ -64,22 +66,25 @@ def quality(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
             "calibration_error": calibration_error(scores, labels)}
 
 
-def rollout_figures(root: str, spec: PipelineSpec, champion: str, challenger: str, champion_since_s: float,
-                    challenger_since_s: float) -> dict[str, dict[str, Any]]:
-    """{"champion": ..., "challenger": ...}: quality() of each version's labelled predictions whose Kafka
-    timestamp is at or after its `since` (epoch seconds: the challenger's step began, the rollout began
-    for the champion, which serves ever fewer entities and none at a 100% step), with `precision` and
-    `scores` (their scores) for models.rollout.judge(). The champion counts only what it served; the
-    challenger what it served as canary or scored in shadow."""
+def rollout_figures(root: str, spec: PipelineSpec, champion: str, challenger: str,
+                    since_s: float) -> dict[str, dict[str, Any]]:
+    """{"champion": ..., "challenger": ...}: quality() of each version's labelled predictions of the same
+    events, those both versions scored (one served it, the other scored it in shadow) whose Kafka
+    timestamp is at or after `since_s` (epoch seconds: the step began), with `precision` and `scores`
+    (their scores) for models.rollout.judge(). Paired on events, the two are never judged on different
+    entities: at 50%, each half of the cards has its own fraud, and halves differ by more than any bound."""
     import pandas as pd
 
     frame = labelled_predictions(root, spec, served=False)
-    stamps = pd.to_datetime(frame["kafka_timestamp"], utc=True) if len(frame) else None
+    if len(frame):
+        frame = frame[pd.to_datetime(frame["kafka_timestamp"], utc=True) >= pd.Timestamp(since_s, unit="s", tz="UTC")]
+    sides = {who: frame[(frame["model_version"] == version) & frame["role"].isin(roles)].drop_duplicates("event_id")
+             for who, version, roles in (("champion", champion, ("champion", "shadow")),
+                                         ("challenger", challenger, ("canary", "shadow")))}
+    both = set(sides["champion"]["event_id"]) & set(sides["challenger"]["event_id"])
     out = {}
-    for who, version, roles, since_s in (("champion", champion, ("champion",), champion_since_s),
-                                         ("challenger", challenger, ("canary", "shadow"), challenger_since_s)):
-        rows = frame if stamps is None else frame[stamps >= pd.Timestamp(since_s, unit="s", tz="UTC")]
-        rows = rows[(rows["model_version"] == version) & rows["role"].isin(roles)]
+    for who, rows in sides.items():
+        rows = rows[rows["event_id"].isin(both)]
         scores, labels = rows["score"].to_numpy(), rows["label"].to_numpy()
         figures = quality(scores, labels) if len(rows) else {"labelled": 0, "positives": 0}
         out[who] = {**figures, "precision": figures.get("precision_at_0.5"), "scores": scores}

@@ -165,8 +165,9 @@ class Scorer:
                         f"{self.config.model_wait_s:.0f}s: run `eddy up` (it publishes the baseline) or `eddy promote`")
 
     def process(self, messages: Sequence, out: Output) -> None:
-        """One batch, inside its transaction: unreadable records to the DLQ, then one model call per version
-        the batch routes to, one served prediction per record (and, in shadow, one shadow prediction).
+        """One batch, inside its transaction: unreadable records to the DLQ, then one model call per version,
+        one served prediction per record and, during a rollout, one shadow prediction per record by the
+        other version (in shadow the challenger's; as a canary each version's of the other's entities).
         EddyError when no model serves yet (run_scorer waits for one first)."""
         self.swap_if_ready()
         model = self.serving
@@ -195,15 +196,22 @@ class Scorer:
                 shadow = self._call(challenger, raw, stored, everyone)
                 self._emit(challenger.version, "shadow", topics.shadow, kept, records, shadow, out)
         else:
+            # Both versions score every record: each serves its own entities and scores the other's in
+            # shadow, so the judge compares the two on the same events (paired), never one half of the
+            # entities against the other.
             assert challenger is not None
             canary = canary_mask([m.key() for m in kept], route.weight)
-            for who, role, rows in ((model, "champion", np.flatnonzero(~canary)),
-                                    (challenger, "canary", np.flatnonzero(canary))):
+            both = {"champion": self._call(model, raw, stored, everyone),
+                    "canary": self._call(challenger, raw, stored, everyone)}
+            for who, role, rows, other in ((model, "champion", np.flatnonzero(~canary), "canary"),
+                                           (challenger, "canary", np.flatnonzero(canary), "champion")):
                 if not rows.size:
                     continue
-                scores = self._call(who, raw, stored, rows)
-                self._emit(who.version, role, topics.predictions, [kept[i] for i in rows],
-                           [records[i] for i in rows], scores, out)
+                scores = both[role][rows]
+                batch_kept, batch_records = [kept[i] for i in rows], [records[i] for i in rows]
+                self._emit(who.version, role, topics.predictions, batch_kept, batch_records, scores, out)
+                shadow_of = challenger if other == "canary" else model
+                self._emit(shadow_of.version, "shadow", topics.shadow, batch_kept, batch_records, both[other][rows], out)
                 if role == "champion" and self.drift is not None:
                     self.drift.add(raw[rows], scores)
         if stored is not None and self.history is not None:

@@ -1,6 +1,7 @@
 """Rollouts in the stream, on a real stack with two scorer replicas (no judge: the steps are published by
 hand here, as the judge would): in shadow every event gets exactly one served and one shadow prediction,
-each tagged, and `predictions` holds no shadow record; as a canary each entity keeps its version, the
+each tagged, and `predictions` holds no shadow record; as a canary each event is served once and scored
+once in shadow by the other version, each entity keeps its version, the
 served share follows the weight, a weight changed mid-stream across both replicas still gives exactly
 one prediction per event, and a scorer killed mid-rollout comes back into the same rollout."""
 
@@ -107,6 +108,7 @@ def test_canary_by_entity_through_a_weight_change_and_a_kill_gives_one_predictio
     assert started.returncode == 0, started.stderr
     rollout_id = rollout(env)["rollout"]["id"]
     wait_for(lambda: scorers_at(settings, spec, rollout_id, 30), 60, "both scorers at 30%")
+    shadow_before = count_committed(settings.kafka, spec.topics.shadow)
     served_before = count_committed(settings.kafka, spec.topics.predictions)
     earlier = {p["event_id"] for p in predictions(settings, spec.topics.predictions, served_before)}
     sources = source_records(settings.kafka, spec.topics.source)
@@ -130,6 +132,10 @@ def test_canary_by_entity_through_a_weight_change_and_a_kill_gives_one_predictio
             if r["event_id"] not in earlier]
     ids = [r["event_id"] for r in rows]
     assert len(ids) == 15_000 and len(set(ids)) == 15_000          # exactly one served prediction per event
+    served_by = {r["event_id"]: r["model_version"] for r in rows}
+    shadows = [r for r in predictions(settings, spec.topics.shadow, shadow_before + 15_000) if r["event_id"] in served_by]
+    assert sorted(r["event_id"] for r in shadows) == sorted(ids)  # and exactly one shadow prediction, by the other
+    assert all(r["role"] == "shadow" and r["model_version"] != served_by[r["event_id"]] for r in shadows)
     versions: dict[str, list[str]] = defaultdict(list)
     trail: dict[str, list[tuple]] = defaultdict(list)
     for r in sorted(rows, key=lambda r: (r["_partition"], r["_offset"])):

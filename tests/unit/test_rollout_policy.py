@@ -169,13 +169,27 @@ def test_shadow_serves_the_champion_and_writes_one_shadow_prediction_per_record(
     assert s.by_version["v1"]["rows"] == s.by_version["v2"]["rows"] == 300
 
 
-def test_canary_serves_each_record_once_by_its_entitys_version():
+def test_canary_serves_each_record_once_by_its_entitys_version_and_the_other_scores_it_in_shadow():
     s, out = scorer_with((30, 100)), Out()
-    s.process(batch(500), out)
-    served = [orjson.loads(v) for t, v, _ in out.records]
-    assert all(t == SPEC.topics.predictions for t, _, _ in out.records)
-    assert sorted(p["event_id"] for p in served) == sorted(f"e-{i}" for i in range(500))
+    records = batch(500)
+    s.process(records, out)
+    served = [orjson.loads(v) for t, v, _ in out.records if t == SPEC.topics.predictions]
+    shadow = [orjson.loads(v) for t, v, _ in out.records if t == SPEC.topics.shadow]
+    assert len(served) + len(shadow) == len(out.records)
+    assert sorted(p["event_id"] for p in served) == sorted(p["event_id"] for p in shadow) == sorted(
+        f"e-{i}" for i in range(500))
+    features = {orjson.loads(r.value())["event_id"]: orjson.loads(r.value())["features"] for r in records}
+    expected = {v: dict(zip(features, m.score(list(features.values())), strict=True))
+                for v, m in (("v1", s.serving), ("v2", s.challenger))}
     for p in served:
         to_canary = bool(canary_mask([p["card_id"].encode()], 0.3)[0])
         assert (p["model_version"], p["role"]) == (("v2", "canary") if to_canary else ("v1", "champion"))
-    assert 0 < s.by_version["v2"]["rows"] < 500 and s.by_version["v1"]["rows"] + s.by_version["v2"]["rows"] == 500
+    by_event = {p["event_id"]: p for p in served}
+    canaried = 0
+    for p in shadow:  # the version that did not serve the event scored it, in shadow
+        other = "v1" if by_event[p["event_id"]]["model_version"] == "v2" else "v2"
+        assert (p["model_version"], p["role"]) == (other, "shadow")
+        assert abs(p["score"] - expected[other][p["event_id"]]) < 1e-6
+        canaried += other == "v1"
+    assert 0 < canaried < 500  # both versions serve some entities at 30%
+    assert s.by_version["v1"]["rows"] == s.by_version["v2"]["rows"] == 500  # each scored every record
