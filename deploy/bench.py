@@ -214,7 +214,7 @@ def scoring_stage(spec: PipelineSpec, device_setting: str, rows: int = 200_000, 
     records = [HeldRecord(orjson.dumps({"event_id": f"e{i}", spec.key: f"c{i % 997}",
                                         "event_time": "2026-11-22T10:00:00.000Z", "late": False,
                                         "features": {n: float(rng.gamma(2.0, 10.0)) for n in names}}),
-                          b"c", "features", 0, i)
+                          f"c{i % 997}".encode(), "features", 0, i)
                for i in range(batch)]
 
     def stage(size: int, total: int, outputs_per_event: int = 1) -> float:
@@ -245,20 +245,20 @@ def scoring_stage(spec: PipelineSpec, device_setting: str, rows: int = 200_000, 
         return size * reps / (time.perf_counter() - started)
 
     batched, single = stage(batch, rows), stage(1, min(rows, 20_000))
-    # A rollout's cost on the same step: a challenger in shadow (a second model call per batch, a shadow
-    # prediction per event) and as a 30% canary (the batch split in two calls by entity).
+    # A rollout's cost on the same step: a challenger in shadow and as a 30% canary; both make a second model
+    # call per batch and a shadow prediction per event (as a canary, the version not serving an event scores it).
     challenger = LoadedModel(*baseline_model(spec), SimpleNamespace(version="challenger-1"), device=device)
     challenger.warm_up((1, 64, 1024, batch))
     scorer.challenger = challenger
     scorer.route = start_route("baseline-1", "challenger-1", Policy(steps=(0, 30, 100)))
     shadow = stage(batch, rows, outputs_per_event=2)
     scorer.route = scorer.route.next_step(time.time())
-    canary = stage(batch, rows)
+    canary = stage(batch, rows, outputs_per_event=2)
     scorer.challenger = scorer.route = None
     return {"device": str(device), "batch": batch, "micro_batched_events_per_s": round(batched, 1),
             "per_event_events_per_s": round(single, 1), "ratio": round(batched / single, 1),
             "shadow_events_per_s": round(shadow, 1), "shadow_ratio": round(shadow / batched, 3),
-            "canary_30_events_per_s": round(canary, 1),
+            "canary_30_events_per_s": round(canary, 1), "canary_30_ratio": round(canary / batched, 3),
             "model_rows_per_s": {str(b): round(model_only(b), 1) for b in (1, 64, 1024, batch)}}
 
 

@@ -419,7 +419,7 @@ def print_bench(result: dict) -> None:
     if "shadow_events_per_s" in scoring:
         table.add_row("scorer step events/s in a rollout: shadow / 30% canary",
                       f"{scoring['shadow_events_per_s']:,.0f} ({scoring['shadow_ratio']}x) / "
-                      f"{scoring['canary_30_events_per_s']:,.0f}")
+                      f"{scoring['canary_30_events_per_s']:,.0f} ({scoring.get('canary_30_ratio', '-')}x)")
     lake = result.get("lakehouse")
     if lake:
         catch, fresh = lake["catch_up"], lake["freshness"]
