@@ -155,12 +155,19 @@ def scorer_with(steps: tuple[int, ...]) -> Scorer:
     return s
 
 
-def test_shadow_serves_the_champion_and_writes_one_shadow_prediction_per_record():
-    s, out = scorer_with((0, 100)), Out()
-    records = batch(300)
+def routed(steps: tuple[int, ...], n: int) -> tuple[Scorer, list[HeldRecord], list[dict], list[dict]]:
+    """A scorer at the first of `steps` after one batch of n records: it, the records, and what it
+    wrote to the predictions and the shadow topics (nothing else)."""
+    s, out, records = scorer_with(steps), Out(), batch(n)
     s.process(records, out)
     served = [orjson.loads(v) for t, v, _ in out.records if t == SPEC.topics.predictions]
     shadow = [orjson.loads(v) for t, v, _ in out.records if t == SPEC.topics.shadow]
+    assert len(served) + len(shadow) == len(out.records)
+    return s, records, served, shadow
+
+
+def test_shadow_serves_the_champion_and_writes_one_shadow_prediction_per_record():
+    s, records, served, shadow = routed((0, 100), 300)
     assert [p["event_id"] for p in served] == [p["event_id"] for p in shadow] == [f"e-{i}" for i in range(300)]
     assert {(p["model_version"], p["role"]) for p in served} == {("v1", "champion")}
     assert {(p["model_version"], p["role"]) for p in shadow} == {("v2", "shadow")}
@@ -170,12 +177,7 @@ def test_shadow_serves_the_champion_and_writes_one_shadow_prediction_per_record(
 
 
 def test_canary_serves_each_record_once_by_its_entitys_version_and_the_other_scores_it_in_shadow():
-    s, out = scorer_with((30, 100)), Out()
-    records = batch(500)
-    s.process(records, out)
-    served = [orjson.loads(v) for t, v, _ in out.records if t == SPEC.topics.predictions]
-    shadow = [orjson.loads(v) for t, v, _ in out.records if t == SPEC.topics.shadow]
-    assert len(served) + len(shadow) == len(out.records)
+    s, records, served, shadow = routed((30, 100), 500)
     assert sorted(p["event_id"] for p in served) == sorted(p["event_id"] for p in shadow) == sorted(
         f"e-{i}" for i in range(500))
     features = {orjson.loads(r.value())["event_id"]: orjson.loads(r.value())["features"] for r in records}
