@@ -78,7 +78,16 @@ def session_conf(config: SparkConfig) -> dict[str, str]:
     }
     if local:  # the driver is all of Spark: on loopback, whatever this host's name resolves to
         conf["spark.driver.host"] = "127.0.0.1"
+    else:  # a cluster: its processes authenticate to each other and encrypt what they send and spill
+        conf.update({"spark.authenticate": "true", "spark.network.crypto.enabled": "true",
+                     "spark.io.encryption.enabled": "true"})
     conf.update(config.conf)
+    # YARN and Kubernetes make the shared secret per application; a standalone master needs the cluster's.
+    if (config.master.startswith("spark://") and conf.get("spark.authenticate") == "true"
+            and not conf.get("spark.authenticate.secret")):
+        raise ConfigError(f"EDDY_SPARK_MASTER={config.master}: a standalone cluster authenticates with a shared "
+                          "secret: put the cluster's spark.authenticate.secret in EDDY_SPARK_CONF (or "
+                          "spark.authenticate=false there to run unauthenticated)")
     return conf
 
 
