@@ -275,7 +275,7 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
                               "commit_interval_s": settings.commit_interval_s, "metrics": settings.metrics}
     try:
         on_progress(f"starting a private stack in {home}")
-        stack.up(settings, spec)
+        settings = stack.up(settings, spec).settings or settings
         on_progress("measuring the Kafka passthrough ceiling")
         ceiling = kafka_passthrough(settings.kafka, events, settings.partitions)
         on_progress(f"ceiling {ceiling:,.0f} events/s; draining a backlog of {events:,} through eddy")

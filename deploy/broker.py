@@ -10,15 +10,24 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from confluent_kafka import KafkaException
+
+from deploy import security
+from deploy.access import ROLES, kafka_acls
 from deploy.processes import ProcessTable, free_port, is_loopback, port_holder, port_open
-from deploy.settings import Settings, child_environment
+from deploy.security import ADMIN, BROKER_PRINCIPAL, SCRAM_MECHANISM, Pki
+from deploy.settings import Settings, child_environment, local_credentials
 from features.errors import ServiceError
-from streams.kafka import wait_for_broker
+from features.spec import PipelineSpec
+from streams.kafka import KafkaConfig, admin, wait_for_broker
 
 NAME = "broker"
 # Sized for a 2-core / 24 GiB machine that also runs Spark, Flink and the scorers.
 JVM_OPTS = ["-Xms256m", "-Xmx1g", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", "-Djava.awt.headless=true"]
 START_DEADLINE_S = 90.0
+# deploy.access's operation names (Strimzi's) as confluent-kafka's AclOperation names them.
+_OPERATIONS = {"Read": "READ", "Write": "WRITE", "Describe": "DESCRIBE", "Create": "CREATE",
+               "DescribeConfigs": "DESCRIBE_CONFIGS", "All": "ALL"}
 
 LOG4J2 = """\
 status = warn
@@ -61,16 +70,47 @@ def _classpath(settings: Settings) -> str:
     return f"{jars}/*"
 
 
-def _server_properties(settings: Settings, host: str, port: int, controller_port: int, data: Path) -> str:
+def _server_properties(settings: Settings, host: str, port: int, ports: dict[str, int], data: Path,
+                       pki: Pki | None) -> str:
+    """The broker's config: SASL_SSL with SCRAM for clients and the StandardAuthorizer (no ACL: no access),
+    mTLS between the broker and its controller; or, with pki None (`--insecure`), plaintext and no authorizer."""
+    controller, internal, clients = ports["CONTROLLER"], ports["INTERNAL"], ports["CLIENTS"]
+    if pki is None:
+        security = [
+            f"listeners=PLAINTEXT://{host}:{port},CONTROLLER://127.0.0.1:{controller}",
+            f"advertised.listeners=PLAINTEXT://{host}:{port}",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name=PLAINTEXT",
+        ]
+    else:
+        security = [
+            f"listeners=SASL_SSL://{host}:{port},CLIENTS://{host}:{clients},INTERNAL://127.0.0.1:{internal},"
+            f"CONTROLLER://127.0.0.1:{controller}",
+            f"advertised.listeners=SASL_SSL://{host}:{port},CLIENTS://{host}:{clients},INTERNAL://127.0.0.1:{internal}",
+            "listener.security.protocol.map=SASL_SSL:SASL_SSL,CLIENTS:SSL,INTERNAL:SSL,CONTROLLER:SSL",
+            "inter.broker.listener.name=INTERNAL",
+            f"sasl.enabled.mechanisms={SCRAM_MECHANISM}",
+            f"listener.name.sasl_ssl.{SCRAM_MECHANISM.lower()}.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            "ssl.keystore.type=PEM",
+            f"ssl.keystore.location={pki.server_pem}",
+            "ssl.truststore.type=PEM",
+            f"ssl.truststore.location={pki.ca}",
+            "listener.name.clients.ssl.client.auth=required",  # people's own tools, by client certificate
+            "listener.name.internal.ssl.client.auth=required",
+            "listener.name.controller.ssl.client.auth=required",
+            # a certificate's CN is its principal: the broker is User:broker on its own listeners
+            "ssl.principal.mapping.rules=RULE:^CN=([a-zA-Z0-9._-]+)$/$1/,DEFAULT",
+            "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "allow.everyone.if.no.acl.found=false",
+            f"super.users=User:{BROKER_PRINCIPAL};User:{ADMIN}",
+        ]
     return "\n".join([
         "process.roles=broker,controller",
         "node.id=1",
-        f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
-        f"listeners=PLAINTEXT://{host}:{port},CONTROLLER://127.0.0.1:{controller_port}",
-        f"advertised.listeners=PLAINTEXT://{host}:{port}",
+        f"controller.quorum.voters=1@127.0.0.1:{controller}",
+        *security,
         "controller.listener.names=CONTROLLER",
-        "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-        "inter.broker.listener.name=PLAINTEXT",
         f"log.dirs={data}",
         f"num.partitions={settings.partitions}",
         "auto.create.topics.enable=false",
@@ -89,25 +129,60 @@ def _server_properties(settings: Settings, host: str, port: int, controller_port
     ])
 
 
-def _controller_port(config: Path) -> int:
-    """Keep the controller port across restarts unless something else took it."""
-    if config.exists():
-        match = re.search(r"CONTROLLER://127\.0\.0\.1:(\d+)", config.read_text())
-        if match and not port_open("127.0.0.1", int(match.group(1))):
-            return int(match.group(1))
-    return free_port()
+def _kept_ports(config: Path) -> dict[str, int]:
+    """The controller's, the internal and the clients' listeners' ports, kept across restarts unless
+    something else took one."""
+    text = config.read_text() if config.exists() else ""
+    ports = {}
+    for listener in ("CONTROLLER", "INTERNAL", "CLIENTS"):
+        match = re.search(rf"{listener}://[^:]+:(\d+)", text)
+        taken = set(ports.values())
+        if match and not port_open("127.0.0.1", int(match.group(1))) and int(match.group(1)) not in taken:
+            ports[listener] = int(match.group(1))
+        else:
+            port = free_port()
+            while port in taken:
+                port = free_port()
+            ports[listener] = port
+    return ports
+
+
+def _secure(config: Path) -> bool | None:
+    """Whether the broker config at `config` is the secure one (None: there is none)."""
+    return "SASL_SSL://" in config.read_text() if config.exists() else None
+
+
+def internal_config(settings: Settings, pki: Pki) -> KafkaConfig:
+    """The broker's own identity on its internal listener (mutual TLS, User:broker, a super user)."""
+    config = settings.home / "kafka" / "server.properties"
+    match = re.search(r"INTERNAL://127\.0\.0\.1:(\d+)", config.read_text())
+    if match is None:
+        raise ServiceError(f"{config} has no internal listener: `eddy down`, then `eddy up` again")
+    return KafkaConfig(f"127.0.0.1:{match.group(1)}", {
+        "security.protocol": "SSL", "ssl.ca.location": str(pki.ca),
+        "ssl.certificate.location": str(pki.server_cert), "ssl.key.location": str(pki.server_key)})
 
 
 def ensure_broker(settings: Settings, table: ProcessTable) -> BrokerInfo:
-    """Use the cluster EDDY_KAFKA_BOOTSTRAP names, starting a local broker only on a free loopback port."""
+    """Use the cluster EDDY_KAFKA_BOOTSTRAP names, starting a local broker only on a free loopback port:
+    secure (SASL_SSL, SCRAM, ACLs) unless settings.insecure."""
     hosts = settings.kafka.hosts
     host, port = hosts[0]
     if len(hosts) > 1 or not is_loopback(host):
         wait_for_broker(settings.kafka, timeout_s=30)
         return BrokerInfo(False, settings.kafka.bootstrap)
+    root = settings.home / "kafka"
+    config = root / "server.properties"
     record = table.get(NAME)
     if record is not None and record.alive():
-        wait_for_broker(settings.kafka, timeout_s=START_DEADLINE_S)
+        if _secure(config) == settings.insecure:
+            running, wanted = ("secure", "--insecure") if settings.insecure else ("plaintext (--insecure)", "secure")
+            raise ServiceError(f"the local broker runs {running}: `eddy down` first to start it {wanted}")
+        if not settings.insecure and security.local_kafka_properties(settings.home, settings.kafka.bootstrap) is None:
+            pki = security.ensure_pki(settings.home, [host])  # a start that failed before the roles existed
+            wait_for_broker(internal_config(settings, pki), timeout_s=START_DEADLINE_S)
+            _create_principals(settings, internal_config(settings, pki), pki)
+        wait_for_broker(local_credentials(settings).kafka, timeout_s=START_DEADLINE_S)
         return BrokerInfo(True, settings.kafka.bootstrap, pid=record.pid)
     if port_open(host, port):
         try:
@@ -122,11 +197,12 @@ def ensure_broker(settings: Settings, table: ProcessTable) -> BrokerInfo:
 
     java = _java()
     classpath = _classpath(settings)
-    root = settings.home / "kafka"
     data = root / "data"
     root.mkdir(parents=True, exist_ok=True)
-    config = root / "server.properties"
-    config.write_text(_server_properties(settings, host, port, _controller_port(config), data))
+    pki = None if settings.insecure else security.ensure_pki(settings.home, [host])
+    if pki is None:
+        security.forget_clients(settings.home, "kafka")
+    config.write_text(_server_properties(settings, host, port, _kept_ports(config), data, pki))
     log4j = root / "log4j2.properties"
     log4j.write_text(LOG4J2)
     jvm = [*JVM_OPTS, f"-Dlog4j2.configurationFile={log4j}"]
@@ -146,15 +222,66 @@ def ensure_broker(settings: Settings, table: ProcessTable) -> BrokerInfo:
 
     record = table.start(NAME, [java, *jvm, "-cp", classpath, "kafka.Kafka", str(config)], env,
                          address=settings.kafka.bootstrap)
+    # Until the roles' credentials exist, only the broker's own certificate gets in.
+    probe = settings.kafka if pki is None else internal_config(settings, pki)
 
     def healthy() -> bool:
         if not port_open(host, port):
             return False
         try:
-            wait_for_broker(settings.kafka, timeout_s=5)
+            wait_for_broker(probe, timeout_s=5)
             return True
         except ServiceError:
             return False
 
     took = table.wait_healthy(record, healthy, START_DEADLINE_S, "the Kafka broker")
+    if pki is not None:
+        _create_principals(settings, probe, pki)
     return BrokerInfo(True, settings.kafka.bootstrap, took, record.pid)
+
+
+def _create_principals(settings: Settings, internal: KafkaConfig, pki: Pki) -> None:
+    """Give every role its SCRAM credential (kept across restarts: the passwords are made once) and write
+    the roles' client files; returns once the admin's credential lets it in."""
+    from confluent_kafka.admin import ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
+
+    known = security.passwords(settings.home, ROLES)
+    info = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, security.SCRAM_ITERATIONS)
+    upserts = [UserScramCredentialUpsertion(role, info, known[role].encode()) for role in ROLES]
+    client = admin(internal)  # held until every future is done: the futures die with the client
+    for user, future in client.alter_user_scram_credentials(upserts).items():
+        try:
+            future.result(30)
+        except KafkaException as exc:
+            raise ServiceError(f"could not create the Kafka principal {user!r}: {exc.args[0].str()}") from None
+    security.write_kafka_clients(settings.home, settings.kafka.bootstrap, ROLES, pki.ca)
+    match = re.search(r"advertised.listeners=.*CLIENTS://([^,\s]+)", (settings.home / "kafka" / "server.properties").read_text())
+    if match:
+        security.write_outside_clients(settings.home, match.group(1))
+    wait_for_broker(local_credentials(settings).kafka, timeout_s=30)
+
+
+def grant(settings: Settings, spec: PipelineSpec) -> int:
+    """Create the spec's ACLs (deploy.access) on the local secure broker: each role may do what its
+    stages need and nothing else. Idempotent; returns the number of ACL bindings."""
+    from confluent_kafka.admin import AclBinding, AclOperation, AclPermissionType, ResourcePatternType, ResourceType
+
+    kinds = {"topic": ResourceType.TOPIC, "group": ResourceType.GROUP, "transactionalId": ResourceType.TRANSACTIONAL_ID,
+             "cluster": ResourceType.BROKER}
+    bindings = []
+    for role, rules in kafka_acls(spec).items():
+        if role == ADMIN:  # a super user: it needs no ACL
+            continue
+        for rule in rules:
+            res = rule["resource"]
+            pattern = ResourcePatternType.PREFIXED if res.get("patternType") == "prefix" else ResourcePatternType.LITERAL
+            for operation in rule["operations"]:
+                bindings.append(AclBinding(kinds[res["type"]], res.get("name", "kafka-cluster"), pattern,
+                                           f"User:{role}", "*", AclOperation[_OPERATIONS[operation]], AclPermissionType.ALLOW))
+    client = admin(local_credentials(settings).kafka)
+    for future in client.create_acls(bindings, request_timeout=30).values():
+        try:
+            future.result(30)
+        except KafkaException as exc:
+            raise ServiceError(f"could not create the Kafka ACLs: {exc.args[0].str()}") from None
+    return len(bindings)

@@ -26,6 +26,8 @@ err = Console(stderr=True, soft_wrap=True)
 
 HomeOpt = Annotated[str | None, typer.Option("--home", help="state directory (EDDY_HOME)")]
 PipelineOpt = Annotated[str | None, typer.Option("--pipeline", help="pipeline spec (EDDY_PIPELINE)")]
+InsecureOpt = Annotated[bool, typer.Option("--insecure", help="local broker and Redis in plaintext, with no "
+                                           "credentials or ACLs (EDDY_INSECURE; for benchmarks only)")]
 
 
 def settings_from(process: str, **flags: Any) -> Settings:
@@ -43,6 +45,7 @@ def up(
     scorers: Annotated[int | None, typer.Option("--scorers", help="scorer replicas in one consumer group (default 1)")] = None,
     ingest: Annotated[bool | None, typer.Option("--ingest/--no-ingest", help="run lakehouse ingestion (EDDY_INGEST, default on)")] = None,
     monitoring: Annotated[bool | None, typer.Option("--monitoring/--no-monitoring", help="a local Prometheus scraping every stage, with eddy's alert rules (EDDY_MONITORING, default off)")] = None,
+    insecure: InsecureOpt = False,
     home: HomeOpt = None,
     pipeline: PipelineOpt = None,
 ) -> None:
@@ -51,7 +54,8 @@ def up(
 
     settings = settings_from("up", engine=engine, partitions=partitions, scorers=scorers, home=home, pipeline=pipeline,
                              ingest=None if ingest is None else ("on" if ingest else "off"),
-                             monitoring=None if monitoring is None else ("on" if monitoring else "off"))
+                             monitoring=None if monitoring is None else ("on" if monitoring else "off"),
+                             insecure="on" if insecure else None)
     with err.status("starting the stack..."):
         report = stack.up(settings)
     for name, part in report.parts.items():
@@ -295,6 +299,22 @@ def model_key(home: HomeOpt = None) -> None:
 
 
 @app.command()
+def credentials(
+    role: Annotated[str, typer.Argument(help="producer, reader or admin")],
+    home: HomeOpt = None,
+) -> None:
+    """The path of ROLE's client file for the local secure broker (librdkafka properties: kcat -F PATH)."""
+    from deploy.security import OUTSIDE_ROLES, clients_file, require_role
+
+    settings = settings_from("credentials", home=home)
+    path = clients_file(settings.home, require_role(role, OUTSIDE_ROLES))
+    if not path.exists():
+        raise EddyError(f"no credentials in {settings.home}: the local stack has not run secure there "
+                        "(`eddy up`, without --insecure)")
+    print(path)
+
+
+@app.command()
 def drift(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
     home: HomeOpt = None,
@@ -370,12 +390,14 @@ def bench(
     out_file: Annotated[str | None, typer.Option("--out", help="write the JSON here")] = None,
     ingest: Annotated[bool, typer.Option("--ingest/--no-ingest", help="run lakehouse ingestion in the measured stack too")] = False,
     scorers: Annotated[int | None, typer.Option("--scorers", help="scorer replicas")] = None,
+    insecure: InsecureOpt = False,
     pipeline: PipelineOpt = None,
 ) -> None:
     """Benchmark on a private stack: Kafka ceiling, drain rate, latency at fixed loads, scoring."""
     from deploy.bench import run_bench
 
-    settings = settings_from("bench", pipeline=pipeline, engine=engine, scorers=scorers)
+    settings = settings_from("bench", pipeline=pipeline, engine=engine, scorers=scorers,
+                             insecure="on" if insecure else None)
     try:
         rates = [int(r) for r in loads.split(",") if r.strip()]
     except ValueError:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaException
 
+from deploy.security import kafka_client_file, local_kafka_properties, local_redis_url, redis_url_file
 from deploy.settings import Settings
 from features.spec import PipelineSpec
 from streams.engines.config import EngineConfig
@@ -34,6 +35,7 @@ class Component:
     retrain: bool = False                            # continuous retraining: only when a policy is set
     replica: int | None = None                       # scorer replicas: started while replica < settings.scorers
     signs: bool = False                              # publishes models: the only ones given the private key
+    role: str = "admin"                              # its Kafka principal and Redis user (deploy.access)
 
 
 def engine_config(settings: Settings, spec: PipelineSpec, **defaults) -> EngineConfig:
@@ -205,14 +207,14 @@ def mirror_flink_counts(settings: Settings, spec: PipelineSpec, metrics: StageMe
 
 COMPONENTS: dict[str, Component] = {
     c.name: c for c in (
-        Component("features-faust", _faust, engine="faust"),
-        Component("features-flink", _flink, engine="flink"),
-        Component("features-native", _native, engine="native"),
-        Component("online-writer", _online_writer),
-        *(Component(f"scorer-{i}", _scorer(i), replica=i) for i in range(16)),
-        Component("lakehouse", _lakehouse, ingest=True),
-        Component("retrainer", _retrainer, retrain=True, signs=True),
-        Component("rollouts", _rollouts, ingest=True, signs=True),
+        Component("features-faust", _faust, engine="faust", role="features"),
+        Component("features-flink", _flink, engine="flink", role="features"),
+        Component("features-native", _native, engine="native", role="features"),
+        Component("online-writer", _online_writer, role="online-writer"),
+        *(Component(f"scorer-{i}", _scorer(i), replica=i, role="scorer") for i in range(16)),
+        Component("lakehouse", _lakehouse, ingest=True, role="lakehouse"),
+        Component("retrainer", _retrainer, retrain=True, signs=True, role="publisher"),
+        Component("rollouts", _rollouts, ingest=True, signs=True, role="publisher"),
     )
 }
 
@@ -231,12 +233,29 @@ def retraining(settings: Settings) -> bool:
 
 
 def environment(settings: Settings, name: str, env: Mapping[str, str]) -> dict[str, str]:
-    """`env` for component `name`: one that does not publish models gets the trusted public keys
+    """`env` for component `name`: on this home's secure local stack, its role's Kafka client file and
+    Redis URL (never the admin's); and one that does not publish models gets the trusted public keys
     (EDDY_MODEL_TRUST) and neither the private key nor a way to find it."""
-    if COMPONENTS[name].signs:
-        return dict(env)
+    comp = COMPONENTS[name]
+    out = dict(env)
+    if settings.kafka_config is None and local_kafka_properties(settings.home, settings.kafka.bootstrap):
+        out["EDDY_KAFKA_CONFIG"] = str(kafka_client_file(settings.home, comp.role))
+    raw = env.get("EDDY_REDIS_URL", settings.redis_url)
+    if local_redis_url(settings.home, _without_user(raw)) is not None:
+        out["EDDY_REDIS_URL"] = redis_url_file(settings.home, comp.role).read_text().strip()
+    if comp.signs:
+        return out
     trusted = env.get("EDDY_MODEL_TRUST") or ",".join(settings.trusted_keys().public_hex())
-    return {**{k: v for k, v in env.items() if k != "EDDY_MODEL_KEY"}, "EDDY_MODEL_TRUST": trusted}
+    return {**{k: v for k, v in out.items() if k != "EDDY_MODEL_KEY"}, "EDDY_MODEL_TRUST": trusted}
+
+
+def _without_user(url: str) -> str:
+    """`url` without its user and password (the supervisor's own URL is the admin's)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit(("redis", netloc, parts.path, "", ""))
 
 
 def argv(name: str) -> list[str]:

@@ -138,6 +138,7 @@ def run_demo(settings: Settings, console: Console) -> dict:
     started = time.time()
     console.rule("1. eddy up")
     report = stack.up(settings, spec)
+    settings = report.settings or settings  # signed in to the stack it just started
     for name, part in report.parts.items():
         console.print(f"  {name:<16} pid {part['pid']}  log {part['log']}")
     watcher = PredictionWatcher(settings, spec.topics.source, spec.topics.predictions)

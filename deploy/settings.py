@@ -23,6 +23,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, EnvSettingsSource, InitSettingsSource, NoDecode, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
+from deploy.security import local_kafka_properties, local_redis_url
 from features.errors import ConfigError, SpecError
 from features.spec import parse_duration
 from models.signing import SigningKey, TrustedKeys
@@ -84,12 +85,17 @@ class Settings(BaseSettings):
     home: Annotated[Path, AfterValidator(lambda home: home.expanduser().resolve())] = Path(".eddy")
     kafka_config: Path | None = None  # a client properties file (security.protocol, sasl.*, ssl.*)
     kafka_unverified_tls: bool = False  # accept enable.ssl.certificate.verification=false in kafka_config
+    # The local broker and Redis without TLS, SCRAM, ACL users or passwords (`eddy up --insecure`): for
+    # benchmarks only. By default they run secure, and this home's processes sign in as their roles.
+    insecure: bool = Field(False, description="on or off")
     # The bootstrap text, with kafka_config's properties. Defaults are validated too (BaseSettings'
     # validate_default), so _kafka makes this text a KafkaConfig; Field's type says str.
     kafka: Annotated[KafkaConfig, NoDecode] = Field(  # type: ignore[assignment]
         "127.0.0.1:9092", validation_alias="EDDY_KAFKA_BOOTSTRAP")
     redis_url: str = Field("redis://127.0.0.1:6379/0",
                            description="a redis:// URL; set it like redis://127.0.0.1:6379/0")
+    # The local redis-server speaks TLS only (rediss://, the stack's CA); it has ACL users either way.
+    redis_tls: bool = Field(False, description="on or off")
     lakehouse: str = ""  # empty: home/lakehouse
     pipeline: Path = Path("pipelines/fraud.yaml")
     device: Annotated[Device, _LOWER] = Field("auto", description=f"one of {', '.join(DEVICES)}")
@@ -144,14 +150,19 @@ class Settings(BaseSettings):
         config = info.data.get("kafka_config")
         properties = _properties(config, "EDDY_KAFKA_CONFIG", "a properties file") if config else {}
         check_client_security(properties, info.data.get("kafka_unverified_tls", False), f"EDDY_KAFKA_CONFIG ({config})")
-        return KafkaConfig(str(value), properties)
+        if not config and "home" in info.data:  # this home's secure local broker: the CLI signs in as admin
+            properties = local_kafka_properties(info.data["home"], str(value)) or {}
+        # EDDY_KAFKA_BOOTSTRAP names the brokers, whatever a client file says
+        return KafkaConfig(str(value), {k: v for k, v in properties.items()
+                                        if k not in ("bootstrap.servers", "metadata.broker.list")})
 
     @field_validator("redis_url")
     @classmethod
-    def _redis_scheme(cls, url: str) -> str:
+    def _redis_scheme(cls, url: str, info: ValidationInfo) -> str:
         if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
             raise ValueError("not a redis URL")
-        return url
+        # this home's local Redis with ACL users: the CLI signs in as admin
+        return (local_redis_url(info.data["home"], url) or url) if "home" in info.data else url
 
     @field_validator("lakehouse", mode="before")
     @classmethod
@@ -281,6 +292,18 @@ def _problem(error: Mapping[str, Any], flags: Mapping[str, Any]) -> str:
     return f"{where}: {value!r} is not {valid}"
 
 
+def local_credentials(settings: Settings) -> Settings:
+    """`settings` signed in as admin to this home's secure local broker and Redis, once they run (settings
+    loaded before `eddy up` made the credentials have none); unchanged for other clusters."""
+    changes: dict[str, Any] = {}
+    if settings.kafka_config is None and (props := local_kafka_properties(settings.home, settings.kafka.bootstrap)):
+        changes["kafka"] = KafkaConfig(settings.kafka.bootstrap, {k: v for k, v in props.items()
+                                                                  if k != "bootstrap.servers"})
+    if (url := local_redis_url(settings.home, settings.redis_url)) is not None:
+        changes["redis_url"] = url
+    return settings.model_copy(update=changes) if changes else settings
+
+
 def child_environment(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for a process eddy starts: the caller's, with the settings made explicit."""
     env = dict(os.environ)
@@ -295,6 +318,8 @@ def child_environment(settings: Settings, extra: Mapping[str, str] | None = None
         EDDY_PARTITIONS=str(settings.partitions),
         EDDY_SCORERS=str(settings.scorers),
         EDDY_INGEST="on" if settings.ingest else "off",
+        EDDY_INSECURE="on" if settings.insecure else "off",
+        EDDY_REDIS_TLS="on" if settings.redis_tls else "off",
         EDDY_MONITORING="on" if settings.monitoring else "off",
         EDDY_METRICS_PORT=str(settings.metrics_port),
         EDDY_SPARK_MASTER=settings.spark_master,

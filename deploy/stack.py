@@ -14,7 +14,7 @@ import psutil
 
 from deploy import broker, components, redis_local
 from deploy.processes import ProcessTable
-from deploy.settings import Settings, child_environment, redact_url, stored_key
+from deploy.settings import Settings, child_environment, local_credentials, redact_url, stored_key
 from features.errors import EddyError, ServiceError
 from features.spec import PipelineSpec, load_spec
 from features.waiting import poll
@@ -35,11 +35,13 @@ class UpReport:
     parts: dict[str, dict[str, Any]] = field(default_factory=dict)
     topics_created: list[str] = field(default_factory=list)
     baseline: str | None = None  # the baseline model version, when this `up` published it
+    settings: Settings | None = None  # the settings `up` ended with: signed in to the secure local stack
 
 
 def private_settings(base: Settings, home: Path, **changes: Any) -> Settings:
     """Settings for a stack of its own in `home` (local broker and Redis on free loopback ports, the
-    lakehouse under it), with base's model key written where its processes read it."""
+    lakehouse under it), with base's model key written where its processes read it. Its broker and Redis
+    make their own credentials (none of base's client settings apply to them)."""
     from deploy.processes import free_port
     from streams.kafka import KafkaConfig
 
@@ -48,7 +50,7 @@ def private_settings(base: Settings, home: Path, **changes: Any) -> Settings:
     key_file.touch(mode=0o600)
     key_file.write_bytes(base.model_key.get_secret_value() or stored_key(base.home))
     return base.model_copy(update=dict(
-        home=home, kafka=KafkaConfig(f"127.0.0.1:{free_port()}", base.kafka.properties),
+        home=home, kafka=KafkaConfig(f"127.0.0.1:{free_port()}"), kafka_config=None,
         redis_url=f"redis://127.0.0.1:{free_port()}/0", lakehouse=str(home / "lakehouse"), **changes))
 
 
@@ -69,6 +71,9 @@ def up(settings: Settings, spec: PipelineSpec | None = None, with_components: bo
     r = redis_local.ensure_redis(settings, table)
     report.parts["redis"] = {"managed": r.managed, "address": r.address, "pid": r.pid,
                              "start_s": round(r.start_s, 2), "log": str(table.log_path("redis"))}
+    settings = report.settings = local_credentials(settings)  # admin, where this home made the credentials
+    if b.managed and not settings.insecure:
+        broker.grant(settings, spec)
     if settings.monitoring:
         from deploy import prometheus_local
 
@@ -247,6 +252,7 @@ def status(settings: Settings) -> dict[str, Any]:
 
     _supervision(settings, report["parts"], started)
     _metrics_urls(settings, report["parts"])
+    _identities(settings, report["parts"])
     if broker_up:
         try:
             report["lag"] = group_lag(settings.kafka, timeout_s=5)
@@ -254,6 +260,26 @@ def status(settings: Settings) -> dict[str, Any]:
             report["lag"] = {"error": str(exc)}
     report["checked_at"] = time.time()
     return report
+
+
+def _identities(settings: Settings, parts: dict[str, dict[str, Any]]) -> None:
+    """Who each part is to Kafka (its principal) and whether it speaks TLS; the broker's and Redis's
+    own security. On this home's secure local stack each stage is its role; elsewhere every part uses
+    EDDY_KAFKA_CONFIG's identity."""
+    from deploy.security import local_kafka_properties, principal
+
+    local = settings.kafka_config is None and local_kafka_properties(settings.home, settings.kafka.bootstrap)
+    shared = principal(settings.kafka.properties)
+    for name, part in parts.items():
+        comp = components.COMPONENTS.get(name)
+        if comp is not None:
+            part.update({"principal": f"User:{comp.role}", "tls": True} if local else shared)
+    if "broker" in parts:
+        parts["broker"]["tls"] = shared["tls"]
+        parts["broker"]["security"] = settings.kafka.properties.get("security.protocol", "PLAINTEXT").upper()
+    if "redis" in parts:
+        parts["redis"]["tls"] = settings.redis_url.startswith("rediss://")
+        parts["redis"]["users"] = "@" in settings.redis_url
 
 
 def _metrics_urls(settings: Settings, parts: dict[str, dict[str, Any]]) -> None:

@@ -30,7 +30,7 @@ from models.rollout import Policy, Route, current_rollout, publish_step, start_r
 from models.scoring import LoadedModel, pick_device
 from models.signing import SigningKey
 from models.training import evaluate, train
-from models.updates import artifact_path, publish, read_updates, serving_update
+from models.updates import RETRAIN_GROUP_PREFIX, artifact_path, publish, read_updates, serving_update
 from streams.kafka import KafkaConfig
 
 PUBLISH_MODES = ("auto", "always", "never")
@@ -56,7 +56,7 @@ class RetrainResult:
 
 def _read_all(kafka: KafkaConfig, topic: str, idle_s: float = 3.0) -> list[bytes]:
     """Every record value of `topic`, read until none has come for `idle_s`."""
-    consumer = Consumer(kafka.client(**{"group.id": f"eddy-retrain-{uuid.uuid4().hex[:8]}",
+    consumer = Consumer(kafka.client(**{"group.id": f"{RETRAIN_GROUP_PREFIX}{uuid.uuid4().hex[:8]}",
                                         "auto.offset.reset": "earliest", "enable.auto.commit": False,
                                         "isolation.level": "read_committed"}))
     consumer.subscribe([topic])

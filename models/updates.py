@@ -39,6 +39,10 @@ SERVING_ACTIONS = ("publish", "promote", "rollback")
 ROLLOUT_ACTIONS = ("rollout", "rollout_end")
 ACTIONS = SERVING_ACTIONS + ROLLOUT_ACTIONS
 
+# Groups of readers that never commit: the publisher reading the topic's tail, `eddy retrain` reading
+# labels and features from Kafka (deploy.access grants the publisher these prefixes).
+SEQUENCE_GROUP_PREFIX = "eddy-seq-"
+RETRAIN_GROUP_PREFIX = "eddy-retrain-"
 
 def serves(message: dict) -> bool:
     """Whether the message is about which version serves (not a rollout's state)."""
@@ -165,7 +169,7 @@ def publish_messages(kafka: KafkaConfig, topic: str, messages: list[dict], key: 
 
 def last_sequence(kafka: KafkaConfig, topic: str, trusted: TrustedKeys, tail: int = 20) -> int:
     """The highest seq among the last `tail` records of each partition that a trusted key signed (0 if none)."""
-    consumer = Consumer(kafka.client(**{"group.id": f"eddy-seq-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
+    consumer = Consumer(kafka.client(**{"group.id": f"{SEQUENCE_GROUP_PREFIX}{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
                                         "isolation.level": "read_committed"}))
     try:
         partitions = list(consumer.list_topics(topic, timeout=30).topics[topic].partitions)

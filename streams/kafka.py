@@ -194,8 +194,9 @@ def group_lag(config: KafkaConfig, timeout_s: float = 10.0) -> dict[str, dict[st
     return lags
 
 
-def java_client_properties(kafka: KafkaConfig) -> dict[str, str]:
-    """The shared client settings (librdkafka names) as the Java client spells them."""
+def java_client_properties(kafka: KafkaConfig, shaded: str = "") -> dict[str, str]:
+    """The shared client settings (librdkafka names) as the Java client spells them; `shaded` is the
+    package prefix of a connector that relocates the Kafka client (its login module's class is renamed)."""
     props = dict(kafka.properties)
     out: dict[str, str] = {}
     mechanism = props.pop("sasl.mechanisms", None) or props.pop("sasl.mechanism", None)
@@ -203,9 +204,9 @@ def java_client_properties(kafka: KafkaConfig) -> dict[str, str]:
         out["sasl.mechanism"] = mechanism
     user, password = props.pop("sasl.username", None), props.pop("sasl.password", None)
     if user is not None and "sasl.jaas.config" not in props:
-        module = ("org.apache.kafka.common.security.scram.ScramLoginModule"
-                  if (mechanism or "").upper().startswith("SCRAM") else
-                  "org.apache.kafka.common.security.plain.PlainLoginModule")
+        module = shaded + ("org.apache.kafka.common.security.scram.ScramLoginModule"
+                           if (mechanism or "").upper().startswith("SCRAM") else
+                           "org.apache.kafka.common.security.plain.PlainLoginModule")
         out["sasl.jaas.config"] = f'{module} required username="{_jaas(user)}" password="{_jaas(password or "")}";'
     ca = props.pop("ssl.ca.location", None)
     if ca:
@@ -214,6 +215,7 @@ def java_client_properties(kafka: KafkaConfig) -> dict[str, str]:
     if cert and key:  # a PEM key store given inline: the Java client reads no separate PEM files
         out.update({"ssl.keystore.type": "PEM", "ssl.keystore.certificate.chain": Path(cert).read_text(),
                     "ssl.keystore.key": Path(key).read_text()})
+    props.pop("isolation.level", None)  # a consumer's own setting, given per client where it matters
     if props.pop("enable.ssl.certificate.verification", "true").lower() == "false":
         out["ssl.endpoint.identification.algorithm"] = ""
     for name, value in props.items():

@@ -46,10 +46,22 @@ def stack_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     env = stack_environment(tmp_path_factory.mktemp("eddy-home"))
     settings = load_settings(environ=env)
     try:
-        stack.up(settings, with_components=False)  # tests start the components they exercise
-        yield env
+        report = stack.up(settings, with_components=False)  # tests start the components they exercise
+        # the stack is secure: processes with homes of their own sign in as its admin
+        yield {**env, **signed_in(report.settings or settings)}
     finally:
         stack.down(settings)
+
+
+def signed_in(settings) -> dict[str, str]:
+    """EDDY_* variables that sign a process of any home in to this secure local stack as its admin:
+    its client file and its Redis URL (as a user points eddy at an existing secure cluster)."""
+    from deploy.security import kafka_client_file
+
+    out = {"EDDY_REDIS_URL": settings.redis_url}
+    if settings.kafka.properties:
+        out["EDDY_KAFKA_CONFIG"] = str(kafka_client_file(settings.home, "admin"))
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -65,12 +77,12 @@ def redis_settings(tmp_path_factory: pytest.TempPathFactory):
     """Settings of a redis-server of its own (no broker: its Kafka address answers nothing), for the
     tests that need Redis alone."""
     from deploy import redis_local, stack
-    from deploy.settings import load_settings
+    from deploy.settings import load_settings, local_credentials
 
     settings = load_settings(environ=stack_environment(tmp_path_factory.mktemp("eddy-redis")))
     try:
         redis_local.ensure_redis(settings, stack.process_table(settings))
-        yield settings
+        yield local_credentials(settings)
     finally:
         stack.down(settings)
 

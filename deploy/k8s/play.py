@@ -29,7 +29,8 @@ from typing import Any
 import orjson
 import yaml
 
-from deploy.k8s.values_from_spec import ROLES, chart_values
+from deploy.access import ROLES
+from deploy.k8s.values_from_spec import chart_values
 from features.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -185,7 +186,9 @@ def main(argv: list[str]) -> int:
     key = secrets.token_hex(32)
     env = {"EDDY_HOME": str(home), "EDDY_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
            "EDDY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "EDDY_PIPELINE": str(spec_path),
-           "EDDY_MODEL_KEY": key, "EDDY_LAKEHOUSE": str(lakehouse), "EDDY_INGEST": "off"}
+           "EDDY_MODEL_KEY": key, "EDDY_LAKEHOUSE": str(lakehouse), "EDDY_INGEST": "off",
+           # the pods reach this stack through the host's network as the chart's external cluster, in plaintext
+           "EDDY_INSECURE": "on"}
     settings = load_settings(environ=env)
     manifest = home / "play.yaml"
     podman_env = {**os.environ, "CONTAINERS_CONF": str(REPO / "deploy/image/containers.conf")}

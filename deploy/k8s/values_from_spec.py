@@ -12,24 +12,13 @@ from typing import Any
 
 import yaml
 
+from deploy.access import GROUP_STAGES, kafka_acls
 from features.spec import PipelineSpec, load_spec
 from streams.engines.config import STAGE as FEATURES_STAGE
 from streams.engines.config import EngineConfig
 from streams.engines.native_engine import changelog_topic
 from streams.kafka import KafkaConfig
 
-# The roles of Kafka principals and Redis users; a stage runs as exactly one.
-ROLES = ("producer", "features", "online-writer", "scorer", "lakehouse", "publisher", "reader", "admin")
-# The stages with a consumer group of their own, named by PipelineSpec.stage_id.
-GROUP_STAGES = (FEATURES_STAGE, "scorer", "online-writer", "lakehouse")
-# Spark's Kafka source names its groups "spark-kafka-source-..." unless the query sets groupIdPrefix;
-# ingestion sets none yet, so the lakehouse role may use both.
-SPARK_GROUP_PREFIX = "spark-kafka-source-"
-# `eddy consume` reads under a group of its own per run.
-CONSUME_GROUP_PREFIX = "eddy-consume-"
-
-READ = ["Read", "Describe"]
-WRITE = ["Write", "Describe"]
 _DNS_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?\Z")
 
 
@@ -40,73 +29,6 @@ def resource_name(topic: str) -> str:
         return topic
     base = re.sub(r"[^-a-z0-9.]+", "-", topic.lower()).strip("-.")[:50] or "topic"
     return f"{base}-{hashlib.sha256(topic.encode()).hexdigest()[:8]}"
-
-
-def _rule(kind: str, name: str | None, operations: list[str], prefix: bool = False) -> dict[str, Any]:
-    """One Strimzi KafkaUser ACL rule (kafka.strimzi.io/v1 `simple` authorization); the cluster has no name."""
-    resource: dict[str, Any] = {"type": kind}
-    if name is not None:
-        resource.update(name=name, patternType="prefix" if prefix else "literal")
-    return {"resource": resource, "operations": list(operations)}
-
-
-def kafka_acls(spec: PipelineSpec) -> dict[str, list[dict[str, Any]]]:
-    """Each role's ACL rules: the topics it reads and writes, its consumer groups and transactional
-    ids (by the stage id's prefix), nothing else."""
-    t, sid = spec.topics, spec.stage_id
-    features = sid(FEATURES_STAGE)
-    sources = [t.source] + ([t.labels] if t.labels else [])
-    return {
-        "producer": [_rule("topic", topic, WRITE) for topic in sources],
-        "features": [
-            _rule("topic", t.source, READ),
-            _rule("topic", t.features, WRITE),
-            _rule("topic", t.dlq, WRITE),
-            # the engine's own topics: the native changelog, Faust's table changelog and leader topic
-            _rule("topic", features, ["Create", "Read", "Write", "Describe", "DescribeConfigs"], prefix=True),
-            # the engine's group, and the native engine's restore client named after it
-            _rule("group", features, ["Read", "Describe"], prefix=True),
-            _rule("transactionalId", features, ["Write", "Describe"], prefix=True),
-        ],
-        "online-writer": [
-            _rule("topic", t.features, READ),
-            _rule("group", sid("online-writer"), ["Read", "Describe"]),
-        ],
-        "scorer": [
-            _rule("topic", t.features, READ),
-            _rule("topic", t.model_updates, READ),
-            _rule("topic", t.predictions, WRITE),
-            _rule("topic", t.shadow, WRITE),  # a shadow challenger's predictions during a rollout
-            _rule("topic", t.dlq, WRITE),
-            _rule("group", sid("scorer"), ["Read", "Describe"]),
-            _rule("group", sid("model-updates"), ["Read", "Describe"], prefix=True),  # the update listener
-            _rule("transactionalId", sid("scorer"), ["Write", "Describe"], prefix=True),
-        ],
-        "lakehouse": [
-            *(_rule("topic", topic, READ) for topic in t.all()),
-            _rule("group", sid("lakehouse"), ["Read", "Describe"], prefix=True),
-            _rule("group", SPARK_GROUP_PREFIX, ["Read", "Describe"], prefix=True),
-        ],
-        # the retrainer, the rollout judge, `eddy retrain`, `eddy promote`, `eddy rollback` and `eddy rollout`:
-        # the only writer of model-updates
-        "publisher": [
-            _rule("topic", t.model_updates, ["Read", "Write", "Describe"]),
-            _rule("group", sid("registry"), ["Read", "Describe"], prefix=True),
-            _rule("group", sid("probe"), ["Read", "Describe"]),
-        ],
-        "reader": [
-            _rule("topic", t.predictions, READ),
-            _rule("topic", t.dlq, READ),
-            _rule("group", sid("reader"), ["Read", "Describe"], prefix=True),
-            _rule("group", CONSUME_GROUP_PREFIX, ["Read", "Describe"], prefix=True),
-        ],
-        "admin": [
-            _rule("cluster", None, ["All"]),
-            _rule("topic", "*", ["All"]),
-            _rule("group", "*", ["All"]),
-            _rule("transactionalId", "*", ["All"]),
-        ],
-    }
 
 
 def _native_changelog(spec: PipelineSpec) -> str:

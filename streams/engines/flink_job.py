@@ -21,6 +21,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 MIN_CHECKPOINT_INTERVAL_S = 1.0
 # Kafka transactions must outlive a restart from the last checkpoint: the broker's default maximum.
 TRANSACTION_TIMEOUT_MS = 15 * 60 * 1000
+# The SQL connector relocates the Kafka client under this package (its SCRAM login module with it).
+SHADED = "org.apache.flink.kafka.shaded."
 PYTHON_MODE = "thread"
 STATE_BACKEND = "hashmap"
 SOURCE, TICKS, FEATURES, DLQ = "eddy_source", "eddy_ticks", "eddy_features", "eddy_dlq"
@@ -49,7 +51,7 @@ def _sql(text: str) -> str:
 
 
 def _kafka_options(config: EngineConfig, topic: str) -> dict[str, str]:
-    props = {f"properties.{k}": v for k, v in java_client_properties(config.kafka).items()}
+    props = {f"properties.{k}": v for k, v in java_client_properties(config.kafka, shaded=SHADED).items()}
     return {"connector": "kafka", "topic": topic, "properties.bootstrap.servers": config.kafka.bootstrap,
             **props, **_RAW_KEY_VALUE}
 

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from deploy.k8s.values_from_spec import ROLES, chart_values
+from deploy.access import ROLES, SHARED_GROUP_PREFIXES
+from deploy.k8s.values_from_spec import chart_values
 from features.spec import PipelineSpec, load_spec, parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -393,7 +394,7 @@ def test_acls_are_least_privilege_for_the_spec(spec_name: str) -> None:
             assert res["type"] in ("topic", "group", "transactionalId"), f"{role}: {res}"
             if res["type"] == "topic" and res.get("patternType") == "prefix":
                 assert res["name"] == s.stage_id("features"), f"{role}: topic prefix {res['name']}"
-            if res["type"] in ("group", "transactionalId") and res["name"] not in ("spark-kafka-source-", "eddy-consume-"):
+            if res["type"] in ("group", "transactionalId") and res["name"] not in SHARED_GROUP_PREFIXES:
                 assert res["name"].startswith(f"eddy-{s.name}-"), f"{role}: {res}"
 
 
