@@ -133,7 +133,7 @@ def _kept_ports(config: Path) -> dict[str, int]:
     """The controller's, the internal and the clients' listeners' ports, kept across restarts unless
     something else took one."""
     text = config.read_text() if config.exists() else ""
-    ports = {}
+    ports: dict[str, int] = {}
     for listener in ("CONTROLLER", "INTERNAL", "CLIENTS"):
         match = re.search(rf"{listener}://[^:]+:(\d+)", text)
         taken = set(ports.values())
@@ -179,9 +179,9 @@ def ensure_broker(settings: Settings, table: ProcessTable) -> BrokerInfo:
             running, wanted = ("secure", "--insecure") if settings.insecure else ("plaintext (--insecure)", "secure")
             raise ServiceError(f"the local broker runs {running}: `eddy down` first to start it {wanted}")
         if not settings.insecure and security.local_kafka_properties(settings.home, settings.kafka.bootstrap) is None:
-            pki = security.ensure_pki(settings.home, [host])  # a start that failed before the roles existed
-            wait_for_broker(internal_config(settings, pki), timeout_s=START_DEADLINE_S)
-            _create_principals(settings, internal_config(settings, pki), pki)
+            known = security.ensure_pki(settings.home, [host])  # a start that failed before the roles existed
+            wait_for_broker(internal_config(settings, known), timeout_s=START_DEADLINE_S)
+            _create_principals(settings, internal_config(settings, known), known)
         wait_for_broker(local_credentials(settings).kafka, timeout_s=START_DEADLINE_S)
         return BrokerInfo(True, settings.kafka.bootstrap, pid=record.pid)
     if port_open(host, port):

@@ -131,7 +131,7 @@ def _issue(root: Path, common_name: str, names: Any = None) -> tuple[bytes, byte
                                                      x509.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
     if names is not None:
         builder = builder.add_extension(names, critical=False)
-    cert = builder.sign(ca_key, _sha256())  # type: ignore[arg-type]
+    cert = builder.sign(ca_key, _sha256())
     return _pkcs8(key), cert.public_bytes(serialization.Encoding.PEM)
 
 

@@ -49,6 +49,18 @@ if ! command -v redis-server >/dev/null; then
 else
   step "redis-server present ($(redis-server --version | cut -d' ' -f3))"
 fi
+# kcat, to try the secure broker as people's own tools do (`kcat -F $(eddy credentials producer)`);
+# optional: its test is skipped without it.
+if ! command -v kcat >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    step "installing kcat (apt)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q kcat >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q kcat >/dev/null 2>&1; } \
+      || step "kcat could not be installed: its test will be skipped"
+  else
+    step "kcat is missing (sudo apt-get install kcat): its test will be skipped"
+  fi
+fi
 # 4. Prometheus + promtool (Debian's package) for the local monitoring and the rule tests; Grafana's
 #    dashboard schema (npm) into .tools/ for the dashboards' tests
 bash deploy/monitoring/install.sh

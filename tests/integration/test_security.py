@@ -3,8 +3,11 @@ what each role may do, and people's own tools (kcat) with `eddy credentials`."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -67,7 +70,7 @@ def test_only_the_publisher_writes_model_updates(stack_env) -> None:
     for role in ("scorer", "features", "producer", "publisher"):
         results: list[KafkaError | None] = []
         producer = Producer({**role_props(home, role), "message.timeout.ms": 8000})
-        producer.produce(topic, b"{}", on_delivery=lambda err, _msg: results.append(err))
+        producer.produce(topic, b"{}", on_delivery=lambda err, _msg, out=results: out.append(err))
         producer.flush(15)
         outcomes[role] = results[0].code() if results and results[0] is not None else None
     assert outcomes == {"scorer": KafkaError.TOPIC_AUTHORIZATION_FAILED,
@@ -173,3 +176,46 @@ def test_credentials_names_the_roles_it_knows(stack_env) -> None:
     done = run_eddy(["credentials", "root"], stack_env, timeout=60)
     assert done.returncode == 2  # a bad argument, as for any bad flag
     assert done.stderr.strip() == "eddy: error: no role 'root': use one of producer, reader, admin"
+
+
+def test_eddy_on_a_secure_cluster_of_ones_own(settings, stack_env, tmp_path) -> None:
+    """As docs/operations.md shows for existing clusters: EDDY_KAFKA_CONFIG with SCRAM over TLS, and a
+    Redis that speaks TLS only with ACL users (rediss:// with its CA), used by a process of another home."""
+    from deploy import redis_local, stack
+    from deploy.settings import load_settings, local_credentials
+    from streams.engines.config import STAGE
+    from streams.metrics import read_metrics
+    from tests.conftest import stack_environment
+    from tests.integration.test_flink_engine import PIPELINES
+    from tests.parity import check_engine_output, parity_case
+    from tests.stack_helpers import wait_for
+
+    tls = load_settings(environ={**stack_environment(tmp_path / "redis-home"), "EDDY_REDIS_TLS": "on"})
+    try:
+        redis_local.ensure_redis(tls, stack.process_table(tls))
+        url = local_credentials(tls).redis_url
+        parts = urlsplit(url)
+        assert parts.scheme == "rediss" and parts.username == "admin"
+        with pytest.raises(redis.ConnectionError):  # plaintext to a TLS-only port
+            redis.Redis(host=parts.hostname, port=parts.port, socket_timeout=3).ping()
+        with pytest.raises(redis.AuthenticationError):  # TLS, but no user
+            redis.Redis.from_url(f"rediss://{parts.hostname}:{parts.port}/0?{parts.query}").set("eddy:probe", 1)
+
+        case = parity_case(settings, PIPELINES / "fraud.yaml", tmp_path / "case")
+        env = {**os.environ, "EDDY_HOME": str(tmp_path / "home"), "EDDY_PIPELINE": str(case.spec_path),
+               "EDDY_KAFKA_BOOTSTRAP": stack_env["EDDY_KAFKA_BOOTSTRAP"],
+               "EDDY_KAFKA_CONFIG": stack_env["EDDY_KAFKA_CONFIG"], "EDDY_REDIS_URL": url}
+        worker = subprocess.Popen([sys.executable, "-m", "deploy.cli", "run", "features-native"], env=env, cwd=REPO,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(url)
+        try:
+            wait_for(lambda: any(b["valid"] + b["dlq"] + b["duplicates"] == len(case.stream)
+                                 for b in read_metrics(client, case.spec.name, STAGE)), 180,
+                     "the engine to see every record")
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(60)
+        check_engine_output(settings, case.spec, case.expected, case.delivered, case.invalid)
+        assert client.exists(f"eddy:{case.spec.name}:seen:{next(iter(case.expected))}")  # dedupe over TLS
+    finally:
+        stack.down(tls)

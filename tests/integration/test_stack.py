@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from streams.kafka import KafkaConfig, admin
 from tests.conftest import run_eddy, stack_environment
 from tests.stack_helpers import wait_for
 
@@ -94,6 +95,14 @@ def test_up_twice_status_and_down_on_a_private_stack(tmp_path):
             environ = dict(v.split("=", 1) for v in Path(f"/proc/{parts[name]['pid']}/environ").read_text().split("\0")
                            if "=" in v)
             assert "EDDY_MODEL_KEY" not in environ and environ["EDDY_MODEL_TRUST"] == trusted, name
+        # Each stage signs in to the secure broker and Redis as its own role, never as the admin.
+        assert parts["broker"]["security"] == "SASL_SSL" and parts["redis"]["users"] is True
+        for name, role in {"scorer-0": "scorer", "features-faust": "features", "online-writer": "online-writer"}.items():
+            assert (parts[name]["principal"], parts[name]["tls"]) == (f"User:{role}", True), name
+            environ = dict(v.split("=", 1) for v in Path(f"/proc/{parts[name]['pid']}/environ").read_text().split("\0")
+                           if "=" in v)
+            assert environ["EDDY_KAFKA_CONFIG"].endswith(f"/secrets/kafka/{role}.properties"), name
+            assert environ["EDDY_REDIS_URL"].startswith(f"redis://{role}:"), name
 
         again = run_eddy(["up"], env)
         assert again.returncode == 0, again.stderr
@@ -110,13 +119,35 @@ def test_up_twice_status_and_down_on_a_private_stack(tmp_path):
         for address in (env["EDDY_KAFKA_BOOTSTRAP"], env["EDDY_REDIS_URL"].split("//")[1].split("/")[0]):
             host, port = address.rsplit(":", 1)
             with socket.socket() as sock:
-                sock.bind((host, int(port)))  # raises if anything still holds the port
+                # raises if anything still listens there (connections closed a moment ago may linger)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, int(port)))
         status = json.loads(run_eddy(["status", "--json"], env).stdout)
         assert status["parts"]["broker"]["state"] == "down"
         assert status["parts"]["redis"]["state"] == "down"
         assert run_eddy(["down"], env).stdout.strip() == "nothing was running"
     finally:
         run_eddy(["down"], env)  # whatever failed, nothing is left running
+
+
+def test_insecure_stack_is_plaintext_and_not_switched_while_running(tmp_path):
+    env = {**stack_environment(tmp_path / "home"), "EDDY_ENGINE": "native"}
+    try:
+        up = run_eddy(["up", "--insecure"], env)
+        assert up.returncode == 0, up.stderr
+        parts = json.loads(run_eddy(["status", "--json"], env).stdout)["parts"]
+        assert parts["broker"]["security"] == "PLAINTEXT" and parts["redis"]["users"] is False
+        assert parts["scorer-0"]["principal"] == "User:ANONYMOUS" and parts["scorer-0"]["tls"] is False
+        # any client gets in: that is what --insecure means
+        assert admin(KafkaConfig(env["EDDY_KAFKA_BOOTSTRAP"])).list_topics(timeout=10).topics
+        assert not list((tmp_path / "home" / "secrets" / "kafka").glob("*.properties"))
+        switch = run_eddy(["up"], env)
+        assert switch.returncode == 1
+        assert switch.stderr.strip() == ("eddy: error: the local broker runs plaintext (--insecure): "
+                                         "`eddy down` first to start it secure")
+        assert run_eddy(["credentials", "producer"], env).returncode == 1
+    finally:
+        run_eddy(["down"], env)
 
 
 def test_foreign_listener_on_the_broker_port_gives_one_clear_line(tmp_path):
