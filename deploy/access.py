@@ -48,8 +48,10 @@ def kafka_acls(spec: PipelineSpec) -> dict[str, list[dict[str, Any]]]:
         "producer": [_rule("topic", topic, WRITE) for topic in sources],
         "features": [
             _rule("topic", t.source, READ),
-            _rule("topic", t.features, WRITE),
-            _rule("topic", t.dlq, WRITE),
+            # Read on its outputs too: Flink's exactly-once sink describes the producers of the topics it
+            # writes before it starts (DescribeProducers needs Read)
+            _rule("topic", t.features, ["Read", *WRITE]),
+            _rule("topic", t.dlq, ["Read", *WRITE]),
             # the engine's own topics: the native changelog, Faust's table changelog and leader topic
             _rule("topic", features, ["Create", "Read", "Write", "Describe", "DescribeConfigs"], prefix=True),
             # the engine's group, and the native engine's restore client named after it

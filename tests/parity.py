@@ -327,6 +327,7 @@ def private_copy(settings, path: Path, into: Path) -> tuple[PipelineSpec, Path]:
 
     import yaml
 
+    from deploy.broker import grant
     from features.spec import parse_spec
     from streams.kafka import ensure_topics
 
@@ -339,8 +340,17 @@ def private_copy(settings, path: Path, into: Path) -> tuple[PipelineSpec, Path]:
     # make_stream's records carry the Kafka timestamps of their history (days ago): kept forever, so the
     # broker's retention (7 days by default, checked every 5 minutes) never deletes them mid-test
     ensure_topics(settings.kafka, spec.topics.all(), partitions=3, configs={"retention.ms": "-1"})
+    grant(settings, spec)  # each role's ACLs on the copy's topics, groups and transactional ids
     into.write_text(yaml.safe_dump(data))
     return spec, into
+
+
+def as_role(stack_env: dict[str, str], role: str) -> dict[str, str]:
+    """The variables that sign a process in to the session's secure broker as `role` (its ACLs alone
+    decide what it may do); Redis stays the admin's, whose users know the shipped specs' keys only."""
+    from deploy.security import kafka_client_file
+
+    return {"EDDY_KAFKA_CONFIG": str(kafka_client_file(Path(stack_env["EDDY_HOME"]), role))}
 
 
 def parity_case(settings, path: Path, into: Path, seed: int = 11) -> ParityCase:

@@ -97,6 +97,7 @@ def test_a_bad_challenger_is_rolled_back_and_a_good_one_promoted_by_the_policy(t
     try:
         up = run_eddy(["up"], env, timeout=300)
         assert up.returncode == 0, up.stderr
+        settings = load_settings(environ=env)  # signed in: `eddy up` made the stack's credentials
         assert "rollouts" in status(env)["parts"]
         stream = Stream(settings, spec, history=12_000)
         wait_for(lambda: len(read_committed(settings.kafka, spec.topics.predictions, 12_000, timeout_s=5)) >= 12_000,

@@ -55,6 +55,7 @@ def test_a_shifted_amount_drifts_fires_the_alert_and_the_other_features_stay_bel
     try:
         up = run_eddy(["up", "--monitoring"], env)
         assert up.returncode == 0, up.stderr
+        settings = load_settings(environ=env)  # signed in: `eddy up` made the stack's credentials
         prometheus = status(env)["parts"]["prometheus"]["metrics_url"].removesuffix("/metrics")
         # One stream of 1,000 cards over the last 60 hours, cut in three: training, calm, shifted.
         span_ms = 60 * HOUR_MS

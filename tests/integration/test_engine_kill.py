@@ -34,6 +34,7 @@ def test_kill_9_of_the_engine_mid_stream_changes_no_row(tmp_path, engine):
     spec = load_spec(settings.pipeline)
     try:
         assert run_eddy(["up"], env).returncode == 0
+        settings = load_settings(environ=env)  # signed in: `eddy up` made the stack's credentials
         produced = run_eddy(["produce", "--count", str(BACKLOG), "--backfill", "2h", "--label-delay", "0",
                              "--seed", "11", "--start", "2026-11-20T00:00:00Z"], env)
         assert produced.returncode == 0, produced.stderr

@@ -16,7 +16,7 @@ import redis
 from streams.engines.config import STAGE
 from streams.metrics import read_metrics
 from tests.integration.test_flink_engine import PIPELINES, REPO
-from tests.parity import check_engine_output, parity_case
+from tests.parity import as_role, check_engine_output, parity_case
 from tests.stack_helpers import wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
@@ -28,7 +28,8 @@ def test_engine_matches_the_naive_reference_exactly_once(settings, stack_env, tm
     case = parity_case(settings, PIPELINES / pipeline, tmp_path / pipeline)
     spec, spec_path, stream = case.spec, case.spec_path, case.stream
 
-    env = {**os.environ, **stack_env, "EDDY_PIPELINE": str(spec_path), "EDDY_HOME": str(tmp_path / "home")}
+    env = {**os.environ, **stack_env, **as_role(stack_env, "features"), "EDDY_PIPELINE": str(spec_path),
+           "EDDY_HOME": str(tmp_path / "home")}
     worker = subprocess.Popen([sys.executable, "-m", "deploy.cli", "run", f"features-{engine}"], env=env, cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = redis.Redis.from_url(settings.redis_url)

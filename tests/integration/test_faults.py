@@ -29,6 +29,7 @@ def stack(tmp_path):
     try:
         up = run_eddy(["up"], env)
         assert up.returncode == 0, up.stderr
+        settings = load_settings(environ=env)  # signed in: `eddy up` made the stack's credentials
         produced = run_eddy(["produce", "--count", str(BACKLOG), "--backfill", "1h", "--label-delay", "0",
                              "--seed", "3"], env)
         assert produced.returncode == 0, produced.stderr

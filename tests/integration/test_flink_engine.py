@@ -18,6 +18,7 @@ from streams.engines.config import STAGE
 from streams.metrics import read_metrics
 from tests.kafka_helpers import produce_all, read_committed
 from tests.parity import (
+    as_role,
     check_engine_output,
     dead_letters,
     make_stream,
@@ -52,7 +53,8 @@ run_job(replace(config, data_dir=Path(sys.argv[1])))
 def job_command(stack_env: dict[str, str], spec_path: Path, data_dir: Path, mode: str) -> dict:
     return {"args": [sys.executable, "-c", RUN_JOB, str(data_dir), mode], "cwd": REPO,
             # the JVM's log beside the job's data, as child_environment puts it for `eddy up`
-            "env": {**os.environ, **stack_env, "EDDY_PIPELINE": str(spec_path), "FLINK_LOG_DIR": str(data_dir / "log")}}
+            "env": {**os.environ, **stack_env, **as_role(stack_env, "features"), "EDDY_PIPELINE": str(spec_path),
+                    "FLINK_LOG_DIR": str(data_dir / "log")}}
 
 
 def run_bounded(stack_env: dict[str, str], spec_path: Path, data_dir: Path) -> None:

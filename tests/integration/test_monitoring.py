@@ -35,6 +35,7 @@ def stack(tmp_path_factory):
     try:
         up = run_eddy(["up", "--monitoring"], env)
         assert up.returncode == 0, up.stderr
+        settings = load_settings(environ=env)  # signed in: `eddy up` made the stack's credentials
         prometheus = status(env)["parts"]["prometheus"]["metrics_url"].removesuffix("/metrics")
         produced = run_eddy(["produce", "--count", str(EVENTS), "--backfill", "1h", "--label-delay", "0"], env)
         assert produced.returncode == 0, produced.stderr

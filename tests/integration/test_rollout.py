@@ -37,6 +37,7 @@ def stack(tmp_path_factory):
     try:
         up = run_eddy(["up"], env)
         assert up.returncode == 0, up.stderr
+        settings = load_settings(environ=env)  # signed in: `eddy up` made the stack's credentials
         variant(spec, settings, "v-challenger", 0.5)
         yield env, settings, spec
     finally:

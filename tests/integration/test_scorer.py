@@ -33,6 +33,7 @@ def stack(tmp_path_factory):
     try:
         up = run_eddy(["up"], env)
         assert up.returncode == 0, up.stderr
+        settings = load_settings(environ=env)  # signed in: `eddy up` made the stack's credentials
         assert "published the baseline model baseline-1" in up.stdout
         yield env, settings, load_spec(settings.pipeline)
     finally:

@@ -367,7 +367,7 @@ def test_acls_are_least_privilege_for_the_spec(spec_name: str) -> None:
         return {name for name, pattern in granted(rules[role], "topic", op) if pattern == "literal"}
 
     assert topics("producer", "Write") == inputs
-    assert topics("features", "Read") == {t.source}
+    assert topics("features", "Read") == {t.source, t.features, t.dlq}  # Flink's sink describes its producers
     assert topics("features", "Write") == {t.features, t.dlq}
     assert topics("scorer", "Read") == {t.features, t.model_updates}
     assert topics("scorer", "Write") == {t.predictions, t.shadow, t.dlq}  # the shadow topic: rollouts
