@@ -69,7 +69,9 @@ def ensure_redis(settings: Settings, table: ProcessTable) -> RedisInfo:
         raise ServiceError("redis-server is not installed: run `make setup` (or apt-get install redis-server)")
     data.mkdir(parents=True, exist_ok=True)
     lines = [f"bind {host}", f"dir {data}", "appendonly yes", "appendfsync everysec",
-             'save ""', "daemonize no", 'logfile ""']
+             'save ""', "daemonize no", 'logfile ""',
+             # bounded, and nothing evicted: a full Redis refuses writes, which the stages wait out
+             f"maxmemory {settings.redis_maxmemory}", "maxmemory-policy noeviction"]
     if settings.insecure:
         security.forget_clients(settings.home, "redis")
         lines.append(f"port {port}")

@@ -96,6 +96,10 @@ class Settings(BaseSettings):
                            description="a redis:// URL; set it like redis://127.0.0.1:6379/0")
     # The local redis-server speaks TLS only (rediss://, the stack's CA); it has ACL users either way.
     redis_tls: bool = Field(False, description="on or off")
+    # The local redis-server's memory bound: past it, writes are refused (noeviction, so no dedupe key,
+    # online feature or history is ever dropped silently) and the stages wait until there is room.
+    redis_maxmemory: Annotated[str, _LOWER] = Field("2gb", pattern=r"^[1-9][0-9]*(b|kb|mb|gb)?$",
+                                                    description="a size like 512mb or 2gb")
     lakehouse: str = ""  # empty: home/lakehouse
     pipeline: Path = Path("pipelines/fraud.yaml")
     device: Annotated[Device, _LOWER] = Field("auto", description=f"one of {', '.join(DEVICES)}")
@@ -320,6 +324,7 @@ def child_environment(settings: Settings, extra: Mapping[str, str] | None = None
         EDDY_INGEST="on" if settings.ingest else "off",
         EDDY_INSECURE="on" if settings.insecure else "off",
         EDDY_REDIS_TLS="on" if settings.redis_tls else "off",
+        EDDY_REDIS_MAXMEMORY=settings.redis_maxmemory,
         EDDY_MONITORING="on" if settings.monitoring else "off",
         EDDY_METRICS_PORT=str(settings.metrics_port),
         EDDY_SPARK_MASTER=settings.spark_master,

@@ -243,11 +243,14 @@ def status(settings: Settings) -> dict[str, Any]:
     redis_up = redis_local.ping(settings.redis_url)
     report["parts"]["redis"] = _part(started.get("redis"), redis_up, redact_url(settings.redis_url),
                                      **_redis_memory(settings.redis_url, redis_up))
+    full = "memory bound" in report["parts"]["redis"].get("note", "")
     for name, record in started.items():
         if name not in report["parts"]:
             beats = read_metrics(redis.Redis.from_url(settings.redis_url), _pipeline_name(settings), _metric(name)) if redis_up else []
             extra = _sum_beats(beats)
             beating = bool(beats) or name in ("supervisor", "prometheus")  # no heartbeat: alive is up
+            if not beating and full:  # a full Redis refuses heartbeats too: alive and waiting is up
+                beating, extra = True, {**extra, "note": "waiting for room in Redis (its heartbeat is refused)"}
             report["parts"][name] = _part(record, record.alive() and beating, record.address, **extra)
 
     _supervision(settings, report["parts"], started)
@@ -338,4 +341,9 @@ def _redis_memory(url: str, up: bool) -> dict[str, Any]:
 
     # redis-py types a reply as sync or async in one union; this client is the sync one
     info = cast("dict[str, Any]", redis.Redis.from_url(url, socket_timeout=2).info("memory"))
-    return {"used_memory_mb": round(info["used_memory"] / 2**20, 2)}
+    out: dict[str, Any] = {"used_memory_mb": round(info["used_memory"] / 2**20, 2),
+                           "maxmemory_mb": round(info.get("maxmemory", 0) / 2**20, 2),
+                           "maxmemory_policy": info.get("maxmemory_policy")}
+    if info.get("maxmemory") and info["used_memory"] >= info["maxmemory"] and info.get("maxmemory_policy") == "noeviction":
+        out["note"] = "at its memory bound: writes are refused and the stages wait until memory is freed or maxmemory raised"
+    return out

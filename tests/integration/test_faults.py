@@ -1,6 +1,6 @@
 """Faults injected into real services while a live stream flows through a whole stack (native engine,
-online writer, scorer, supervisor): Redis paused beyond the clients' timeouts, Redis killed, the only
-broker killed. Each time the stack recovers by itself and the checker finds every event with exactly
+online writer, scorer, supervisor): Redis paused beyond the clients' timeouts, Redis at its memory
+bound, Redis killed, the only broker killed. Each time the stack recovers by itself and the checker finds every event with exactly
 one features row and one prediction, equal to an uninterrupted run's, and an empty DLQ."""
 
 from __future__ import annotations
@@ -75,6 +75,32 @@ def test_redis_paused_beyond_the_timeouts_is_waited_out(stack):
     assert restarts(env) == before, "a stage died instead of waiting the pause out"
     log = (settings.logs_dir / "features-native.log").read_text()
     assert "waiting out a fault" in log and "resumed after" in log
+
+
+def test_redis_at_its_memory_bound_is_waited_out(stack):
+    import redis
+
+    env, settings, spec = stack
+    before = restarts(env)
+    admin = redis.Redis.from_url(settings.redis_url)
+    assert admin.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+    bound = admin.config_get("maxmemory")["maxmemory"]
+    seen: dict = {}
+
+    def fill_redis() -> None:
+        admin.config_set("maxmemory", admin.info("memory")["used_memory"])  # full now: every new key refused
+        time.sleep(4)
+        seen.update(status(env)["parts"])
+        time.sleep(6)
+        admin.config_set("maxmemory", bound)
+
+    during_a_live_stream(env, settings, spec, fill_redis)
+    check_exactly_once(settings.kafka, spec, BACKLOG + LIVE)
+    assert restarts(env) == before, "a stage died instead of waiting for room"
+    assert "memory bound" in seen["redis"]["note"], seen["redis"]
+    assert seen["features-native"]["state"] == "up", seen["features-native"]
+    log = (settings.logs_dir / "features-native.log").read_text()
+    assert "waiting out a fault" in log and "OOM" in log and "resumed after" in log
 
 
 @pytest.mark.parametrize("service", ["redis", "broker"])

@@ -35,6 +35,8 @@ def test_flag_wins_over_variable(tmp_path):
         ({"EDDY_REDIS_URL": "http://x"}, "is not a redis:// URL"),
         ({"EDDY_PARTITIONS": "zero"}, "is not a positive integer"),
         ({"EDDY_KAFKA_CONFIG": "/nonexistent.properties"}, "cannot read /nonexistent.properties"),
+        ({"EDDY_REDIS_MAXMEMORY": "lots"}, "EDDY_REDIS_MAXMEMORY: 'lots' is not a size like 512mb or 2gb"),
+        ({"EDDY_INSECURE": "maybe"}, "EDDY_INSECURE: 'maybe' is not on or off"),
     ],
 )
 def test_bad_values_name_the_fix(tmp_path, env, message):
