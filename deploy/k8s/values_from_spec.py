@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from deploy.access import GROUP_STAGES, kafka_acls
+from deploy.access import GROUP_STAGES, kafka_acls, redis_acls
 from features.spec import PipelineSpec, load_spec
 from streams.engines.config import STAGE as FEATURES_STAGE
 from streams.engines.config import EngineConfig
@@ -62,6 +62,8 @@ def chart_values(spec: PipelineSpec, spec_text: str = "", spec_file: str = "") -
         "groups": {stage: spec.stage_id(stage) for stage in GROUP_STAGES},
         "transactionalIdPrefixes": {stage: spec.stage_id(stage) for stage in (FEATURES_STAGE, "scorer")},
         "kafkaAcls": kafka_acls(spec),
+        # each role's Redis user: its keys by pattern, nothing dangerous, scripts for the engines only
+        "redisAcls": {role: rules for role, rules in redis_acls(spec).items() if role != "admin"},
     }}
 
 

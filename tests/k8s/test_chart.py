@@ -457,3 +457,23 @@ def test_chart_renders_without_the_monitoring_files(tmp_path: Path) -> None:
     assert "PrometheusRule" not in kinds and kinds.count("ConfigMap") == 1
     assert (CHART / "files" / "monitoring" / "rules").is_dir() or "PrometheusRule" not in {
         d["kind"] for d in rendered("fraud", "default")}
+
+
+@pytest.mark.parametrize("spec_name", SPECS)
+def test_redis_users_are_the_spec_roles_least_privilege(spec_name: str) -> None:
+    """The chart's Redis users are the local stack's (deploy.access): keys by pattern, nothing dangerous."""
+    from deploy.access import redis_acls
+
+    [redis] = [d for d in of_kind(rendered(spec_name, "default"), "StatefulSet")
+               if d["metadata"]["name"].endswith("-redis")]
+    pod = redis["spec"]["template"]["spec"]
+    [script] = [arg for c in pod.get("initContainers", []) + pod["containers"] for arg in c.get("args", [])
+                if "user default off" in arg]
+    users = {line.split()[2]: line for line in script.splitlines() if line.strip().startswith('echo "user ')}
+    assert 'echo "user default off"' in script
+    assert set(users) == {*ROLES, "default"}
+    for role, rules in redis_acls(spec(spec_name)).items():
+        if role != "admin":
+            assert users[role].rstrip('"').endswith(rules), role
+    assert users["admin"].rstrip('"').endswith("~* &* +@all")
+    assert f"%R~*{spec(spec_name).name}" in users["scorer"] and "+@scripting" not in users["scorer"]
