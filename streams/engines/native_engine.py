@@ -125,7 +125,8 @@ class NativeStep:
             state.next_offset, state.marked = c, marker
             ranges[p] = (OFFSET_BEGINNING if marker is None else marker, c)
         self.partitions.update(states)
-        replayed = replay_source(self.config.kafka, self.spec.topics.source, ranges, self._replay)
+        replayed = replay_source(self.config.kafka, self.spec.topics.source, ranges, self._replay,
+                                 group=f"{self.config.app_id}-replay")
         for p in states:
             self.partitions[p].as_of.clear()
             self._note_changes(self.partitions[p], len(self.partitions[p].dirty))

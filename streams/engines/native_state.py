@@ -128,15 +128,16 @@ def read_changelog(kafka: KafkaConfig, topic: str, partitions: Sequence[int],
 
 
 def replay_source(kafka: KafkaConfig, topic: str, ranges: dict[int, tuple[int, int]],
-                  apply: Callable[[list[Record]], None], timeout_s: float = 600.0) -> int:
+                  apply: Callable[[list[Record]], None], group: str, timeout_s: float = 600.0) -> int:
     """Hand the committed source records of each partition p with offsets in ranges[p] = [start, end)
     to apply(batch), in offset order per partition; returns the records handed over. A start of
-    OFFSET_BEGINNING is the partition's first retained record. TimedOut (a ServiceError) when the
-    replay takes over `timeout_s`."""
+    OFFSET_BEGINNING is the partition's first retained record. `group` names the client (the stage's
+    own, which its ACL allows: librdkafka asks for a group's coordinator even for assign() alone).
+    TimedOut (a ServiceError) when the replay takes over `timeout_s`."""
     ranges = {p: r for p, r in ranges.items() if r[1] > max(r[0], 0)}
     if not ranges:
         return 0
-    consumer = _consumer(kafka, f"{topic}-replay")
+    consumer = _consumer(kafka, group)
     todo = set(ranges)
     replayed = 0
 
