@@ -247,9 +247,18 @@ def _create_principals(settings: Settings, internal: KafkaConfig, pki: Pki) -> N
 
     known = security.passwords(settings.home, ROLES)
     info = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, security.SCRAM_ITERATIONS)
-    upserts = [UserScramCredentialUpsertion(role, info, known[role].encode()) for role in ROLES]
     client = admin(internal)  # held until every future is done: the futures die with the client
-    for user, future in client.alter_user_scram_credentials(upserts).items():
+    # Only the roles without one: the passwords never change, and a credential replaced while clients
+    # sign in again after a restart fails their handshakes midway.
+    have = set()
+    for user, future in client.describe_user_scram_credentials(list(ROLES)).items():
+        try:
+            future.result(30)
+            have.add(user)
+        except KafkaException:
+            continue  # no credential yet (RESOURCE_NOT_FOUND)
+    upserts = [UserScramCredentialUpsertion(role, info, known[role].encode()) for role in ROLES if role not in have]
+    for user, future in (client.alter_user_scram_credentials(upserts).items() if upserts else ()):
         try:
             future.result(30)
         except KafkaException as exc:

@@ -14,6 +14,7 @@ committed): the state is then exactly what an uninterrupted run would hold at C.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from features.waiting import wait_until
+from features.waiting import TimedOut, wait_until
 from features.windows import EntityState
 from streams.kafka import KafkaConfig, Record, consumed
 
@@ -72,6 +73,26 @@ class RestoreReport:
     seconds: float = 0.0
 
 
+# A restore read that gets nothing at all (no record, no partition end) for this long gives up: the
+# stage exits and supervision starts it again, rather than hanging on a broker that stopped answering.
+STALL_S = 60.0
+
+
+class _Progress:
+    """check(value) raises TimedOut once `value` (what a read has got so far) has not changed for STALL_S."""
+
+    def __init__(self, what: str) -> None:
+        self.what, self.since = what, time.monotonic()
+        self.last: object = None
+
+    def check(self, value: object) -> None:
+        now = time.monotonic()
+        if value != self.last:
+            self.last, self.since = value, now
+        elif now - self.since > STALL_S:
+            raise TimedOut(f"{self.what}: nothing read for {STALL_S:.0f}s")
+
+
 def _consumer(kafka: KafkaConfig, group: str) -> Consumer:
     # assign() only, never subscribe() or commit(): the group id names the client, no group forms
     return Consumer(kafka.client(**{
@@ -89,6 +110,7 @@ def read_changelog(kafka: KafkaConfig, topic: str, partitions: Sequence[int],
     consumer = _consumer(kafka, f"{topic}-restore")
     todo: set[int] = set()
     read = 0
+    progress = _Progress(f"restoring from {topic}")
 
     def read_batch() -> bool:
         """One batch of records into states and markers; True once every partition was read to its end."""
@@ -112,6 +134,7 @@ def read_changelog(kafka: KafkaConfig, topic: str, partitions: Sequence[int],
                 part.as_of.pop(key, None)
             else:
                 part.as_of[key], part.entities[key] = split_entity_value(value)
+        progress.check((read, len(todo)))
         return not todo
 
     try:
@@ -140,6 +163,7 @@ def replay_source(kafka: KafkaConfig, topic: str, ranges: dict[int, tuple[int, i
     consumer = _consumer(kafka, group)
     todo = set(ranges)
     replayed = 0
+    progress = _Progress(f"replaying {topic}")
 
     def replay_batch() -> bool:
         """One batch of records in range to apply(); True once every partition reached its range's end."""
@@ -163,6 +187,7 @@ def replay_source(kafka: KafkaConfig, topic: str, ranges: dict[int, tuple[int, i
         if batch:
             apply(batch)
             replayed += len(batch)
+        progress.check((replayed, len(todo)))
         return not todo
 
     try:
