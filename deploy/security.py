@@ -258,14 +258,17 @@ def write_redis_clients(home: Path, url: str, roles: Iterable[str], ca: Path | N
 
 
 def local_kafka_properties(home: Path, bootstrap: str, role: str = ADMIN) -> dict[str, str] | None:
-    """The client settings of `role` when `bootstrap` is this home's secure local broker, else None."""
+    """The client settings of `role` (without the file's bootstrap.servers) when `bootstrap` is this home's
+    secure local broker, else None."""
     from streams.kafka import parse_properties
 
     path = kafka_client_file(home, role)
     if not path.exists():
         return None
     props = parse_properties(path.read_text(), source=str(path))
-    return props if props.get("bootstrap.servers") == bootstrap else None
+    if props.pop("bootstrap.servers", None) != bootstrap:
+        return None
+    return props
 
 
 def local_redis_url(home: Path, url: str, role: str = ADMIN) -> str | None:

@@ -301,8 +301,7 @@ def local_credentials(settings: Settings) -> Settings:
     loaded before `eddy up` made the credentials have none); unchanged for other clusters."""
     changes: dict[str, Any] = {}
     if settings.kafka_config is None and (props := local_kafka_properties(settings.home, settings.kafka.bootstrap)):
-        changes["kafka"] = KafkaConfig(settings.kafka.bootstrap, {k: v for k, v in props.items()
-                                                                  if k != "bootstrap.servers"})
+        changes["kafka"] = KafkaConfig(settings.kafka.bootstrap, props)
     if (url := local_redis_url(settings.home, settings.redis_url)) is not None:
         changes["redis_url"] = url
     return settings.model_copy(update=changes) if changes else settings
