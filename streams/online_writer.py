@@ -22,6 +22,7 @@ from features.feast_repo import feature_dtypes, feature_store, view_name
 from features.spec import PipelineSpec
 from features.waiting import poll
 from streams.kafka import KafkaConfig
+from streams.loop import StallGuard
 from streams.metrics import Heartbeat
 from streams.stores import redis_client
 from streams.telemetry import StageMetrics
@@ -118,6 +119,7 @@ class OnlineWriter:
         self.stats = WriterStats()
         self._committed: dict[tuple[str, int], int] = {}
         self.metrics: StageMetrics | None = None
+        self._stalls = StallGuard(self.consumer)
 
     def run(self, should_stop: Callable[[], bool]) -> WriterStats:
         """Write until should_stop() is true; then close the consumer (uncommitted records replay)."""
@@ -143,6 +145,7 @@ class OnlineWriter:
                             self.metrics.latencies(time.time() * 1000, [m.timestamp()[1] for m in batch])
                 elif not messages:
                     self._commit()  # idle: the position may have moved past transaction markers
+                    self._stalls.idle()
                 self._beat()
         finally:
             self._beat(force=True)
