@@ -333,8 +333,13 @@ class TransactionalLoop:
                 self._faults.waiting(f"Kafka: {error.str()}")
 
     def _redo(self, step: Step, batch: list, reason: str) -> None:
-        """Abort what the batch produced, let a stateful step forget what it changed, seek back to the
-        batch's start, and wait before it is tried again."""
+        """Abort what the batch produced, seek back to where the group's committed offsets say the
+        batch begins (a stateful step rebuilds its state from the same offsets), and wait before it is
+        tried again.
+
+        The committed offsets decide, not the batch's own first offsets: when a commit fails, whether
+        it went through is not known (the broker may complete a commit whose answer was lost when the
+        connection broke, then refuse the abort), and a batch that did commit must not run again."""
         self._faults.waiting(reason)
         self.stats.aborted += 1
         if self.metrics is not None and reason.startswith("Kafka"):
@@ -342,32 +347,40 @@ class TransactionalLoop:
         try:
             with self._watchdog:
                 self.producer.abort_transaction(30)
-        except KafkaException as exc:  # nothing was begun, or the broker is away: the transaction times out
+        except KafkaException as exc:  # nothing was begun, the commit went through, or the broker is away
             if exc.args[0].fatal():
                 raise
             log.debug("abort: %s", exc.args[0])
+        touched = sorted({(m.topic(), m.partition()) for m in batch})
+        committed = self._committed_offsets([TopicPartition(t, p) for t, p in touched])
         aborted = getattr(step, "aborted", None)
         if aborted is not None:
-            touched = {(m.topic(), m.partition()) for m in batch}
             while True:  # a stateful step rebuilds from Kafka and Redis, which may still be away
                 try:
-                    aborted(batch, self._committed_offsets([TopicPartition(t, p) for t, p in touched]))
+                    aborted(batch, committed)
                     break
                 except RedisError as exc:
                     if not stores.is_transient(exc):
                         raise
                     self._faults.waiting(f"Redis: {exc}")
-        self._rewind(batch)
+        self._rewind(batch, committed)
 
     def _committed_offsets(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
-        """The group's committed offsets, asked again until the coordinator answers."""
+        """The group's committed offsets (stable ones: offsets of a transaction still completing are
+        waited for), asked again until the coordinator answers for every partition."""
         while True:
             try:
-                return self.consumer.committed(partitions, timeout=30)
+                committed = self.consumer.committed(partitions, timeout=30)
             except KafkaException as exc:
                 if exc.args[0].fatal():
                     raise
                 self._faults.waiting(f"Kafka: {exc.args[0].str()}")
+                continue
+            failed = [(tp, tp.error) for tp in committed if tp.error is not None]
+            if not failed:
+                return committed
+            tp, error = failed[0]
+            self._faults.waiting(f"Kafka: committed offsets of {tp.topic}[{tp.partition}]: {error.str()}")
 
     def _commit_idle_positions(self) -> None:
         """When idle, move the committed offsets past transaction markers at the end of the input.
@@ -399,13 +412,15 @@ class TransactionalLoop:
             return
         self._committed.update({(tp.topic, tp.partition): tp.offset for tp in ahead})
 
-    def _rewind(self, batch: list) -> None:
-        """Seek back to the first offset of the aborted batch in each partition, so it is redone."""
+    def _rewind(self, batch: list, committed: list[TopicPartition]) -> None:
+        """Seek each partition of an aborted batch to the group's committed offset, or to the batch's
+        first offset where the group has committed none."""
         first: dict[tuple[str, int], int] = {}
         for m in batch:
             first.setdefault((m.topic(), m.partition()), m.offset())
-        for (topic, partition), offset in first.items():
-            self.consumer.seek(TopicPartition(topic, partition, offset))
+        for tp in committed:
+            offset = tp.offset if tp.offset >= 0 else first[(tp.topic, tp.partition)]
+            self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
 
     def close(self) -> None:
         """Close the consumer (leaving the group) and flush the producer; run() calls it when it ends."""
