@@ -1,7 +1,8 @@
 """Faults injected into real services while a live stream flows through a whole stack (native engine,
-online writer, scorer, supervisor): Redis paused beyond the clients' timeouts, Redis at its memory
-bound, Redis killed, the only broker killed. Each time the stack recovers by itself and the checker finds every event with exactly
-one features row and one prediction, equal to an uninterrupted run's, and an empty DLQ."""
+online writer, scorer, supervisor) on the secure default: Redis paused beyond the clients' timeouts,
+Redis at its memory bound, Redis killed, the only broker killed. Each time the stack recovers by itself
+and the checker finds every event with exactly one features row and one prediction, equal to an
+uninterrupted run's, and an empty DLQ."""
 
 from __future__ import annotations
 
@@ -19,22 +20,12 @@ pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow, pytest.mar
 BACKLOG, RATE, LIVE = 5_000, 1_000, 8_000   # the live stream lasts 8 s; the fault falls inside it
 
 
-# Known defect, open: across a restart of the only broker, the secure stack (TLS, SCRAM, ACLs) lost
-# exactly-once in 3 runs of 7 here (a features row doubled, or a stage silent until the test gave up),
-# while the plaintext stack passed every run. Until it is found, the broker-kill test runs --insecure;
-# docs/reliability.md says so. Every other fault here runs on the secure default.
-INSECURE_FOR = {"broker"}
-
-
 @pytest.fixture
-def stack(request, tmp_path):
+def stack(tmp_path):
     from deploy.settings import load_settings
     from features.spec import load_spec
 
     env = {**stack_environment(tmp_path / "home"), "EDDY_ENGINE": "native"}
-    callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("service") in INSECURE_FOR:
-        env["EDDY_INSECURE"] = "on"
     settings = load_settings(environ=env)
     try:
         up = run_eddy(["up"], env)
