@@ -25,6 +25,12 @@ RESERVED_FEATURE_NAMES = frozenset({"late"})  # a column of every feature row
 # How far an event time may lie ahead of its record's Kafka timestamp before the event is refused:
 # a clock a few minutes fast is normal, an event hours ahead would make the entity's real events late.
 DEFAULT_MAX_FUTURE_MS = 5 * 60_000
+# The largest source record the engines take: an event is a few hundred bytes; a record beyond this is
+# a mistake or an attack (parsing it would cost every engine), refused to the DLQ with its size.
+DEFAULT_MAX_RECORD_BYTES = 64 * 1024
+EXTRA_FIELDS = ("ignore", "refuse")  # source.extra_fields: what a field outside the schema does
+_SIZE = re.compile(r"\s*(\d+)\s*(B|KiB|MiB)?\s*\Z")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024 * 1024}
 
 _UNITS_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _DURATION = re.compile(r"\s*(\d+)\s*(ms|s|m|h|d)\s*\Z")
@@ -35,10 +41,12 @@ _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}\Z")
 
 @dataclass(frozen=True)
 class Field:
-    """One field of the source schema: its name and its schema type (one of TYPES)."""
+    """One field of the source schema: its name, its schema type (one of TYPES) and, for a string
+    field declared as {enum: [...]}, the values it may take."""
 
     name: str
     type: str
+    values: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,8 @@ class PipelineSpec:
     model: Model
     spec_hash: str
     max_future_ms: int = DEFAULT_MAX_FUTURE_MS
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    extra_fields: str = "ignore"
 
     def stage_id(self, stage: str) -> str:
         """The stable id of one stage of this pipeline: its consumer group, transactional id prefix,
@@ -137,6 +147,11 @@ class PipelineSpec:
     def field_types(self) -> dict[str, str]:
         """The record schema used by validation: field name -> type, in spec order."""
         return {f.name: f.type for f in self.schema}
+
+    @property
+    def enums(self) -> dict[str, tuple[str, ...]]:
+        """The string fields declared as enums: field name -> the values it may take."""
+        return {f.name: f.values for f in self.schema if f.values is not None}
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -226,7 +241,7 @@ def _parse(data: Any) -> PipelineSpec:
     name = _text(top, "name", "name", _NAME)
     entity = _section(top["entity"], "entity", ("name", "key"))
     src = _section(top["source"], "source", ("topic", "id", "timestamp", "schema"),
-                   ("allowed_lateness", "max_future"))
+                   ("allowed_lateness", "max_future", "max_record_bytes", "extra_fields"))
     schema = _schema(src["schema"])
     types = {f.name: f.type for f in schema}
     key = _field_ref(entity, "key", "entity.key", types)
@@ -237,6 +252,9 @@ def _parse(data: Any) -> PipelineSpec:
                                            "it must be of type timestamp")
     lateness = _duration(src.get("allowed_lateness", 0), "source.allowed_lateness", positive=False)
     max_future = _duration(src.get("max_future", DEFAULT_MAX_FUTURE_MS), "source.max_future", positive=False)
+    max_record_bytes = _size(src.get("max_record_bytes", DEFAULT_MAX_RECORD_BYTES), "source.max_record_bytes")
+    extra_fields = _choice(src, "extra_fields", "source.extra_fields", EXTRA_FIELDS) if "extra_fields" in src \
+        else "ignore"
     features = _features(top["features"], types, {key, id_field, ts_field} | RESERVED_FEATURE_NAMES)
     labels = None if top.get("labels") is None else _labels(top["labels"])
     topics = _topics(top.get("topics"), _text(src, "topic", "source.topic", _TOPIC), labels)
@@ -245,7 +263,8 @@ def _parse(data: Any) -> PipelineSpec:
                   _choice(model_sec, "kind", "model.kind", MODEL_KINDS),
                   _publish_policy(model_sec.get("publish") or {}))
     spec = PipelineSpec(name, _text(entity, "name", "entity.name", _IDENT), key, id_field,
-                        ts_field, lateness, schema, features, labels, topics, model, "", max_future)
+                        ts_field, lateness, schema, features, labels, topics, model, "", max_future,
+                        max_record_bytes, extra_fields)
     return replace(spec, spec_hash=_hash(spec))
 
 
@@ -318,6 +337,20 @@ def _duration(value: Any, path: str, positive: bool) -> int:
     return ms
 
 
+def _size(value: Any, path: str) -> int:
+    """Bytes, from an integer or a text like 64KiB or 1 MiB; at least 1 KiB."""
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif match is not None:
+        size = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    else:
+        raise _Invalid(path, f"{value!r} is not a size; write bytes or a size like 64KiB or 1MiB")
+    if size < 1024:
+        raise _Invalid(path, f"{size} bytes is below the least bound of 1KiB")
+    return size
+
+
 def _schema(value: Any) -> tuple[Field, ...]:
     if not isinstance(value, Mapping) or not value:
         raise _Invalid("source.schema", f"expected a mapping of field name to type, "
@@ -327,10 +360,26 @@ def _schema(value: Any) -> tuple[Field, ...]:
         path = f"source.schema.{name}"
         if not isinstance(name, str) or not _IDENT.match(name):
             raise _Invalid(path, f"{name!r} is not a valid field name ({_describe(_IDENT)})")
+        if isinstance(type_, Mapping):
+            fields.append(Field(name, "string", _enum(type_, path)))
+            continue
         if type_ not in TYPES:
-            raise _Invalid(path, f"{type_!r} is not one of {', '.join(TYPES)}")
+            raise _Invalid(path, f"{type_!r} is not one of {', '.join(TYPES)}, or {{enum: [values]}}")
         fields.append(Field(name, type_))
     return tuple(fields)
+
+
+def _enum(value: Mapping, path: str) -> tuple[str, ...]:
+    """The values of a string field declared as {enum: [a, b, ...]}: distinct, non-empty strings."""
+    values = _section(value, path, ("enum",))["enum"]
+    if not isinstance(values, list) or not values:
+        raise _Invalid(f"{path}.enum", f"expected a non-empty list of strings, got {_kind(values)}")
+    for v in values:
+        if not isinstance(v, str) or not v:
+            raise _Invalid(f"{path}.enum", f"{v!r} is not a non-empty string")
+    if len(set(values)) != len(values):
+        raise _Invalid(f"{path}.enum", "a value is listed twice")
+    return tuple(values)
 
 
 def _features(value: Any, types: Mapping[str, str], reserved: set[str]) -> tuple[Feature, ...]:
@@ -405,11 +454,17 @@ def _hash(spec: PipelineSpec) -> str:
         "name": spec.name, "entity": spec.entity, "key": spec.key, "id": spec.id_field,
         "timestamp": spec.timestamp_field, "allowed_lateness_ms": spec.allowed_lateness_ms,
         "max_future_ms": spec.max_future_ms,
-        "schema": {f.name: f.type for f in spec.schema},
+        "schema": {f.name: f.type if f.values is None else {"enum": list(f.values)} for f in spec.schema},
         "features": [[f.name, f.agg, f.of, f.window_ms] for f in spec.features],
         "labels": None if spec.labels is None else spec.labels.__dict__,
         "topics": spec.topics.__dict__, "model": {"name": spec.model.name, "kind": spec.model.kind},
     }
+    # Settings added later count only when set away from their defaults: a spec that does not use
+    # them keeps its hash, and with it its models.
+    if spec.max_record_bytes != DEFAULT_MAX_RECORD_BYTES:
+        canonical["max_record_bytes"] = spec.max_record_bytes
+    if spec.extra_fields != "ignore":
+        canonical["extra_fields"] = spec.extra_fields
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -96,7 +96,9 @@ _FAST_TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "double": (float, 
 
 
 class Validator:
-    """Checks records against the spec's schema; every schema field is required and non-null."""
+    """Checks records against the spec's schema: a record at most source.max_record_bytes long; every
+    schema field present, non-null and of its type; an enum field one of its values; a field outside
+    the schema ignored (it stays in the raw record), or refused with source.extra_fields: refuse."""
 
     def __init__(self, spec: PipelineSpec) -> None:
         self.spec = spec
@@ -106,11 +108,19 @@ class Validator:
         self._floats = tuple(name for name, typ in spec.field_types.items() if typ in ("double", "float"))
         self._other_times = tuple(name for name, typ in spec.field_types.items()
                                   if typ == "timestamp" and name != self._ts)
+        self._enums = tuple((name, frozenset(values)) for name, values in spec.enums.items())
+        self._enum_text = {name: ", ".join(values) for name, values in spec.enums.items()}
+        self._max_bytes = spec.max_record_bytes
+        self._schema_only = spec.extra_fields == "refuse"
+        self._names = frozenset(spec.field_types)
 
     def parse(self, raw: bytes | None) -> Event | Invalid:
         """The Event, or Invalid(reason). Never raises on any input bytes."""
         if not raw:
             return Invalid("empty record")
+        if len(raw) > self._max_bytes:
+            return Invalid(f"record of {len(raw):,} bytes is over the bound of {self._max_bytes:,} "
+                           "(source.max_record_bytes)")
         try:
             record = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -134,6 +144,11 @@ class Validator:
         for name in self._other_times:
             if parse_timestamp(get(name)) is None:
                 return self._check(record)
+        for name, values in self._enums:
+            if record[name] not in values:
+                return self._check(record)
+        if self._schema_only and not self._names.issuperset(record):
+            return self._check(record)
         key, event_id = get(self._key), get(self._id)
         event_time = parse_timestamp(get(self._ts))
         if event_time is None or key is None or event_id is None or key == "" or event_id == "":
@@ -154,6 +169,13 @@ class Validator:
                     event_time = parsed
             elif not check(value):
                 return Invalid(f"field {name!r}: expected {expected} ({typ}), got {type(value).__name__}")
+        for name, values in self._enums:
+            if record[name] not in values:
+                return Invalid(f"field {name!r}: {str(record[name])[:40]!r} is not one of {self._enum_text[name]}")
+        if self._schema_only:
+            extra = sorted(k for k in record if k not in self._names)
+            if extra:
+                return Invalid(f"field {str(extra[0])[:40]!r} is not in the schema (source.extra_fields: refuse)")
         key, event_id = record[self._key], record[self._id]
         if key == "" or event_id == "":
             return Invalid(f"field {(self._key if key == '' else self._id)!r} is empty")

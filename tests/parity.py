@@ -42,6 +42,9 @@ def invalid_records(spec: PipelineSpec, event: dict[str, Any]) -> list[tuple[byt
         (orjson.dumps({**event, number: "12.5"}), f"field {number!r}: expected a finite number"),
         (orjson.dumps({**event, ts: "yesterday"}), "is not ISO-8601 with an offset or epoch milliseconds"),
         (orjson.dumps({**event, ts: "2026-11-22T10:00:00"}), "is not ISO-8601 with an offset"),
+        (orjson.dumps({**event, "padding": "x" * spec.max_record_bytes}), "bytes is over the bound of"),
+        *((orjson.dumps({**event, name: "not-a-value"}), f"field {name!r}: 'not-a-value' is not one of")
+          for name in list(spec.enums)[:1]),
     ]
 
 
@@ -149,7 +152,7 @@ def _event(spec: PipelineSpec, rng: random.Random, event_id: str, key: str, t: i
         elif kind == "boolean":
             record[name] = rng.random() < 0.5
         else:
-            record[name] = rng.choice(_VOCAB)
+            record[name] = rng.choice(field.values or _VOCAB)
     return record
 
 
@@ -168,12 +171,15 @@ def _parse_time(value: Any) -> int:
 
 
 def valid_record(spec: PipelineSpec, raw: bytes | None) -> dict[str, Any] | None:
-    """The record when it is valid (every field present and of its type), else None."""
+    """The record when it is valid (at most source.max_record_bytes; every field present, of its type, and
+    one of its values for an enum; no field outside the schema with source.extra_fields: refuse), else None."""
+    if raw is not None and len(raw) > spec.max_record_bytes:
+        return None
     try:
         record = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(record, dict):
+    if not isinstance(record, dict) or (spec.extra_fields == "refuse" and set(record) - set(spec.field_types)):
         return None
     for field in spec.schema:
         v = record.get(field.name)
@@ -189,7 +195,8 @@ def valid_record(spec: PipelineSpec, raw: bytes | None) -> dict[str, Any] | None
         elif field.type == "boolean":
             ok = isinstance(v, bool)
         else:
-            ok = isinstance(v, str) and (v != "" or field.name not in (spec.key, spec.id_field))
+            ok = isinstance(v, str) and (v != "" or field.name not in (spec.key, spec.id_field)) \
+                and (field.values is None or v in field.values)
         if not ok:
             return None
     return record

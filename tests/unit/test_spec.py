@@ -136,6 +136,13 @@ BAD_SPECS = [
     ("topics.dlq", "transactions", "topics.dlq: 'transactions' is already the source topic"),
     ("topics.source", "x", "topics.source: unknown key; allowed: features, predictions"),
     ("entity", "card", "entity: expected a mapping with keys name, key, got str"),
+    ("source.schema.channel", {"enum": []}, "source.schema.channel.enum: expected a non-empty list of strings"),
+    ("source.schema.channel", {"enum": ["pos", 3]}, "source.schema.channel.enum: 3 is not a non-empty string"),
+    ("source.schema.channel", {"enum": ["pos", "pos"]}, "source.schema.channel.enum: a value is listed twice"),
+    ("source.schema.channel", {"values": ["pos"]}, "source.schema.channel.values: unknown key; allowed: enum"),
+    ("source.max_record_bytes", "big", "source.max_record_bytes: 'big' is not a size"),
+    ("source.max_record_bytes", 100, "source.max_record_bytes: 100 bytes is below the least bound of 1KiB"),
+    ("source.extra_fields", "keep", "source.extra_fields: 'keep' is not one of ignore, refuse"),
 ]
 
 
@@ -190,12 +197,24 @@ def test_spec_hash_is_stable_across_equal_spellings(fraud):
     other = copy.deepcopy(fraud)
     other["features"][0]["window"] = "60s"
     other["source"]["allowed_lateness"] = 30_000
+    other["source"]["max_record_bytes"] = "64KiB"  # the default, spelled out
+    other["source"]["extra_fields"] = "ignore"  # the default
     assert parse_spec(other).spec_hash == parse_spec(fraud).spec_hash
+
+
+def test_record_bounds_enums_and_the_extra_fields_rule(fraud):
+    fraud["source"]["max_record_bytes"] = "2 MiB"
+    fraud["source"]["extra_fields"] = "refuse"
+    spec = parse_spec(fraud)
+    assert (spec.max_record_bytes, spec.extra_fields) == (2 * 1024 * 1024, "refuse")
+    assert spec.enums == {"channel": ("online", "pos", "atm")} and spec.field_types["channel"] == "string"
 
 
 @pytest.mark.parametrize(("path", "value"), [
     ("features.1.window", "2h"), ("features.1.agg", "avg"), ("features.1.name", "amt_1h"),
-    ("source.allowed_lateness", "1m"), ("model.kind", "sequence")])
+    ("source.allowed_lateness", "1m"), ("model.kind", "sequence"), ("source.max_record_bytes", 4096),
+    ("source.extra_fields", "refuse"), ("source.schema.channel", {"enum": ["online", "pos"]}),
+    ("source.schema.channel", "string")])
 def test_spec_hash_changes_with_the_spec(fraud, path, value):
     before = parse_spec(fraud).spec_hash
     _set(path, value)(fraud)
