@@ -69,12 +69,12 @@ class Stream:
         return self.producer.report.events
 
 
-def train(settings, spec, shuffled: bool, seed: int) -> str:
-    """A model from the labelled stream so far (the real retrain path), published nowhere."""
+def train(settings, spec, history: tuple, shuffled: bool, seed: int) -> str:
+    """A model from the labelled history (the real retrain path), published nowhere."""
     from lakehouse.registry import register_model
-    from models.retrain import retrain, training_set
+    from models.retrain import retrain
 
-    records, labels = training_set(settings.kafka, spec)
+    records, labels = history
     if shuffled:
         labels = np.random.default_rng(0).permutation(labels)
     time.sleep(1.1)  # versions are named by the second
@@ -102,10 +102,14 @@ def test_a_bad_challenger_is_rolled_back_and_a_good_one_promoted_by_the_policy(t
         stream = Stream(settings, spec, history=12_000)
         wait_for(lambda: len(read_committed(settings.kafka, spec.topics.predictions, 12_000, timeout_s=5)) >= 12_000,
                  180, "the history scored")
-        champion = train(settings, spec, shuffled=False, seed=0)
+        from models.retrain import training_set
+
+        history = training_set(settings.kafka, spec)  # read once: the three models train on the same rows
+        champion = train(settings, spec, history, shuffled=False, seed=0)
         assert run_eddy(["promote", champion], env).returncode == 0
         wait_for(lambda: status(env)["parts"]["scorer-0"].get("model_version") == champion, 60, "the champion serving")
-        bad, good = train(settings, spec, shuffled=True, seed=1), train(settings, spec, shuffled=False, seed=2)
+        bad = train(settings, spec, history, shuffled=True, seed=1)
+        good = train(settings, spec, history, shuffled=False, seed=2)
 
         # The bad one: rolled back by itself once it has the evidence.
         assert run_eddy(["rollout", "start", bad, "--policy", str(policy)], env).returncode == 0
