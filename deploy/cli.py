@@ -1,5 +1,6 @@
 """The `eddy` command line: flags and EDDY_* variables become Settings here, then each command runs. The
-stack, stream and lakehouse commands live here; the model commands in deploy/cli_models.py."""
+stack, stream and lakehouse commands live here; the model commands in deploy/cli_models.py, bench and
+chaos in deploy/cli_measure.py."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import typer
 from confluent_kafka import KafkaException
 from rich.table import Table
 
-from deploy import cli_models  # noqa: F401 - registers the model and rollout commands on the app
+from deploy import cli_measure, cli_models  # noqa: F401 - register the measuring, model and rollout commands on the app
 from deploy.cli_base import HomeOpt, InsecureOpt, PipelineOpt, app, err, out, settings_from
 from features.errors import ConfigError, EddyError
 
@@ -209,77 +210,6 @@ def credentials(
         raise EddyError(f"no credentials in {settings.home}: the local stack has not run secure there "
                         "(`eddy up`, without --insecure)")
     print(path)
-
-
-@app.command()
-def bench(
-    events: Annotated[int, typer.Option("--events", help="backlog size for the ceiling and the drain")] = 100_000,
-    loads: Annotated[str, typer.Option("--loads", help="fixed loads in events/s, comma separated")] = "1000,5000",
-    load_seconds: Annotated[float, typer.Option("--load-seconds", help="seconds per fixed load")] = 15.0,
-    engine: Annotated[str | None, typer.Option("--engine", help="feature engine: faust, flink or native")] = None,
-    out_file: Annotated[str | None, typer.Option("--out", help="write the JSON here")] = None,
-    ingest: Annotated[bool, typer.Option("--ingest/--no-ingest", help="run lakehouse ingestion in the measured stack too")] = False,
-    scorers: Annotated[int | None, typer.Option("--scorers", help="scorer replicas")] = None,
-    insecure: InsecureOpt = False,
-    pipeline: PipelineOpt = None,
-) -> None:
-    """Benchmark on a private stack: Kafka ceiling, drain rate, latency at fixed loads, scoring."""
-    from deploy.bench import run_bench
-
-    settings = settings_from("bench", pipeline=pipeline, engine=engine, scorers=scorers,
-                             insecure="on" if insecure else None)
-    try:
-        rates = [int(r) for r in loads.split(",") if r.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"--loads {loads!r}: give events/s as integers, e.g. 1000,5000") from None
-    result = run_bench(settings, events=events, loads=rates, load_seconds=load_seconds, engine=settings.engine,
-                       ingest=ingest, on_progress=lambda line: err.print(f"[bench] {line}", markup=False, highlight=False))
-    print_bench(result)
-    if out_file:
-        from pathlib import Path
-
-        Path(out_file).write_text(json.dumps(result, indent=2))
-        out.print(f"wrote {out_file}")
-
-
-def print_bench(result: dict) -> None:
-    """run_bench's result as a table on stdout."""
-    metrics = "" if result.get("metrics", True) else ", metrics off"
-    table = Table(title=f"eddy bench ({result['engine']} engine, {result['device']}, {result['machine']['cpus']} CPUs"
-                        f"{metrics})")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    base = result["baselines"]
-    table.add_row("end-to-end events/s (backlog drain)", f"{result['events_per_s']:,.0f}")
-    table.add_row("Kafka passthrough ceiling events/s", f"{base['kafka_passthrough_events_per_s']:,.0f}")
-    table.add_row("ratio to ceiling", f"{result['ratio_to_ceiling']:.2f}")
-    for rate, load in result["loads"].items():
-        lat, vis = load["latency_ms"], load["visible_latency_ms"]
-        table.add_row(f"latency at {int(rate):,}/s p50 / p95 / p99 ms",
-                      f"{lat['p50']} / {lat['p95']} / {lat['p99']} (visible {vis['p50']} / {vis['p99']})")
-    for rate, load in result["loads"].items():
-        f = load["feature_stage_latency_ms"]
-        table.add_row(f"feature stage latency at {int(rate):,}/s p50 / p99 ms", f"{f['p50']} / {f['p99']}")
-    table.add_row("hot swap: publish -> first prediction by the new model", f"{result['swap_to_first_prediction_s']} s")
-    for stage, rate in result["per_stage_events_per_s"].items():
-        table.add_row(f"stage {stage} peak events/s", f"{rate:,.0f}")
-    scoring = result["scoring"]
-    table.add_row(f"model rows/s at batch {scoring['batch']:,} ({result['device']})", f"{result['scoring_rows_per_s']:,.0f}")
-    table.add_row(f"scorer step events/s, batches of {scoring['batch']:,} / of 1",
-                  f"{scoring['micro_batched_events_per_s']:,.0f} / {base['per_event_scoring_events_per_s']:,.0f} "
-                  f"({scoring['ratio']}x)")
-    if "shadow_events_per_s" in scoring:
-        table.add_row("scorer step events/s in a rollout: shadow / 30% canary",
-                      f"{scoring['shadow_events_per_s']:,.0f} ({scoring['shadow_ratio']}x) / "
-                      f"{scoring['canary_30_events_per_s']:,.0f} ({scoring.get('canary_30_ratio', '-')}x)")
-    lake = result.get("lakehouse")
-    if lake:
-        catch, fresh = lake["catch_up"], lake["freshness"]
-        table.add_row("lakehouse catch-up rows/s (all tables)", f"{catch['rows_per_s']:,.0f} ({catch['rows']:,} rows)")
-        table.add_row(f"lakehouse freshness p50 / p99 at {fresh['rate']:,}/s, trigger {fresh['trigger_s']}s",
-                      f"{fresh['ms']['p50']} / {fresh['ms']['p99']} ms")
-        table.add_row("lakehouse ingestion memory (process + JVM)", f"{lake['rss_mb']} MB")
-    out.print(table)
 
 
 @app.command()

@@ -82,22 +82,6 @@ class Background:
 
 def count_committed(kafka: KafkaConfig, topic: str, idle_s: float = 2.0, timeout_s: float = 120.0) -> int:
     """How many committed records the topic holds now: read until nothing new comes for idle_s."""
-    consumer = Consumer(kafka.client(**{
-        "group.id": f"test-counter-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest",
-        "enable.auto.commit": False, "isolation.level": "read_committed"}))
-    consumer.subscribe([topic])
-    seen, last_new = 0, time.monotonic()
+    from deploy.checker import read_all
 
-    def quiet() -> bool:
-        nonlocal seen, last_new
-        got = [m for m in consumer.consume(1000, 0.2) if m.error() is None]
-        if got:
-            seen += len(got)
-            last_new = time.monotonic()
-        return time.monotonic() - last_new >= idle_s
-
-    try:
-        poll(quiet, timeout_s, every_s=0)
-    finally:
-        consumer.close()
-    return seen
+    return len(read_all(kafka, topic, quiet_s=idle_s, timeout_s=timeout_s))

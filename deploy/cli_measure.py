@@ -1,0 +1,121 @@
+"""The measuring commands of `eddy`: `bench` (speed against baselines on a private stack) and `chaos`
+(a soak of the running stack under random faults, then the exactly-once checker)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from deploy.cli_base import HomeOpt, InsecureOpt, PipelineOpt, app, err, out, settings_from
+
+PANEL = "Measure"  # where `eddy --help` lists these
+
+
+@app.command(rich_help_panel=PANEL)
+def bench(
+    events: Annotated[int, typer.Option("--events", help="backlog size for the ceiling and the drain")] = 100_000,
+    loads: Annotated[str, typer.Option("--loads", help="fixed loads in events/s, comma separated")] = "1000,5000",
+    load_seconds: Annotated[float, typer.Option("--load-seconds", help="seconds per fixed load")] = 15.0,
+    engine: Annotated[str | None, typer.Option("--engine", help="feature engine: faust, flink or native")] = None,
+    out_file: Annotated[str | None, typer.Option("--out", help="write the JSON here")] = None,
+    ingest: Annotated[bool, typer.Option("--ingest/--no-ingest", help="run lakehouse ingestion in the measured stack too")] = False,
+    scorers: Annotated[int | None, typer.Option("--scorers", help="scorer replicas")] = None,
+    insecure: InsecureOpt = False,
+    pipeline: PipelineOpt = None,
+) -> None:
+    """Benchmark on a private stack: Kafka ceiling, drain rate, latency at fixed loads, scoring."""
+    from deploy.bench import run_bench
+
+    settings = settings_from("bench", pipeline=pipeline, engine=engine, scorers=scorers,
+                             insecure="on" if insecure else None)
+    try:
+        rates = [int(r) for r in loads.split(",") if r.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--loads {loads!r}: give events/s as integers, e.g. 1000,5000") from None
+    result = run_bench(settings, events=events, loads=rates, load_seconds=load_seconds, engine=settings.engine,
+                       ingest=ingest, on_progress=lambda line: err.print(f"[bench] {line}", markup=False, highlight=False))
+    print_bench(result)
+    if out_file:
+        Path(out_file).write_text(json.dumps(result, indent=2))
+        out.print(f"wrote {out_file}")
+
+
+def print_bench(result: dict) -> None:
+    """run_bench's result as a table on stdout."""
+    metrics = "" if result.get("metrics", True) else ", metrics off"
+    table = Table(title=f"eddy bench ({result['engine']} engine, {result['device']}, {result['machine']['cpus']} CPUs"
+                        f"{metrics})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    base = result["baselines"]
+    table.add_row("end-to-end events/s (backlog drain)", f"{result['events_per_s']:,.0f}")
+    table.add_row("Kafka passthrough ceiling events/s", f"{base['kafka_passthrough_events_per_s']:,.0f}")
+    table.add_row("ratio to ceiling", f"{result['ratio_to_ceiling']:.2f}")
+    for rate, load in result["loads"].items():
+        lat, vis = load["latency_ms"], load["visible_latency_ms"]
+        table.add_row(f"latency at {int(rate):,}/s p50 / p95 / p99 ms",
+                      f"{lat['p50']} / {lat['p95']} / {lat['p99']} (visible {vis['p50']} / {vis['p99']})")
+    for rate, load in result["loads"].items():
+        f = load["feature_stage_latency_ms"]
+        table.add_row(f"feature stage latency at {int(rate):,}/s p50 / p99 ms", f"{f['p50']} / {f['p99']}")
+    table.add_row("hot swap: publish -> first prediction by the new model", f"{result['swap_to_first_prediction_s']} s")
+    for stage, rate in result["per_stage_events_per_s"].items():
+        table.add_row(f"stage {stage} peak events/s", f"{rate:,.0f}")
+    scoring = result["scoring"]
+    table.add_row(f"model rows/s at batch {scoring['batch']:,} ({result['device']})", f"{result['scoring_rows_per_s']:,.0f}")
+    table.add_row(f"scorer step events/s, batches of {scoring['batch']:,} / of 1",
+                  f"{scoring['micro_batched_events_per_s']:,.0f} / {base['per_event_scoring_events_per_s']:,.0f} "
+                  f"({scoring['ratio']}x)")
+    if "shadow_events_per_s" in scoring:
+        table.add_row("scorer step events/s in a rollout: shadow / 30% canary",
+                      f"{scoring['shadow_events_per_s']:,.0f} ({scoring['shadow_ratio']}x) / "
+                      f"{scoring['canary_30_events_per_s']:,.0f} ({scoring.get('canary_30_ratio', '-')}x)")
+    lake = result.get("lakehouse")
+    if lake:
+        catch, fresh = lake["catch_up"], lake["freshness"]
+        table.add_row("lakehouse catch-up rows/s (all tables)", f"{catch['rows_per_s']:,.0f} ({catch['rows']:,} rows)")
+        table.add_row(f"lakehouse freshness p50 / p99 at {fresh['rate']:,}/s, trigger {fresh['trigger_s']}s",
+                      f"{fresh['ms']['p50']} / {fresh['ms']['p99']} ms")
+        table.add_row("lakehouse ingestion memory (process + JVM)", f"{lake['rss_mb']} MB")
+    out.print(table)
+
+
+@app.command(rich_help_panel=PANEL)
+def chaos(
+    minutes: Annotated[float, typer.Option("--minutes", help="how long the live stream runs")] = 10.0,
+    rate: Annotated[int, typer.Option("--rate", help="events/s of the live stream")] = 500,
+    every: Annotated[float, typer.Option("--every", help="seconds between faults, on average, after each recovery")] = 60.0,
+    faults: Annotated[str, typer.Option("--faults", help="comma separated, from: engine, writer, scorer, broker, redis, redis-pause")] = "engine,writer,scorer,broker,redis,redis-pause",
+    seed: Annotated[int, typer.Option("--seed", help="random seed of the fault sequence and the events")] = 0,
+    out_file: Annotated[str | None, typer.Option("--out", help="write the JSON summary here")] = None,
+    home: HomeOpt = None,
+    pipeline: PipelineOpt = None,
+) -> None:
+    """A soak of the running stack: a live stream while random faults fall on it, then the exactly-once checker; exits 1 on any loss, duplicate or wrong value."""
+    from deploy.chaos import parse_faults, soak
+
+    settings = settings_from("chaos", home=home, pipeline=pipeline)
+    report = soak(settings, minutes=minutes, rate=rate, every_s=every, faults=parse_faults(faults), seed=seed,
+                  say=lambda line: err.print(f"[chaos] {line}", markup=False, highlight=False))
+    summary = report.public()
+    table = Table(title=f"eddy chaos: {summary['faults']} faults in {minutes:g} min at {rate}/s (seed {seed})")
+    for column in ("fault", "count", "restart s (median / max)", "recovery s (median / max)"):
+        table.add_column(column, justify="left" if column == "fault" else "right")
+    for name, row in summary["by_fault"].items():
+        table.add_row(name, str(row["count"]), f"{row['restart_s_median']} / {row['restart_s_max']}",
+                      f"{row['recovery_s_median']} / {row['recovery_s_max']}")
+    out.print(table)
+    verdict = report.verdict
+    out.print(f"checker: {verdict.summary() if verdict else 'did not run'}; caught up {report.caught_up_s} s "
+              "after the stream ended")
+    if out_file:
+        Path(out_file).write_text(json.dumps(summary, indent=2))
+        out.print(f"wrote {out_file}")
+    out.print("[green]ok[/green]: nothing lost, doubled or wrong" if report.ok
+              else "[red]FAILED[/red]: see the summary above and the stages' logs")
+    if not report.ok:
+        raise typer.Exit(1)
