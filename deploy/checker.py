@@ -52,8 +52,9 @@ def read_all(kafka: KafkaConfig, topic: str, quiet_s: float = 3.0, timeout_s: fl
 
 
 def expected_rows(spec: PipelineSpec, source: list) -> tuple[dict[str, dict], int]:
-    """What an uninterrupted run computes from the source's records: {event id: features row}, and how
-    many records validation refuses (each is a dead letter)."""
+    """What an uninterrupted run computes from the source's records: {event id: features row} of each
+    first-seen valid event, and how many records are refused (each is a dead letter)."""
+    from features.apply import Refused
     from features.validation import Invalid, Validator
     from streams.featurize import Featurizer
 
@@ -62,6 +63,7 @@ def expected_rows(spec: PipelineSpec, source: list) -> tuple[dict[str, dict], in
         by_partition[msg.partition()].append(msg)
     featurize, validator, refused = Featurizer(spec), Validator(spec), 0
     states: dict[str, Any] = {}
+    seen: set[str] = set()
     rows: dict[str, dict] = {}
     for msgs in by_partition.values():
         for msg in sorted(msgs, key=lambda m: m.offset()):
@@ -69,7 +71,13 @@ def expected_rows(spec: PipelineSpec, source: list) -> tuple[dict[str, dict], in
             if isinstance(event, Invalid):
                 refused += 1
                 continue
+            if event.event_id in seen:  # a duplicate: the engines drop it, and count it
+                continue
+            seen.add(event.event_id)
             new_state, value = featurize.apply_bytes(states.get(event.key), event, msg.timestamp()[1])
+            if isinstance(value, Refused):  # e.g. stamped too far ahead: a dead letter
+                refused += 1
+                continue
             if new_state is not None:
                 states[event.key] = new_state
             rows[event.event_id] = orjson.loads(value)
@@ -119,9 +127,9 @@ def check(kafka: KafkaConfig, spec: PipelineSpec, predictions: bool = True, time
 
     rows = read_all(kafka, topics.features, timeout_s=timeout_s)
     verdict.features_rows = len(rows)
-    seen: Counter[str] = Counter()
+    seen: Counter[Any] = Counter()
     for msg in rows:
-        row = orjson.loads(msg.value())
+        row = _record(msg.value())
         event_id = row.get("event_id")
         seen[event_id] += 1
         if event_id not in want:
@@ -131,22 +139,32 @@ def check(kafka: KafkaConfig, spec: PipelineSpec, predictions: bool = True, time
             verdict.wrong += 1
             _example(verdict, "wrong", event_id)
     del rows
-    verdict.duplicated = sum(n - 1 for n in seen.values() if n > 1)
-    _examples(verdict, "duplicated", [e for e, n in seen.items() if n > 1])
+    doubled = {e: n - 1 for e, n in seen.items() if n > 1 and e in want}
+    verdict.duplicated = sum(doubled.values())
+    _examples(verdict, "duplicated", list(doubled))
     missing = [e for e in want if e not in seen]
     verdict.lost = len(missing)
     _examples(verdict, "lost", missing)
 
     if predictions:
-        scored = Counter(orjson.loads(m.value()).get("event_id")
+        scored = Counter(_record(m.value()).get("event_id")
                          for m in read_all(kafka, topics.predictions, timeout_s=timeout_s))
         verdict.predictions = sum(scored.values())
-        verdict.predictions_duplicated = sum(n - 1 for n in scored.values() if n > 1)
+        verdict.predictions_duplicated = sum(n - 1 for e, n in scored.items() if n > 1 and e in want)
         unscored = [e for e in want if e not in scored]
         verdict.predictions_lost = len(unscored)
         _examples(verdict, "predictions lost", unscored)
     verdict.dead_letters = len(read_all(kafka, topics.dlq, timeout_s=timeout_s))
     return verdict
+
+
+def _record(raw: bytes | None) -> dict:
+    """A JSON object, or {} for anything else (a record injected as poison is no event's row)."""
+    try:
+        record = orjson.loads(raw or b"")
+    except orjson.JSONDecodeError:
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _example(verdict: Verdict, kind: str, event_id: Any) -> None:

@@ -46,6 +46,9 @@ def retrain(
     new, old = result.metrics, result.champion_metrics or {}
     out.print(f"trained {result.version} on {result.rows:,} labelled rows ({result.positives} fraud) in "
               f"{result.seconds:.1f}s")
+    if result.unjoined_labels:
+        out.print(f"{result.unjoined_labels:,} labels joined no features row yet (their events' rows have not "
+                  "landed, or no event has their id); they are kept, and a later retrain joins them")
     out.print(f"holdout PR-AUC {new['pr_auc']} (champion {result.champion}: {old.get('pr_auc')}), "
               f"ROC-AUC {new['roc_auc']} ({old.get('roc_auc')}), "
               f"recall@90%precision {new['recall_at_precision_90']} ({old.get('recall_at_precision_90')})")

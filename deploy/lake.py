@@ -88,12 +88,13 @@ def lakehouse_rows(settings: Settings, spec: PipelineSpec):
     """The training-set reader `eddy retrain` uses: labelled feature rows from the lakehouse, with
     Feast's point-in-time retrieval over silver/features_backfill for features the stream's rows lack."""
     def rows():
-        from lakehouse.training import labelled_features
+        from lakehouse.training import labelled_features, unjoined_labels
         from models.retrain import records_from_frame
 
         session = spark_session(settings, "eddy-retrain")
-        return records_from_frame(spec, labelled_features(session, settings.lakehouse, spec,
-                                                          point_in_time=backfill_point_in_time(settings, spec, session)))
+        frame = labelled_features(session, settings.lakehouse, spec,
+                                  point_in_time=backfill_point_in_time(settings, spec, session))
+        return records_from_frame(spec, frame, unjoined_labels(session, settings.lakehouse, spec))
 
     return rows
 

@@ -53,3 +53,17 @@ def labelled_features(session: SparkSession, root: str, spec: PipelineSpec,
         for name in missing:
             frame[name] = filled[name].to_numpy()
     return frame
+
+
+def unjoined_labels(session: SparkSession, root: str, spec: PipelineSpec) -> int:
+    """How many labelled event ids have no features row in silver/features: labels of events whose row
+    has not landed yet, or of ids no event carries. They are not dropped: they stay in bronze/labels, and
+    any later retrain joins them once the row is there, however late the label came."""
+    if spec.labels is None:
+        return 0
+    tables = {t.topic: t for t in ingested_tables(spec)}
+    features = session.read.format("delta").load(table_location(root, tables[spec.topics.features]))
+    labels = session.read.format("delta").load(table_location(root, tables[spec.labels.topic]))
+    ids = labels.where(labels[spec.labels.id].isNotNull()).select(labels[spec.labels.id].alias("event_id")).distinct()
+    return ids.join(features.select("event_id"), "event_id", "left_anti").count()
+

@@ -6,6 +6,7 @@ event id); reading them from the lakehouse's silver/features and bronze/labels i
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections import defaultdict
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -35,6 +36,8 @@ from streams.kafka import KafkaConfig
 
 PUBLISH_MODES = ("auto", "always", "never")
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class RetrainResult:
@@ -52,6 +55,7 @@ class RetrainResult:
     uri: str
     rollout: Route | None = None  # the rollout started instead of publishing (a rollout policy was given)
     refused: str | None = None  # why the spec's publish policy kept it from the topic
+    unjoined_labels: int = 0  # labels whose event had no features row to join
 
 
 def _read_all(kafka: KafkaConfig, topic: str, idle_s: float = 3.0) -> list[bytes]:
@@ -74,20 +78,53 @@ def _read_all(kafka: KafkaConfig, topic: str, idle_s: float = 3.0) -> list[bytes
     return values
 
 
-def training_set(kafka: KafkaConfig, spec: PipelineSpec) -> tuple[list[dict], np.ndarray]:
-    """Feature records with a label, in event-time order, and their 0/1 labels."""
+class TrainingSet(NamedTuple):
+    """Labelled feature records oldest first, their 0/1 labels, and how many labels joined no features
+    record (their event's record not there yet, or no event with that id): counted, never silently lost."""
+
+    records: list[dict]
+    labels: np.ndarray
+    unjoined_labels: int = 0
+
+
+def training_set(kafka: KafkaConfig, spec: PipelineSpec) -> TrainingSet:
+    """Feature records with a label, in event-time order, and their 0/1 labels. A record of either
+    topic that is not a label or a features record (poison) is skipped and counted in the log."""
     if spec.labels is None:
         raise EddyError(f"spec {spec.name!r} has no labels section: nothing to train on")
+    lid, name = spec.labels.id, spec.labels.label
     labels: dict[str, bool] = {}
-    for raw in _read_all(kafka, spec.labels.topic):
-        label = orjson.loads(raw)
-        labels[str(label[spec.labels.id])] = bool(label[spec.labels.label])
-    records = [r for r in map(orjson.loads, _read_all(kafka, spec.topics.features)) if r["event_id"] in labels]
+    skipped = 0
+    for label in map(_object, _read_all(kafka, spec.labels.topic)):
+        if label.get(lid) is None or not isinstance(label.get(name), bool | int):
+            skipped += 1
+            continue
+        labels[str(label[lid])] = bool(label[name])
+    records = []
+    for record in map(_object, _read_all(kafka, spec.topics.features)):
+        if record.get("event_id") in labels and isinstance(record.get("event_time"), str):
+            records.append(record)
+        elif not record:
+            skipped += 1
+    if skipped:
+        log.warning("skipped %d records of %s and %s that are not labels or features records", skipped,
+                    spec.labels.topic, spec.topics.features)
     records.sort(key=lambda r: r["event_time"])
-    return records, np.array([labels[r["event_id"]] for r in records], dtype=np.float64)
+    joined = {r["event_id"] for r in records}
+    return TrainingSet(records, np.array([labels[r["event_id"]] for r in records], dtype=np.float64),
+                       sum(1 for event_id in labels if event_id not in joined))
 
 
-def records_from_frame(spec: PipelineSpec, frame) -> tuple[list[dict], np.ndarray]:
+def _object(raw: bytes) -> dict:
+    """The JSON object a record holds, or {} for anything else."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def records_from_frame(spec: PipelineSpec, frame, unjoined_labels: int = 0) -> TrainingSet:
     """Rows of lakehouse.training.labelled_features as feature records (the features topic's shape,
     null features as None) and their labels."""
     import math
@@ -100,7 +137,7 @@ def records_from_frame(spec: PipelineSpec, frame) -> tuple[list[dict], np.ndarra
         records.append({"event_id": values["event_id"], spec.key: values[spec.key],
                         "event_time": values["event_time"].isoformat(), "features": features,
                         "late": bool(values["late"])})
-    return records, frame["label"].to_numpy(dtype=np.float64)
+    return TrainingSet(records, frame["label"].to_numpy(dtype=np.float64), unjoined_labels)
 
 
 def _inputs(spec: PipelineSpec, records: list[dict], seq_len: int) -> list:
@@ -131,7 +168,7 @@ def drift_reference(spec: PipelineSpec, records: list[dict], scores: np.ndarray)
 def retrain(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: SigningKey, device: str,
             publish_mode: str = "auto", epochs: int = 8, seed: int = 0,
             on_progress: Callable[[str], None] = lambda line: None,
-            rows: Callable[[], tuple[list[dict], np.ndarray]] | None = None,
+            rows: Callable[[], TrainingSet] | None = None,
             register: Callable[[dict[str, Any]], None] | None = None,
             rollout_policy: Policy | None = None) -> RetrainResult:
     """rows() gives the labelled feature records oldest first (default: read from the topics);
@@ -142,7 +179,9 @@ def retrain(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: S
         raise EddyError(f"--publish {publish_mode!r} is not one of {', '.join(PUBLISH_MODES)}")
     started = time.perf_counter()
     on_progress("reading labelled feature rows")
-    records, y = rows() if rows is not None else training_set(kafka, spec)
+    records, y, unjoined = rows() if rows is not None else training_set(kafka, spec)
+    if unjoined:
+        log.info("%d labels joined no features row yet (kept: a later retrain joins them)", unjoined)
     if len(records) < 200 or y.sum() < 5 or y.sum() == len(y):
         raise EddyError(f"only {len(records)} labelled rows ({int(y.sum())} positive): produce events with labels "
                         "first (eddy produce --backfill 24h) and let the stack process them")
@@ -197,4 +236,5 @@ def retrain(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: S
                   "created_at": manifest.created_at, "metrics": metrics, "champion_metrics": champion_metrics,
                   "published": published})
     return RetrainResult(version, current["version"] if current else None, metrics, champion_metrics, published,
-                         len(records), int(y.sum()), round(time.perf_counter() - started, 2), uri, route, refused)
+                         len(records), int(y.sum()), round(time.perf_counter() - started, 2), uri, route, refused,
+                         unjoined)

@@ -72,14 +72,14 @@ class Stream:
 def train(settings, spec, history: tuple, shuffled: bool, seed: int) -> str:
     """A model from the labelled history (the real retrain path), published nowhere."""
     from lakehouse.registry import register_model
-    from models.retrain import retrain
+    from models.retrain import TrainingSet, retrain
 
-    records, labels = history
+    records, labels, _ = history
     if shuffled:
         labels = np.random.default_rng(0).permutation(labels)
     time.sleep(1.1)  # versions are named by the second
     result = retrain(settings.kafka, spec, settings.artifacts_dir, settings.signing_key(), "cpu",
-                     "never", epochs=6, seed=seed, rows=lambda: (records, labels),
+                     "never", epochs=6, seed=seed, rows=lambda: TrainingSet(records, labels),
                      register=lambda entry: register_model(settings.lakehouse, entry))
     return result.version
 

@@ -22,7 +22,7 @@ from lakehouse.backfill import write_backfill
 from lakehouse.ingest import ensure_tables, table_location
 from lakehouse.offline import historical_features, offline_feature_store
 from lakehouse.tables import backfill_refused_table, backfill_table, ingested_tables, rows_of
-from lakehouse.training import labelled_features
+from lakehouse.training import labelled_features, unjoined_labels
 from tests.parity import FUTURE_REASON, dead_letters, make_stream, reference_rows, same_features
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
@@ -118,6 +118,9 @@ def test_a_feature_added_after_the_fact_comes_from_the_backfill_point_in_time(sp
     ensure_tables(spark, root, [labels])
     label_rows = [(eid, bool(fraud), T0, b"", "labels", 0, i, T0, T0, T0.date())
                   for i, (eid, fraud) in enumerate(zip(batch.event_ids, batch.is_fraud.tolist(), strict=True))]
+    late = T0 + timedelta(hours=5)  # labels of events that never streamed: counted, not joined
+    label_rows += [(eid, True, late, b"", "labels", 0, len(label_rows) + i, late, late, late.date())
+                   for i, eid in enumerate(["never-streamed-1", "never-streamed-2"])]
     spark.createDataFrame(label_rows, StructType.fromDDL(labels.ddl)).write.format("delta").mode("append").save(
         table_location(root, labels))
 
@@ -127,6 +130,7 @@ def test_a_feature_added_after_the_fact_comes_from_the_backfill_point_in_time(sp
     frame = labelled_features(spark, root, full, point_in_time=lambda f: historical_features(spark, store, full, f))
 
     assert len(frame) == len(reference)
+    assert unjoined_labels(spark, root, full) == len(set(batch.event_ids) - set(reference)) + 2
     # an event's own value wherever its (card, time) is its alone (else Feast takes the later record's)
     counts = pd.Series([(keys[e], times[e]) for e in frame["event_id"]]).value_counts()
     unique = [(keys[e], times[e]) in counts[counts == 1].index for e in frame["event_id"]]
