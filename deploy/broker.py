@@ -17,7 +17,7 @@ from deploy.access import ROLES, kafka_acls
 from deploy.processes import ProcessTable, free_port, is_loopback, port_holder, port_open
 from deploy.security import ADMIN, BROKER_PRINCIPAL, SCRAM_MECHANISM, Pki
 from deploy.settings import Settings, child_environment, local_credentials
-from features.errors import ServiceError
+from features.errors import ConfigError, ServiceError
 from features.spec import PipelineSpec
 from streams.kafka import KafkaConfig, admin, wait_for_broker
 
@@ -71,20 +71,22 @@ def _classpath(settings: Settings) -> str:
 
 
 def _server_properties(settings: Settings, host: str, port: int, ports: dict[str, int], data: Path,
-                       pki: Pki | None) -> str:
+                       pki: Pki | None, bind: tuple[str, int]) -> str:
     """The broker's config: SASL_SSL with SCRAM for clients and the StandardAuthorizer (no ACL: no access),
-    mTLS between the broker and its controller; or, with pki None (`--insecure`), plaintext and no authorizer."""
+    mTLS between the broker and its controller; or, with pki None (`--insecure`), plaintext and no authorizer.
+    The clients' listener binds `bind` and is advertised as host:port (the same, unless EDDY_KAFKA_LISTEN)."""
     controller, internal, clients = ports["CONTROLLER"], ports["INTERNAL"], ports["CLIENTS"]
+    bound = f"{bind[0]}:{bind[1]}"
     if pki is None:
         security = [
-            f"listeners=PLAINTEXT://{host}:{port},CONTROLLER://127.0.0.1:{controller}",
+            f"listeners=PLAINTEXT://{bound},CONTROLLER://127.0.0.1:{controller}",
             f"advertised.listeners=PLAINTEXT://{host}:{port}",
             "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
             "inter.broker.listener.name=PLAINTEXT",
         ]
     else:
         security = [
-            f"listeners=SASL_SSL://{host}:{port},CLIENTS://{host}:{clients},INTERNAL://127.0.0.1:{internal},"
+            f"listeners=SASL_SSL://{bound},CLIENTS://{host}:{clients},INTERNAL://127.0.0.1:{internal},"
             f"CONTROLLER://127.0.0.1:{controller}",
             f"advertised.listeners=SASL_SSL://{host}:{port},CLIENTS://{host}:{clients},INTERNAL://127.0.0.1:{internal}",
             "listener.security.protocol.map=SASL_SSL:SASL_SSL,CLIENTS:SSL,INTERNAL:SSL,CONTROLLER:SSL",
@@ -184,13 +186,14 @@ def ensure_broker(settings: Settings, table: ProcessTable) -> BrokerInfo:
             _create_principals(settings, internal_config(settings, known), known)
         wait_for_broker(local_credentials(settings).kafka, timeout_s=START_DEADLINE_S)
         return BrokerInfo(True, settings.kafka.bootstrap, pid=record.pid)
-    if port_open(host, port):
+    bind = _bind(settings, host, port)
+    if port_open(*bind):
         try:
             wait_for_broker(settings.kafka, timeout_s=5)
         except ServiceError:
-            holder = port_holder(port) or "another process"
+            holder = port_holder(bind[1]) or "another process"
             raise ServiceError(
-                f"{host}:{port} is held by {holder}, which does not answer as a Kafka broker: "
+                f"{bind[0]}:{bind[1]} is held by {holder}, which does not answer as a Kafka broker: "
                 "stop it, or set EDDY_KAFKA_BOOTSTRAP to a free port"
             ) from None
         return BrokerInfo(False, settings.kafka.bootstrap)
@@ -202,7 +205,7 @@ def ensure_broker(settings: Settings, table: ProcessTable) -> BrokerInfo:
     pki = None if settings.insecure else security.ensure_pki(settings.home, [host])
     if pki is None:
         security.forget_clients(settings.home, "kafka")
-    config.write_text(_server_properties(settings, host, port, _kept_ports(config), data, pki))
+    config.write_text(_server_properties(settings, host, port, _kept_ports(config), data, pki, bind))
     log4j = root / "log4j2.properties"
     log4j.write_text(LOG4J2)
     jvm = [*JVM_OPTS, f"-Dlog4j2.configurationFile={log4j}"]
@@ -226,7 +229,7 @@ def ensure_broker(settings: Settings, table: ProcessTable) -> BrokerInfo:
     probe = settings.kafka if pki is None else internal_config(settings, pki)
 
     def healthy() -> bool:
-        if not port_open(host, port):
+        if not port_open(*bind):
             return False
         try:
             wait_for_broker(probe, timeout_s=5)
@@ -238,6 +241,17 @@ def ensure_broker(settings: Settings, table: ProcessTable) -> BrokerInfo:
     if pki is not None:
         _create_principals(settings, probe, pki)
     return BrokerInfo(True, settings.kafka.bootstrap, took, record.pid)
+
+
+def _bind(settings: Settings, host: str, port: int) -> tuple[str, int]:
+    """Where the clients' listener binds: EDDY_KAFKA_LISTEN (a loopback host:port), else the bootstrap's."""
+    if not settings.kafka_listen:
+        return host, port
+    bind_host, _, bind_port = settings.kafka_listen.rpartition(":")
+    if not is_loopback(bind_host) or int(bind_port) == port:
+        raise ConfigError(f"EDDY_KAFKA_LISTEN {settings.kafka_listen!r}: the local broker binds a loopback "
+                           f"host:port other than the bootstrap's ({host}:{port}), like 127.0.0.1:19092")
+    return bind_host, int(bind_port)
 
 
 def _create_principals(settings: Settings, internal: KafkaConfig, pki: Pki) -> None:

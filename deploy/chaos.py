@@ -5,8 +5,8 @@ around `every` seconds, one fault drawn from the chosen kinds falls on a real pr
 SIGKILL of the feature engine, the online writer, a scorer, the broker or Redis, or SIGSTOP of Redis
 past the clients' timeouts. For each the soak measures the restart time (the fault to the part up
 again as a new process; for a pause, to its end) and the recovery time (the fault to every stage's
-lag under one second of traffic, after the part is back), and waits for that recovery before the next
-fault. When the stream ends and every stage has caught up, deploy/checker.py holds the topics to an
+lag under one second of traffic, after the part is back, and staying there for 15 s), and waits for
+that recovery before the next fault. When the stream ends and every stage has caught up, deploy/checker.py holds the topics to an
 uninterrupted run: nothing lost, doubled or different.
 
 Run it on a fresh stack (`eddy up`): the checker reads every topic whole."""
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 PAUSE_S = 12.0             # a pause past the clients' 5 s socket timeouts, twice
 BACK_TIMEOUT_S = 300.0     # a part not back by then is reported, and the soak goes on
 STAGES = ("features", "online-writer", "scorer")
+STEADY_S = 15.0            # recovered: every stage's lag under a second of traffic for this long
 
 
 @dataclass
@@ -86,7 +87,7 @@ class Injection:
     fault: str
     part: str
     restart_s: float | None      # the fault to the part up again (a new process; a pause: its end)
-    recovery_s: float | None     # the fault to every stage's lag under one second of traffic
+    recovery_s: float | None     # the fault to every stage's lag under one second of traffic, for good
 
 
 @dataclass
@@ -201,8 +202,7 @@ def _inject(settings: Settings, spec: PipelineSpec, fault: Fault, rng: random.Ra
     paused = fault.inject is _pause
     back = poll(lambda: paused or _back(settings, name, pid), BACK_TIMEOUT_S, every_s=0.5)
     restart_s = round(time.monotonic() - at, 1) if back else None
-    recovered = back and poll(lambda: _caught_up(settings, spec, rate), BACK_TIMEOUT_S, every_s=0.5)
-    recovery_s = round(time.monotonic() - at, 1) if recovered else None
+    recovery_s = _recovery(settings, spec, rate, at) if back else None
     log.info("%s: back after %s s, recovered after %s s", fault.name, restart_s, recovery_s)
     return Injection(round(at - began, 1), fault.name, name, restart_s, recovery_s)
 
@@ -213,9 +213,23 @@ def _back(settings: Settings, name: str, old_pid: int) -> bool:
     return part.get("state") == "up" and part.get("pid") not in (None, old_pid)
 
 
-def _caught_up(settings: Settings, spec: PipelineSpec, bound: int) -> bool:
-    lag = _lag(settings, spec)
-    return lag is not None and lag <= bound
+def _recovery(settings: Settings, spec: PipelineSpec, bound: int, fault_at: float) -> float | None:
+    """Seconds from the fault to the start of the first STEADY_S in which every stage's lag stayed at
+    most `bound` (a stage that falls behind again soon after does not count as recovered); None if
+    that did not happen within BACK_TIMEOUT_S."""
+    since: float | None = None
+
+    def steady() -> bool:
+        nonlocal since
+        lag = _lag(settings, spec)
+        now = time.monotonic()
+        if lag is None or lag > bound:
+            since = None
+            return False
+        since = since or now
+        return now - since >= STEADY_S
+
+    return round(since - fault_at, 1) if poll(steady, BACK_TIMEOUT_S + STEADY_S, every_s=0.5) and since else None
 
 
 def _lag(settings: Settings, spec: PipelineSpec) -> int | None:

@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     # validate_default), so _kafka makes this text a KafkaConfig; Field's type says str.
     kafka: Annotated[KafkaConfig, NoDecode] = Field(  # type: ignore[assignment]
         "127.0.0.1:9092", validation_alias="EDDY_KAFKA_BOOTSTRAP")
+    # Where the local broker binds its clients' listener when clients reach it at another address (the
+    # bootstrap: a port forward, or a proxy in front of it); empty: the bootstrap's own host:port.
+    kafka_listen: str = Field("", pattern=r"^$|^[A-Za-z0-9.:\[\]-]+:[0-9]{1,5}$",
+                              description="host:port, like 127.0.0.1:19092")
     redis_url: str = Field("redis://127.0.0.1:6379/0",
                            description="a redis:// URL; set it like redis://127.0.0.1:6379/0")
     # The local redis-server speaks TLS only (rediss://, the stack's CA); it has ACL users either way.
@@ -313,6 +317,7 @@ def child_environment(settings: Settings, extra: Mapping[str, str] | None = None
     env.update(
         EDDY_HOME=str(settings.home),
         EDDY_KAFKA_BOOTSTRAP=settings.kafka.bootstrap,
+        EDDY_KAFKA_LISTEN=settings.kafka_listen,
         EDDY_REDIS_URL=settings.redis_url,
         EDDY_LAKEHOUSE=settings.lakehouse,
         EDDY_PIPELINE=str(settings.pipeline),

@@ -16,7 +16,7 @@ from tests.kafka_helpers import produce_all, read_committed
 from tests.stack_helpers import group_lag, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow, pytest.mark.chaos]
-MINUTES, RATE = 1.5, 300
+MINUTES, RATE = 1.0, 300
 
 
 def test_a_short_soak_comes_back_from_each_fault_and_the_checker_finds_nothing_wrong(tmp_path):
@@ -38,7 +38,7 @@ def test_a_short_soak_comes_back_from_each_fault_and_the_checker_finds_nothing_w
         assert verdict["events"] == MINUTES * 60 * RATE
         assert (verdict["lost"], verdict["duplicated"], verdict["wrong"], verdict["unexpected"]) == (0, 0, 0, 0)
         assert (verdict["predictions_lost"], verdict["predictions_duplicated"]) == (0, 0)
-        assert summary["faults"] >= 3 and len({i["fault"] for i in summary["injections"]}) >= 2, summary["injections"]
+        assert summary["faults"] >= 2 and len({i["fault"] for i in summary["injections"]}) >= 2, summary["injections"]
         for injection in summary["injections"]:
             assert injection["restart_s"] is not None and injection["recovery_s"] is not None, injection
         assert f"{summary['faults']} faults" in soak.stdout and "nothing lost, doubled or wrong" in soak.stdout

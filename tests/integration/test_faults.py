@@ -9,23 +9,25 @@ from __future__ import annotations
 import os
 import signal
 import time
+from contextlib import contextmanager
 
 import pytest
 
 from tests.conftest import EDDY, REPO, run_eddy, stack_environment
 from tests.faults import check_exactly_once, live_producer, source_records
+from tests.proxy import FaultProxy
 from tests.stack_helpers import group_lag, status, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow, pytest.mark.chaos]
 BACKLOG, RATE, LIVE = 5_000, 1_000, 8_000   # the live stream lasts 8 s; the fault falls inside it
 
 
-@pytest.fixture
-def stack(tmp_path):
+@contextmanager
+def running_stack(env: dict[str, str]):
+    """`eddy up` with env, a backlog produced; yields (env, settings, spec) and stops the stack after."""
     from deploy.settings import load_settings
     from features.spec import load_spec
 
-    env = {**stack_environment(tmp_path / "home"), "EDDY_ENGINE": "native"}
     settings = load_settings(environ=env)
     try:
         up = run_eddy(["up"], env)
@@ -39,6 +41,29 @@ def stack(tmp_path):
         run_eddy(["down"], env)
 
 
+@pytest.fixture
+def stack(tmp_path):
+    with running_stack({**stack_environment(tmp_path / "home"), "EDDY_ENGINE": "native"}) as running:
+        yield running
+
+
+@pytest.fixture
+def behind_a_proxy(tmp_path):
+    """A stack whose every client reaches the broker through a FaultProxy: the broker binds another port
+    (EDDY_KAFKA_LISTEN) and advertises the proxy's."""
+    from deploy.processes import free_port
+
+    env = {**stack_environment(tmp_path / "home"), "EDDY_ENGINE": "native"}
+    host, _, port = env["EDDY_KAFKA_BOOTSTRAP"].rpartition(":")
+    env["EDDY_KAFKA_LISTEN"] = f"{host}:{(listen := free_port())}"
+    proxy = FaultProxy(int(port), listen)
+    try:
+        with running_stack(env) as running:
+            yield (*running, proxy)
+    finally:
+        proxy.close()
+
+
 def during_a_live_stream(env, settings, spec, fault) -> float:
     """Start a live stream, inject `fault` once it flows, wait for it to end and every stage to catch
     up; returns the seconds from the fault's start to lag 0 on every group."""
@@ -50,11 +75,16 @@ def during_a_live_stream(env, settings, spec, fault) -> float:
     fault()
     _, errors = live.communicate(timeout=180)
     assert live.returncode == 0, errors
+    caught_up(env, spec, 300)
+    return time.monotonic() - started
+
+
+def caught_up(env, spec, timeout_s: float) -> None:
+    """Wait until every stage's consumer group is at lag 0."""
     for stage, topic in (("features", spec.topics.source), ("scorer", spec.topics.features),
                          ("online-writer", spec.topics.features)):
         group = spec.stage_id(stage)
-        wait_for(lambda g=group, t=topic: group_lag(env, g, t) == 0, 300, f"{stage} to catch up")
-    return time.monotonic() - started
+        wait_for(lambda g=group, t=topic: group_lag(env, g, t) == 0, timeout_s, f"{stage} to catch up")
 
 
 def restarts(env) -> dict[str, int]:
@@ -104,6 +134,21 @@ def test_redis_at_its_memory_bound_is_waited_out(stack):
     assert "waiting out a fault" in log and "maxmemory" in log and "resumed after" in log
 
 
+def test_a_partition_from_the_broker_longer_than_the_request_timeouts_is_waited_out(behind_a_proxy):
+    """Every client's link to the broker goes silent for 45 s (requests time out after 30 s), then heals."""
+    env, settings, spec, proxy = behind_a_proxy
+    assert proxy.connections > 0  # the stack does reach the broker through the proxy
+
+    def partition() -> None:
+        proxy.partition()
+        time.sleep(45)
+        proxy.heal()
+
+    during_a_live_stream(env, settings, spec, partition)
+    check_exactly_once(settings.kafka, spec, BACKLOG + LIVE)
+    assert status(env)["parts"]["broker"]["restarts"] == 0
+
+
 @pytest.mark.parametrize("service", ["redis", "broker"])
 def test_a_service_killed_mid_stream_comes_back_and_nothing_is_lost_or_doubled(stack, service):
     env, settings, spec = stack
@@ -112,3 +157,58 @@ def test_a_service_killed_mid_stream_comes_back_and_nothing_is_lost_or_doubled(s
     check_exactly_once(settings.kafka, spec, BACKLOG + LIVE)
     part = status(env)["parts"][service]
     assert part["state"] == "up" and part["restarts"] >= 1 and part["pid"] != pid
+
+
+def test_poison_on_every_topic_a_stage_reads_is_refused_and_changes_nothing_else(stack, tmp_path):
+    """Pickled bytes, NaN, Inf, an event hours ahead and records over the bounds, on the source, features,
+    labels and model-updates topics: each refused with a dead letter (source, features) or counted
+    (model updates), no stage dies, nothing is unpickled, and every valid event is still exactly once."""
+    import pickle
+    from datetime import UTC, datetime, timedelta
+    from pathlib import Path
+
+    import orjson
+    from confluent_kafka import KafkaError, Producer
+
+    from deploy.checker import check
+    from models.retrain import training_set
+    from tests.kafka_helpers import produce_all, read_committed
+
+    env, settings, spec = stack
+    before = restarts(env)
+    marker = tmp_path / "unpickled"
+
+    class Boom:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    event = orjson.loads(read_committed(settings.kafka, spec.topics.source, 1)[0].value())
+    ahead = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
+    common = [pickle.dumps(Boom()), b'{"event_id": "poison-nan", "amount": NaN}', b'{"event_id": "poison-inf", "amount": 1e999}']
+    source = [*common, orjson.dumps({**event, spec.id_field: "poison-ahead", spec.timestamp_field: ahead}),
+              orjson.dumps({**event, spec.id_field: "poison-big", "padding": "x" * 100_000})]
+    features = [*common, orjson.dumps({"event_id": "poison-big", "padding": "x" * 100_000})]
+    topics = ((spec.topics.source, source), (spec.topics.features, features), (spec.labels.topic, common),
+              (spec.topics.model_updates, common))
+    refusals: list = []
+    huge = Producer(settings.kafka.client(**{"message.max.bytes": 20_000_000}))
+    for topic, records in topics:
+        produce_all(settings.kafka, topic, [(str(event[spec.key]).encode(), value) for value in records])
+        huge.produce(topic, b"x" * 10_000_000, on_delivery=lambda err, _msg, t=topic: refusals.append((t, err.code())))
+    huge.flush(60)
+    assert sorted(refusals) == sorted((t, KafkaError.MSG_SIZE_TOO_LARGE) for t, _ in topics)  # 10 MB: over the broker's bound
+    more = run_eddy(["produce", "--count", "2000", "--seed", "9", "--label-delay", "0"], env)
+    assert more.returncode == 0, more.stderr
+    caught_up(env, spec, 180)
+
+    verdict = check(settings.kafka, spec)
+    assert (verdict.events, verdict.refused) == (BACKLOG + 2000, len(source)), verdict.summary()
+    assert (verdict.lost, verdict.duplicated, verdict.wrong) == (0, 0, 0), (verdict.summary(), verdict.examples)
+    assert (verdict.predictions_lost, verdict.predictions_duplicated) == (0, 0), verdict.summary()
+    assert verdict.unexpected == len(features)  # the poison rows themselves, each refused by the scorer:
+    assert verdict.dead_letters == len(source) + len(features), verdict.summary()
+    assert restarts(env) == before, "a stage died of a poison record"
+    assert not marker.exists(), "something unpickled a record"
+    assert status(env)["parts"]["scorer-0"].get("model_version") == "baseline-1"
+    history = training_set(settings.kafka, spec)  # `eddy retrain --source topics` skips the poison
+    assert len(history.records) == BACKLOG + 2000 and history.unjoined_labels == 0

@@ -37,6 +37,7 @@ def test_flag_wins_over_variable(tmp_path):
         ({"EDDY_KAFKA_CONFIG": "/nonexistent.properties"}, "cannot read /nonexistent.properties"),
         ({"EDDY_REDIS_MAXMEMORY": "lots"}, "EDDY_REDIS_MAXMEMORY: 'lots' is not a size like 512mb or 2gb"),
         ({"EDDY_INSECURE": "maybe"}, "EDDY_INSECURE: 'maybe' is not on or off"),
+        ({"EDDY_KAFKA_LISTEN": "19092"}, "EDDY_KAFKA_LISTEN: '19092' is not host:port, like 127.0.0.1:19092"),
     ],
 )
 def test_bad_values_name_the_fix(tmp_path, env, message):
