@@ -6,8 +6,8 @@ SIGKILL of the feature engine, the online writer, a scorer, the broker or Redis,
 past the clients' timeouts. For each the soak measures the restart time (the fault to the part up
 again as a new process; for a pause, to its end) and the recovery time (the fault to every stage's
 lag under one second of traffic, after the part is back, and staying there for 15 s), and waits for
-that recovery before the next fault. When the stream ends and every stage has caught up, deploy/checker.py holds the topics to an
-uninterrupted run: nothing lost, doubled or different.
+that recovery before the next fault. When the stream ends and every stage has caught up,
+deploy/checker.py holds the topics to an uninterrupted run: nothing lost, doubled or different.
 
 Run it on a fresh stack (`eddy up`): the checker reads every topic whole."""
 
@@ -48,6 +48,7 @@ class Fault:
     what: str
     part: Callable[[dict[str, Any], random.Random], str | None]  # the part's name in `eddy status`
     inject: Callable[[int], None]                                 # given the part's pid
+    restarts: bool = True   # the part comes back as a new process (a pause ends with the same one)
 
 
 def _kill(pid: int) -> None:
@@ -75,7 +76,7 @@ FAULTS = {f.name: f for f in (
     Fault("scorer", "SIGKILL of a scorer", _named("scorer-"), _kill),
     Fault("broker", "SIGKILL of the broker", _named("broker"), _kill),
     Fault("redis", "SIGKILL of Redis", _named("redis"), _kill),
-    Fault("redis-pause", f"SIGSTOP of Redis for {PAUSE_S:.0f} s", _named("redis"), _pause),
+    Fault("redis-pause", f"SIGSTOP of Redis for {PAUSE_S:.0f} s", _named("redis"), _pause, restarts=False),
 )}
 
 
@@ -199,8 +200,7 @@ def _inject(settings: Settings, spec: PipelineSpec, fault: Fault, rng: random.Ra
     log.info("injecting %s: %s (pid %s)", fault.name, fault.what, pid)
     at = time.monotonic()
     fault.inject(pid)
-    paused = fault.inject is _pause
-    back = poll(lambda: paused or _back(settings, name, pid), BACK_TIMEOUT_S, every_s=0.5)
+    back = poll(lambda: not fault.restarts or _back(settings, name, pid), BACK_TIMEOUT_S, every_s=0.5)
     restart_s = round(time.monotonic() - at, 1) if back else None
     recovery_s = _recovery(settings, spec, rate, at) if back else None
     log.info("%s: back after %s s, recovered after %s s", fault.name, restart_s, recovery_s)

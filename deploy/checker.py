@@ -8,8 +8,6 @@ The topics must hold their whole history (a fresh stack, no retention deletes ye
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,38 +15,9 @@ from typing import Any
 import orjson
 
 from features.spec import PipelineSpec
-from features.waiting import poll
-from streams.kafka import KafkaConfig
+from streams.kafka import KafkaConfig, json_object, read_topic
 
 EXAMPLES = 5  # event ids kept per kind of failure, to start the search from
-
-
-def read_all(kafka: KafkaConfig, topic: str, quiet_s: float = 3.0, timeout_s: float = 600.0) -> list:
-    """Every committed record of the topic, read from the beginning of each partition until nothing new
-    has come for `quiet_s` (the partitions are assigned, so no group join delays the first record)."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-    consumer = Consumer(kafka.client(**{
-        "group.id": f"eddy-check-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
-        "isolation.level": "read_committed"}))
-    out: list = []
-    last_new = time.monotonic()
-
-    def quiet() -> bool:
-        nonlocal last_new
-        got = [msg for msg in consumer.consume(1000, 0.2) if msg.error() is None]
-        if got:
-            out.extend(got)
-            last_new = time.monotonic()
-        return time.monotonic() - last_new >= quiet_s
-
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        poll(quiet, timeout_s, every_s=0)
-    finally:
-        consumer.close()
-    return out
 
 
 def expected_rows(spec: PipelineSpec, source: list) -> tuple[dict[str, dict], int]:
@@ -116,20 +85,20 @@ class Verdict:
                 f"{self.refused} refused records")
 
 
-def check(kafka: KafkaConfig, spec: PipelineSpec, predictions: bool = True, timeout_s: float = 600.0) -> Verdict:
+def check(kafka: KafkaConfig, spec: PipelineSpec, timeout_s: float = 600.0) -> Verdict:
     """Read the source, features, predictions and DLQ topics whole and hold them to an uninterrupted
     run (see the module's docstring). Call it once every stage has caught up."""
     topics = spec.topics
-    source = read_all(kafka, topics.source, timeout_s=timeout_s)
+    source = read_topic(kafka, topics.source, timeout_s=timeout_s)
     want, refused = expected_rows(spec, source)
     verdict = Verdict(events=len(want), refused=refused)
     del source
 
-    rows = read_all(kafka, topics.features, timeout_s=timeout_s)
+    rows = read_topic(kafka, topics.features, timeout_s=timeout_s)
     verdict.features_rows = len(rows)
     seen: Counter[Any] = Counter()
     for msg in rows:
-        row = _record(msg.value())
+        row = json_object(msg.value())
         event_id = row.get("event_id")
         seen[event_id] += 1
         if event_id not in want:
@@ -146,25 +115,15 @@ def check(kafka: KafkaConfig, spec: PipelineSpec, predictions: bool = True, time
     verdict.lost = len(missing)
     _examples(verdict, "lost", missing)
 
-    if predictions:
-        scored = Counter(_record(m.value()).get("event_id")
-                         for m in read_all(kafka, topics.predictions, timeout_s=timeout_s))
-        verdict.predictions = sum(scored.values())
-        verdict.predictions_duplicated = sum(n - 1 for e, n in scored.items() if n > 1 and e in want)
-        unscored = [e for e in want if e not in scored]
-        verdict.predictions_lost = len(unscored)
-        _examples(verdict, "predictions lost", unscored)
-    verdict.dead_letters = len(read_all(kafka, topics.dlq, timeout_s=timeout_s))
+    scored = Counter(json_object(m.value()).get("event_id")
+                     for m in read_topic(kafka, topics.predictions, timeout_s=timeout_s))
+    verdict.predictions = sum(scored.values())
+    verdict.predictions_duplicated = sum(n - 1 for e, n in scored.items() if n > 1 and e in want)
+    unscored = [e for e in want if e not in scored]
+    verdict.predictions_lost = len(unscored)
+    _examples(verdict, "predictions lost", unscored)
+    verdict.dead_letters = len(read_topic(kafka, topics.dlq, timeout_s=timeout_s))
     return verdict
-
-
-def _record(raw: bytes | None) -> dict:
-    """A JSON object, or {} for anything else (a record injected as poison is no event's row)."""
-    try:
-        record = orjson.loads(raw or b"")
-    except orjson.JSONDecodeError:
-        return {}
-    return record if isinstance(record, dict) else {}
 
 
 def _example(verdict: Verdict, kind: str, event_id: Any) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,12 +16,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import orjson
-from confluent_kafka import Consumer
 
 from features.errors import EddyError
 from features.spec import PipelineSpec
-from features.waiting import poll
 from models.artifacts import load_artifact, save_artifact
 from models.drift import reference
 from models.inputs import rows_to_array, spec_log_mask
@@ -32,7 +28,7 @@ from models.scoring import LoadedModel, pick_device
 from models.signing import SigningKey
 from models.training import evaluate, train
 from models.updates import RETRAIN_GROUP_PREFIX, artifact_path, publish, read_updates, serving_update
-from streams.kafka import KafkaConfig
+from streams.kafka import KafkaConfig, json_object, read_topic
 
 PUBLISH_MODES = ("auto", "always", "never")
 
@@ -58,24 +54,9 @@ class RetrainResult:
     unjoined_labels: int = 0  # labels whose event had no features row to join
 
 
-def _read_all(kafka: KafkaConfig, topic: str, idle_s: float = 3.0) -> list[bytes]:
-    """Every record value of `topic`, read until none has come for `idle_s`."""
-    consumer = Consumer(kafka.client(**{"group.id": f"{RETRAIN_GROUP_PREFIX}{uuid.uuid4().hex[:8]}",
-                                        "auto.offset.reset": "earliest", "enable.auto.commit": False,
-                                        "isolation.level": "read_committed"}))
-    consumer.subscribe([topic])
-
-    def next_values() -> list[bytes]:
-        """The values one consume returns (tombstones have none)."""
-        return [v for m in consumer.consume(5000, 0.3) if m.error() is None and (v := m.value()) is not None]
-
-    values: list[bytes] = []
-    try:
-        while got := poll(next_values, idle_s, every_s=0):
-            values.extend(got)
-    finally:
-        consumer.close()
-    return values
+def _read_all(kafka: KafkaConfig, topic: str) -> list[bytes]:
+    """Every record value of `topic` (tombstones have none)."""
+    return [v for m in read_topic(kafka, topic, group_prefix=RETRAIN_GROUP_PREFIX) if (v := m.value()) is not None]
 
 
 class TrainingSet(NamedTuple):
@@ -95,13 +76,13 @@ def training_set(kafka: KafkaConfig, spec: PipelineSpec) -> TrainingSet:
     lid, name = spec.labels.id, spec.labels.label
     labels: dict[str, bool] = {}
     skipped = 0
-    for label in map(_object, _read_all(kafka, spec.labels.topic)):
+    for label in map(json_object, _read_all(kafka, spec.labels.topic)):
         if label.get(lid) is None or not isinstance(label.get(name), bool | int):
             skipped += 1
             continue
         labels[str(label[lid])] = bool(label[name])
     records = []
-    for record in map(_object, _read_all(kafka, spec.topics.features)):
+    for record in map(json_object, _read_all(kafka, spec.topics.features)):
         if record.get("event_id") in labels and isinstance(record.get("event_time"), str):
             records.append(record)
         elif not record:
@@ -113,15 +94,6 @@ def training_set(kafka: KafkaConfig, spec: PipelineSpec) -> TrainingSet:
     joined = {r["event_id"] for r in records}
     return TrainingSet(records, np.array([labels[r["event_id"]] for r in records], dtype=np.float64),
                        sum(1 for event_id in labels if event_id not in joined))
-
-
-def _object(raw: bytes) -> dict:
-    """The JSON object a record holds, or {} for anything else."""
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def records_from_frame(spec: PipelineSpec, frame, unjoined_labels: int = 0) -> TrainingSet:

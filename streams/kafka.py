@@ -227,3 +227,49 @@ def java_client_properties(kafka: KafkaConfig, shaded: str = "") -> dict[str, st
 
 def _jaas(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def read_topic(config: KafkaConfig, topic: str, quiet_s: float = 3.0, timeout_s: float = 600.0,
+               group_prefix: str = "eddy-reader-") -> list[Message]:
+    """Every committed record of the topic (read_committed), from the beginning of each partition until
+    nothing new has come for `quiet_s`. The partitions are assigned, not subscribed, so no group join
+    delays the first record and nothing is committed."""
+    import time
+    import uuid
+
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    from features.waiting import poll
+
+    consumer = Consumer(config.client(**{"group.id": f"{group_prefix}{uuid.uuid4().hex[:8]}",
+                                         "enable.auto.commit": False, "isolation.level": "read_committed"}))
+    out: list[Message] = []
+    last_new = time.monotonic()
+
+    def quiet() -> bool:
+        nonlocal last_new
+        got = [msg for msg in consumer.consume(5000, 0.2) if msg.error() is None]
+        if got:
+            out.extend(got)
+            last_new = time.monotonic()
+        return time.monotonic() - last_new >= quiet_s
+
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        poll(quiet, timeout_s, every_s=0)
+    finally:
+        consumer.close()
+    return out
+
+
+def json_object(raw: bytes | None) -> dict[str, Any]:
+    """The JSON object a record's value holds, or {} for anything else (a poison record is no record)."""
+    import orjson
+
+    try:
+        value = orjson.loads(raw or b"")
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+

@@ -82,6 +82,6 @@ class Background:
 
 def count_committed(kafka: KafkaConfig, topic: str, idle_s: float = 2.0, timeout_s: float = 120.0) -> int:
     """How many committed records the topic holds now: read until nothing new comes for idle_s."""
-    from deploy.checker import read_all
+    from streams.kafka import read_topic
 
-    return len(read_all(kafka, topic, quiet_s=idle_s, timeout_s=timeout_s))
+    return len(read_topic(kafka, topic, quiet_s=idle_s, timeout_s=timeout_s))
