@@ -21,8 +21,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException
 from features.feast_repo import feature_dtypes, feature_store, view_name
 from features.spec import PipelineSpec
 from features.waiting import poll
+from streams.guards import StallGuard
 from streams.kafka import KafkaConfig
-from streams.loop import StallGuard
 from streams.metrics import Heartbeat
 from streams.stores import redis_client
 from streams.telemetry import StageMetrics

@@ -10,7 +10,7 @@ import uuid
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from streams.loop import StallGuard
+from streams.guards import StallGuard
 
 pytestmark = pytest.mark.kafka
 

@@ -1,7 +1,7 @@
-"""The stalled-consumer rule of the transactional loop (streams.loop.Progress): a partition with records
+"""The stalled-consumer rule of the transactional loop (streams.guards.Progress): a partition with records
 to read whose position does not move for the limit is stalled; progress or nothing to read is not."""
 
-from streams.loop import Progress
+from streams.guards import Progress
 
 A, B = ("features", 0), ("features", 1)
 
