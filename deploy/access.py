@@ -14,7 +14,7 @@ from streams.metrics import metrics_key
 
 # The roles of Kafka principals and Redis users; a stage runs as exactly one. The outside roles
 # (producer, reader, admin) are for people's own clients and the CLI.
-ROLES = ("producer", "features", "online-writer", "scorer", "lakehouse", "publisher", "reader", "admin")
+ROLES = ("producer", "features", "online-writer", "scorer", "fused", "lakehouse", "publisher", "reader", "admin")
 # The stages with a consumer group of their own, named by PipelineSpec.stage_id.
 GROUP_STAGES = (FEATURES_STAGE, "scorer", "online-writer", "lakehouse")
 # Spark's Kafka source names its groups "spark-kafka-source-..." unless the query sets groupIdPrefix;
@@ -44,34 +44,40 @@ def kafka_acls(spec: PipelineSpec) -> dict[str, list[dict[str, Any]]]:
     t, sid = spec.topics, spec.stage_id
     features = sid(FEATURES_STAGE)
     sources = [t.source] + ([t.labels] if t.labels else [])
+    features_rules = [
+        _rule("topic", t.source, READ),
+        # Read on its outputs too: Flink's exactly-once sink describes the producers of the topics it
+        # writes before it starts (DescribeProducers needs Read)
+        _rule("topic", t.features, ["Read", *WRITE]),
+        _rule("topic", t.dlq, ["Read", *WRITE]),
+        # the engine's own topics: the native changelog, Faust's table changelog and leader topic
+        _rule("topic", features, ["Create", "Read", "Write", "Describe", "DescribeConfigs"], prefix=True),
+        # the engine's group, and the native engine's restore client named after it
+        _rule("group", features, ["Read", "Describe"], prefix=True),
+        _rule("transactionalId", features, ["Write", "Describe"], prefix=True),
+    ]
+    scoring_rules = [
+        _rule("topic", t.model_updates, READ),
+        _rule("topic", t.predictions, WRITE),
+        _rule("topic", t.shadow, WRITE),  # a shadow challenger's predictions during a rollout
+        _rule("group", sid("model-updates"), ["Read", "Describe"], prefix=True),  # the update listener
+    ]
     return {
         "producer": [_rule("topic", topic, WRITE) for topic in sources],
-        "features": [
-            _rule("topic", t.source, READ),
-            # Read on its outputs too: Flink's exactly-once sink describes the producers of the topics it
-            # writes before it starts (DescribeProducers needs Read)
-            _rule("topic", t.features, ["Read", *WRITE]),
-            _rule("topic", t.dlq, ["Read", *WRITE]),
-            # the engine's own topics: the native changelog, Faust's table changelog and leader topic
-            _rule("topic", features, ["Create", "Read", "Write", "Describe", "DescribeConfigs"], prefix=True),
-            # the engine's group, and the native engine's restore client named after it
-            _rule("group", features, ["Read", "Describe"], prefix=True),
-            _rule("transactionalId", features, ["Write", "Describe"], prefix=True),
-        ],
+        "features": features_rules,
         "online-writer": [
             _rule("topic", t.features, READ),
             _rule("group", sid("online-writer"), ["Read", "Describe"]),
         ],
         "scorer": [
             _rule("topic", t.features, READ),
-            _rule("topic", t.model_updates, READ),
-            _rule("topic", t.predictions, WRITE),
-            _rule("topic", t.shadow, WRITE),  # a shadow challenger's predictions during a rollout
+            *scoring_rules,
             _rule("topic", t.dlq, WRITE),
             _rule("group", sid("scorer"), ["Read", "Describe"]),
-            _rule("group", sid("model-updates"), ["Read", "Describe"], prefix=True),  # the update listener
             _rule("transactionalId", sid("scorer"), ["Write", "Describe"], prefix=True),
         ],
+        # the fused stage: the engine's rules (its group and transactional ids) and the scorer's outputs
+        "fused": features_rules + scoring_rules,
         "lakehouse": [
             *(_rule("topic", topic, READ) for topic in t.all()),
             _rule("group", sid("lakehouse"), ["Read", "Describe"], prefix=True),
@@ -125,6 +131,10 @@ def redis_acls(spec: PipelineSpec) -> dict[str, str]:
                     f"-script|flush -script|kill -function ~eddy:{p}:seen:* {beat(FEATURES_STAGE)}",
         "online-writer": f"{base} ~{feast} {beat('online-writer')}",
         "scorer": f"{base} %R~{feast} ~eddy:{p}:hist:* ~eddy:{p}:drift {beat('scorer')}",
+        # the fused stage writes what the engine, the online writer and the scorer write
+        "fused": f"resetkeys resetchannels -@all {_COMMANDS} +@scripting {_NOT_DANGEROUS} "
+                 f"-script|flush -script|kill -function ~eddy:{p}:seen:* ~{feast} ~eddy:{p}:hist:* ~eddy:{p}:drift "
+                 f"{beat(FEATURES_STAGE, 'online-writer', 'scorer')}",
         "lakehouse": f"{base} %R~eddy:{p}:* {beat('lakehouse')}",
         "publisher": f"{base} %R~eddy:{p}:* %R~{feast} {beat('retrainer', 'rollouts')}",
         # people's own clients have no business in Redis

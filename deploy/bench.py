@@ -88,6 +88,7 @@ def drain(settings: Settings, spec: PipelineSpec, count: int, on_progress) -> di
                 peaks[stage] = max(peaks.get(stage, 0.0), rate)
 
     sampler = threading.Thread(target=sample, daemon=True)
+    cpu_before = _cpu_seconds(settings)
     sampler.start()
     fill_backlog(settings.kafka, spec.topics.source, count, seed=2, start_ms=int(started * 1000) - 7_200_000,
           span_ms=7_200_000)
@@ -96,8 +97,27 @@ def drain(settings: Settings, spec: PipelineSpec, count: int, on_progress) -> di
     predictions = timestamps(settings.kafka, spec.topics.predictions, None, count, timeout_s=1800)
     elapsed = (max(predictions.values()) / 1000 if predictions else time.time()) - started
     stop.set()
+    cpu_after = _cpu_seconds(settings)
+    cpu_us = {part: round((cpu_after[part] - cpu_before[part]) / max(1, len(predictions)) * 1e6, 1)
+              for part in cpu_before.keys() & cpu_after.keys()}
     return {"events": count, "predicted": len(predictions), "seconds": round(elapsed, 2),
-            "events_per_s": round(len(predictions) / elapsed, 1), "per_stage_peak_events_per_s": peaks}
+            "events_per_s": round(len(predictions) / elapsed, 1), "per_stage_peak_events_per_s": peaks,
+            "cpu_us_per_event": dict(sorted(cpu_us.items(), key=lambda kv: -kv[1]))}
+
+
+def _cpu_seconds(settings: Settings) -> dict[str, float]:
+    """User and system CPU seconds so far of each part of the stack (with its child processes), by name."""
+    import psutil
+
+    out = {}
+    for record in stack.process_table(settings).all():
+        try:
+            proc = psutil.Process(record.pid)
+            tree = [proc, *proc.children(recursive=True)]
+            out[record.name] = sum(t.user + t.system for t in (p.cpu_times() for p in tree))
+        except psutil.NoSuchProcess:
+            continue
+    return out
 
 
 def fixed_load(settings: Settings, spec: PipelineSpec, rate: int, seconds: float) -> dict[str, Any]:
@@ -262,8 +282,29 @@ def scoring_stage(spec: PipelineSpec, device_setting: str, rows: int = 200_000, 
             "model_rows_per_s": {str(b): round(model_only(b), 1) for b in (1, 64, 1024, batch)}}
 
 
+# What `eddy bench --compare` runs, one private stack each, in this order: today's two hops, the fused
+# stage, and the fused stage at least once (name: the settings it changes).
+COMPARED = {"split": {"engine": "native", "stages": "split", "guarantee": "exactly_once"},
+            "fused": {"engine": "native", "stages": "fused", "guarantee": "exactly_once"},
+            "fused_at_least_once": {"engine": "native", "stages": "fused", "guarantee": "at_least_once"}}
+
+
+def run_compare(base: Settings, *, events: int, loads: list[int], load_seconds: float,
+                on_progress) -> dict[str, Any]:
+    """The shapes of COMPARED measured one after the other in this process, each on a stack of its own
+    (the scoring stage, the same for all, once), with each one's ratio to the split stages."""
+    runs: dict[str, dict[str, Any]] = {}
+    for i, (name, changes) in enumerate(COMPARED.items()):
+        on_progress(f"== {name} ({i + 1} of {len(COMPARED)})")
+        runs[name] = run_bench(base.model_copy(update=changes), events=events, loads=loads,
+                               load_seconds=load_seconds, engine=changes["engine"], on_progress=on_progress,
+                               with_scoring=i == 0)
+    split = runs["split"]["events_per_s"]
+    return {"configs": runs, "ratio_to_split": {n: round(r["events_per_s"] / split, 2) for n, r in runs.items()}}
+
+
 def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: float, engine: str,
-              on_progress, keep: bool = False, ingest: bool = False) -> dict[str, Any]:
+              on_progress, keep: bool = False, ingest: bool = False, with_scoring: bool = True) -> dict[str, Any]:
     """The stack measured is broker, Redis, feature engine, online writer and scorers; with
     ingest, lakehouse ingestion (Spark) runs beside them too."""
     home = Path(tempfile.mkdtemp(prefix="eddy-bench-"))
@@ -271,6 +312,8 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
     spec = load_spec(settings.pipeline)
     result: dict[str, Any] = {"machine": {"cpus": _cpus(), "python": platform.python_version(),
                                           "platform": platform.platform()}, "engine": engine,
+                              "stages": "fused" if settings.fused else "split",
+                              "guarantee": settings.guarantee or spec.guarantee,
                               "lakehouse_ingestion": ingest, "scorers": settings.scorers,
                               "commit_interval_s": settings.commit_interval_s, "metrics": settings.metrics}
     try:
@@ -293,10 +336,6 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
     finally:
         if not keep:
             stack.down(settings)
-    # The scorer's step alone, both ways in this process with the stack stopped: its idle polling
-    # would otherwise take a changing share of the two cores from one side or the other.
-    on_progress("scoring stage: micro-batched against per-event")
-    scoring = scoring_stage(spec, settings.device)
     main_load: dict[str, Any] = result_loads.get("5000") or next(iter(result_loads.values()), {"latency_ms": {}})
     result.update({
         "events_per_s": whole["events_per_s"],
@@ -304,14 +343,19 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
         "latency_ms": main_load["latency_ms"],
         "loads": result_loads,
         "per_stage_events_per_s": whole["per_stage_peak_events_per_s"],
-        "scoring_rows_per_s": scoring["model_rows_per_s"][str(scoring["batch"])],
-        "scoring": scoring,
-        "device": scoring["device"],
+        "device": settings.device,
         "drain": whole,
         "swap_to_first_prediction_s": swap["seconds"],
-        "baselines": {"kafka_passthrough_events_per_s": round(ceiling, 1),
-                      "per_event_scoring_events_per_s": scoring["per_event_events_per_s"]},
+        "baselines": {"kafka_passthrough_events_per_s": round(ceiling, 1)},
     })
+    if with_scoring:
+        # The scorer's step alone, both ways in this process with the stack stopped: its idle polling
+        # would otherwise take a changing share of the two cores from one side or the other.
+        on_progress("scoring stage: micro-batched against per-event")
+        scoring = scoring_stage(spec, settings.device)
+        result.update(scoring_rows_per_s=scoring["model_rows_per_s"][str(scoring["batch"])], scoring=scoring,
+                      device=scoring["device"])
+        result["baselines"]["per_event_scoring_events_per_s"] = scoring["per_event_events_per_s"]
     return result
 
 

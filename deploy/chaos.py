@@ -29,7 +29,7 @@ from deploy import stack
 from deploy.checker import Verdict, check
 from deploy.settings import Settings, child_environment
 from features.errors import ConfigError, EddyError
-from features.spec import PipelineSpec, load_spec
+from features.spec import PipelineSpec
 from features.waiting import poll
 from streams.kafka import group_lag
 
@@ -141,11 +141,17 @@ def soak(settings: Settings, minutes: float, rate: int, every_s: float, faults: 
     """Run the soak (see the module's docstring); `say` shows progress, a line per fault."""
     if minutes <= 0 or rate <= 0 or every_s <= 0:
         raise ConfigError("--minutes, --rate and --every must be positive, e.g. --minutes 30 --rate 500 --every 60")
-    spec = load_spec(settings.pipeline)
+    spec = settings.pipeline_spec()
     parts = stack.status(settings)["parts"]
     down = [n for n, p in parts.items() if p.get("state") != "up" and p.get("managed", True)]
     if down:
         raise EddyError(f"the stack is not all up ({', '.join(down)}): run `eddy up` first, and see `eddy status`")
+    absent = [f for f in faults if FAULTS[f].part(parts, random.Random(0)) is None]
+    if absent:  # the fused stage has no online writer or scorer of its own
+        say(f"no part in this stack for: {', '.join(absent)}; those faults are left out")
+        faults = [f for f in faults if f not in absent]
+        if not faults:
+            raise ConfigError("--faults: none of them has a part in this stack; see `eddy status`")
     report = SoakReport(minutes=minutes, rate=rate, seed=seed)
     rng = random.Random(seed)
     count = int(minutes * 60 * rate)

@@ -17,15 +17,16 @@ from confluent_kafka import KafkaException
 from rich.table import Table
 
 from deploy import cli_measure, cli_models  # noqa: F401 - register the measuring, model and rollout commands on the app
-from deploy.cli_base import HomeOpt, InsecureOpt, PipelineOpt, app, err, out, settings_from
+from deploy.cli_base import HomeOpt, InsecureOpt, PipelineOpt, StagesOpt, app, err, out, settings_from
 from features.errors import ConfigError, EddyError
 
 
 @app.command()
 def up(
-    engine: Annotated[str | None, typer.Option("--engine", help="feature engine: faust, flink or native")] = None,
+    engine: Annotated[str | None, typer.Option("--engine", help="feature engine: native (the default), faust or flink")] = None,
     partitions: Annotated[int | None, typer.Option("--partitions", help="partitions per topic (default 3)")] = None,
     scorers: Annotated[int | None, typer.Option("--scorers", help="scorer replicas in one consumer group (default 1)")] = None,
+    stages: StagesOpt = None,
     ingest: Annotated[bool | None, typer.Option("--ingest/--no-ingest", help="run lakehouse ingestion (EDDY_INGEST, default on)")] = None,
     monitoring: Annotated[bool | None, typer.Option("--monitoring/--no-monitoring", help="a local Prometheus scraping every stage, with eddy's alert rules (EDDY_MONITORING, default off)")] = None,
     insecure: InsecureOpt = False,
@@ -35,7 +36,8 @@ def up(
     """Start the stack (broker, Redis, topics, feature engine, writer, scorers, lakehouse ingestion); waits until healthy."""
     from deploy import stack
 
-    settings = settings_from("up", engine=engine, partitions=partitions, scorers=scorers, home=home, pipeline=pipeline,
+    settings = settings_from("up", engine=engine, partitions=partitions, scorers=scorers, stages=stages, home=home,
+                             pipeline=pipeline,
                              ingest=None if ingest is None else ("on" if ingest else "off"),
                              monitoring=None if monitoring is None else ("on" if monitoring else "off"),
                              insecure="on" if insecure else None)
@@ -277,7 +279,6 @@ def run(component: Annotated[str, typer.Argument(help="component to run in this 
     """Run one component of the stack in the foreground (what `eddy up` starts)."""
     from deploy import supervisor
     from deploy.components import COMPONENTS
-    from features.spec import load_spec
 
     if component not in COMPONENTS and component != supervisor.NAME:
         raise typer.BadParameter(f"unknown component {component!r}; one of {', '.join(COMPONENTS)}, supervisor")
@@ -285,7 +286,7 @@ def run(component: Annotated[str, typer.Argument(help="component to run in this 
     if component == supervisor.NAME:
         supervisor.run_supervisor(settings)
     else:
-        COMPONENTS[component].run(settings, load_spec(settings.pipeline))
+        COMPONENTS[component].run(settings, settings.pipeline_spec())
 
 
 def main(argv: list[str] | None = None) -> None:

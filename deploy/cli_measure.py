@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from deploy.cli_base import HomeOpt, InsecureOpt, PipelineOpt, app, err, out, settings_from
+from deploy.cli_base import HomeOpt, InsecureOpt, PipelineOpt, StagesOpt, app, err, out, settings_from
 
 PANEL = "Measure"  # where `eddy --help` lists these
 
@@ -20,25 +20,35 @@ def bench(
     events: Annotated[int, typer.Option("--events", help="backlog size for the ceiling and the drain")] = 100_000,
     loads: Annotated[str, typer.Option("--loads", help="fixed loads in events/s, comma separated")] = "1000,5000",
     load_seconds: Annotated[float, typer.Option("--load-seconds", help="seconds per fixed load")] = 15.0,
-    engine: Annotated[str | None, typer.Option("--engine", help="feature engine: faust, flink or native")] = None,
+    engine: Annotated[str | None, typer.Option("--engine", help="feature engine: native (the default), faust or flink")] = None,
     out_file: Annotated[str | None, typer.Option("--out", help="write the JSON here")] = None,
     ingest: Annotated[bool, typer.Option("--ingest/--no-ingest", help="run lakehouse ingestion in the measured stack too")] = False,
     scorers: Annotated[int | None, typer.Option("--scorers", help="scorer replicas")] = None,
+    stages: StagesOpt = None,
+    compare: Annotated[bool, typer.Option("--compare", help="the native engine three ways, one stack each: split, "
+                                                            "fused, fused at least once; a column each")] = False,
     insecure: InsecureOpt = False,
     pipeline: PipelineOpt = None,
 ) -> None:
     """Benchmark on a private stack: Kafka ceiling, drain rate, latency at fixed loads, scoring."""
-    from deploy.bench import run_bench
+    from deploy.bench import run_bench, run_compare
 
-    settings = settings_from("bench", pipeline=pipeline, engine=engine, scorers=scorers,
+    settings = settings_from("bench", pipeline=pipeline, engine=engine, scorers=scorers, stages=stages,
                              insecure="on" if insecure else None)
     try:
         rates = [int(r) for r in loads.split(",") if r.strip()]
     except ValueError:
         raise typer.BadParameter(f"--loads {loads!r}: give events/s as integers, e.g. 1000,5000") from None
-    result = run_bench(settings, events=events, loads=rates, load_seconds=load_seconds, engine=settings.engine,
-                       ingest=ingest, on_progress=lambda line: err.print(f"[bench] {line}", markup=False, highlight=False))
-    print_bench(result)
+    def progress(line: str) -> None:
+        err.print(f"[bench] {line}", markup=False, highlight=False)
+
+    if compare:
+        result = run_compare(settings, events=events, loads=rates, load_seconds=load_seconds, on_progress=progress)
+        print_compare(result)
+    else:
+        result = run_bench(settings, events=events, loads=rates, load_seconds=load_seconds, engine=settings.engine,
+                           ingest=ingest, on_progress=progress)
+        print_bench(result)
     if out_file:
         Path(out_file).write_text(json.dumps(result, indent=2))
         out.print(f"wrote {out_file}")
@@ -47,7 +57,7 @@ def bench(
 def print_bench(result: dict) -> None:
     """run_bench's result as a table on stdout."""
     metrics = "" if result.get("metrics", True) else ", metrics off"
-    table = Table(title=f"eddy bench ({result['engine']} engine, {result['device']}, {result['machine']['cpus']} CPUs"
+    table = Table(title=f"eddy bench ({result['engine']} engine, {result.get('stages', 'split')} stages, {result['device']}, {result['machine']['cpus']} CPUs"
                         f"{metrics})")
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -65,6 +75,8 @@ def print_bench(result: dict) -> None:
     table.add_row("hot swap: publish -> first prediction by the new model", f"{result['swap_to_first_prediction_s']} s")
     for stage, rate in result["per_stage_events_per_s"].items():
         table.add_row(f"stage {stage} peak events/s", f"{rate:,.0f}")
+    table.add_row("CPU us per event in the drain, by part", ", ".join(
+        f"{part} {us:g}" for part, us in result["drain"]["cpu_us_per_event"].items() if us >= 0.5))
     scoring = result["scoring"]
     table.add_row(f"model rows/s at batch {scoring['batch']:,} ({result['device']})", f"{result['scoring_rows_per_s']:,.0f}")
     table.add_row(f"scorer step events/s, batches of {scoring['batch']:,} / of 1",
@@ -81,6 +93,33 @@ def print_bench(result: dict) -> None:
         table.add_row(f"lakehouse freshness p50 / p99 at {fresh['rate']:,}/s, trigger {fresh['trigger_s']}s",
                       f"{fresh['ms']['p50']} / {fresh['ms']['p99']} ms")
         table.add_row("lakehouse ingestion memory (process + JVM)", f"{lake['rss_mb']} MB")
+    out.print(table)
+
+
+def print_compare(result: dict) -> None:
+    """run_compare's result: a column per shape, the split stages' first."""
+    runs = result["configs"]
+    first = next(iter(runs.values()))
+    table = Table(title=f"eddy bench --compare (native engine, {first['device']}, {first['machine']['cpus']} CPUs)")
+    table.add_column("measure")
+    for name in runs:
+        table.add_column(name.replace("_", " "), justify="right")
+
+    def row(label: str, cell) -> None:
+        table.add_row(label, *(cell(name, r) for name, r in runs.items()))
+
+    row("end-to-end events/s (backlog drain)", lambda _n, r: f"{r['events_per_s']:,.0f}")
+    row("ratio to split", lambda n, _r: f"{result['ratio_to_split'][n]:.2f}x")
+    row("Kafka passthrough ceiling events/s", lambda _n, r: f"{r['baselines']['kafka_passthrough_events_per_s']:,.0f}")
+    for rate in first["loads"]:
+        row(f"latency at {int(rate):,}/s p50 / p99 ms",
+            lambda _n, r, rate=rate: f"{r['loads'][rate]['latency_ms']['p50']} / {r['loads'][rate]['latency_ms']['p99']}")
+        row(f"visible at {int(rate):,}/s p50 / p99 ms",
+            lambda _n, r, rate=rate: (f"{r['loads'][rate]['visible_latency_ms']['p50']} / "
+                                      f"{r['loads'][rate]['visible_latency_ms']['p99']}"))
+    row("hot swap: publish -> first prediction", lambda _n, r: f"{r['swap_to_first_prediction_s']} s")
+    row("CPU us per event in the drain, by part", lambda _n, r: ", ".join(
+        f"{part} {us:g}" for part, us in r["drain"]["cpu_us_per_event"].items() if us >= 0.5))
     out.print(table)
 
 

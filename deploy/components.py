@@ -36,6 +36,7 @@ class Component:
     replica: int | None = None                       # scorer replicas: started while replica < settings.scorers
     signs: bool = False                              # publishes models: the only ones given the private key
     role: str = "admin"                              # its Kafka principal and Redis user (deploy.access)
+    fused: bool | None = None                        # only when the online path is fused (True) or split (False)
 
 
 def engine_config(settings: Settings, spec: PipelineSpec, **defaults) -> EngineConfig:
@@ -160,6 +161,17 @@ def _native(settings: Settings, spec: PipelineSpec) -> None:
                metrics=serve_metrics(settings, spec, "features", "features-native"))
 
 
+def _fused(settings: Settings, spec: PipelineSpec) -> None:
+    from models.fused import run_fused
+    from models.scorer import ScorerConfig
+
+    run_fused(engine_config(settings, spec, batch_size=5000, batch_wait_s=0.1,
+                            commit_interval_s=NATIVE_COMMIT_INTERVAL_S),
+              ScorerConfig(settings.kafka, spec, settings.redis_url, settings.device, settings.trusted_keys(),
+                           drift_window=settings.drift_window),
+              feast_dir(settings), metrics=serve_metrics(settings, spec, "features", "features-fused"))
+
+
 def _flink(settings: Settings, spec: PipelineSpec) -> None:
     import threading
 
@@ -209,9 +221,10 @@ COMPONENTS: dict[str, Component] = {
     c.name: c for c in (
         Component("features-faust", _faust, engine="faust", role="features"),
         Component("features-flink", _flink, engine="flink", role="features"),
-        Component("features-native", _native, engine="native", role="features"),
-        Component("online-writer", _online_writer, role="online-writer"),
-        *(Component(f"scorer-{i}", _scorer(i), replica=i, role="scorer") for i in range(16)),
+        Component("features-native", _native, engine="native", role="features", fused=False),
+        Component("features-fused", _fused, engine="native", role="fused", fused=True),
+        Component("online-writer", _online_writer, role="online-writer", fused=False),
+        *(Component(f"scorer-{i}", _scorer(i), replica=i, role="scorer", fused=False) for i in range(16)),
         Component("lakehouse", _lakehouse, ingest=True, role="lakehouse"),
         Component("retrainer", _retrainer, retrain=True, signs=True, role="publisher"),
         Component("rollouts", _rollouts, ingest=True, signs=True, role="publisher"),
@@ -223,6 +236,7 @@ def wanted(settings: Settings) -> list[Component]:
     """The components this stack runs, in start order."""
     return [c for c in COMPONENTS.values()
             if c.engine in (None, settings.engine) and (c.replica is None or c.replica < settings.scorers)
+            and c.fused in (None, settings.fused)
             and (not c.ingest or settings.ingest)
             and (not c.retrain or (settings.ingest and retraining(settings)))]
 

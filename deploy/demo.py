@@ -113,7 +113,10 @@ def _view(settings, spec, watcher: PredictionWatcher, produced: int, lags: dict,
     table.add_row("predictions/s", f"{watcher.rate:,.0f}")
     table.add_row("latency p50 / p99 (event -> prediction)",
                   f"{np.percentile(lat, 50):,.0f} / {np.percentile(lat, 99):,.0f} ms" if lat.size else "-")
-    table.add_row("lag features / scorer", f"{lags.get('features', '-')} / {lags.get('scorer', '-')}")
+    if settings.fused:  # one stage, one consumer group: features, online store and scoring together
+        table.add_row("lag (the fused stage)", f"{lags.get('features', '-')}")
+    else:
+        table.add_row("lag features / scorer", f"{lags.get('features', '-')} / {lags.get('scorer', '-')}")
     recent = {r["model_version"] for r in live[-500:]}
     table.add_row("serving version(s)", ", ".join(sorted(recent)) if live else "-")
     if rollout and rollout.get("mode", "none") != "none":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit, urlunsplit
@@ -25,15 +26,18 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from deploy.security import local_kafka_properties, local_redis_url
 from features.errors import ConfigError, SpecError
-from features.spec import parse_duration
+from features.spec import PipelineSpec, load_spec, parse_duration
 from models.signing import SigningKey, TrustedKeys
 from streams.kafka import KafkaConfig, check_client_security, parse_properties
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 Device = Literal["auto", "cpu", "cuda"]
 Engine = Literal["faust", "flink", "native"]
+Stages = Literal["auto", "fused", "split"]
+Guarantee = Literal["", "exactly_once", "at_least_once"]
 DEVICES: tuple[str, ...] = get_args(Device)
 ENGINES: tuple[str, ...] = get_args(Engine)
+STAGES: tuple[str, ...] = get_args(Stages)
 
 
 def redact_url(url: str) -> str:
@@ -107,7 +111,13 @@ class Settings(BaseSettings):
     lakehouse: str = ""  # empty: home/lakehouse
     pipeline: Path = Path("pipelines/fraud.yaml")
     device: Annotated[Device, _LOWER] = Field("auto", description=f"one of {', '.join(DEVICES)}")
-    engine: Annotated[Engine, _LOWER] = Field("faust", description=f"one of {', '.join(ENGINES)}")
+    engine: Annotated[Engine, _LOWER] = Field("native", description=f"one of {', '.join(ENGINES)}")
+    # How the online path runs: fused (the native engine, the online store write and the scorer in one
+    # process and one transaction per batch), split (engine, online writer and scorers apart: the only
+    # shape of the Faust and Flink engines), or auto (fused with the native engine, else split).
+    stages: Annotated[Stages, _LOWER] = Field("auto", description=f"one of {', '.join(STAGES)} (fused runs with --engine native)")
+    # The delivery guarantee of the native stages; empty: the spec's own (`guarantee:`, exactly_once by default).
+    guarantee: Annotated[Guarantee, _LOWER] = Field("", description="exactly_once or at_least_once")
     partitions: PositiveInt = Field(3, description="a positive integer")
     scorers: int = Field(1, ge=1, le=16, description="a number of scorer replicas from 1 to 16")
     jars_dir: Path = Field(REPO_ROOT / ".jars", validation_alias="EDDY_JARS")
@@ -149,6 +159,30 @@ class Settings(BaseSettings):
     # How often each stage commits (None: each stage's default).
     commit_interval_s: Seconds | None = Field(None, validation_alias="EDDY_COMMIT_INTERVAL",
                                               description="a duration like 50ms or 1s")
+
+    @field_validator("stages")
+    @classmethod
+    def _fused_needs_native(cls, stages: str, info: ValidationInfo) -> str:
+        if stages == "fused" and info.data.get("engine", "native") != "native":
+            raise ValueError(f"{stages!r} with engine {info.data.get('engine')!r}")
+        return stages
+
+    def pipeline_spec(self) -> PipelineSpec:
+        """The pipeline spec, with EDDY_GUARANTEE over its own guarantee; ConfigError for at-least-once
+        with an engine that delivers exactly once only."""
+        spec = load_spec(self.pipeline)
+        if self.guarantee:
+            spec = replace(spec, guarantee=self.guarantee)
+        if spec.guarantee == "at_least_once" and self.engine != "native":
+            raise ConfigError(f"the at_least_once guarantee runs with the native engine (--engine native); "
+                              f"the {self.engine} engine delivers exactly once: unset EDDY_GUARANTEE or the "
+                              f"spec's guarantee")
+        return spec
+
+    @property
+    def fused(self) -> bool:
+        """Whether the online path runs as the fused stage (models.fused)."""
+        return self.engine == "native" and self.stages != "split"
 
     @field_validator("kafka", mode="before")
     @classmethod
@@ -323,6 +357,8 @@ def child_environment(settings: Settings, extra: Mapping[str, str] | None = None
         EDDY_PIPELINE=str(settings.pipeline),
         EDDY_DEVICE=settings.device,
         EDDY_ENGINE=settings.engine,
+        EDDY_STAGES=settings.stages,
+        EDDY_GUARANTEE=settings.guarantee,
         EDDY_PARTITIONS=str(settings.partitions),
         EDDY_SCORERS=str(settings.scorers),
         EDDY_INGEST="on" if settings.ingest else "off",

@@ -15,13 +15,17 @@ import psutil
 from deploy import broker, components, redis_local
 from deploy.processes import ProcessTable
 from deploy.settings import Settings, child_environment, local_credentials, redact_url, stored_key
-from features.errors import EddyError, ServiceError
+from features.errors import ConfigError, EddyError, ServiceError
 from features.spec import PipelineSpec, load_spec
 from features.waiting import poll
 from streams.kafka import ensure_topics, group_lag, wait_for_broker
 from streams.metrics import read_metrics
 
 COMPONENT_DEADLINE_S = 120.0
+FUSED = "features-fused"
+# What the fused stage's part shows of its scoring (from the heartbeat it sends as the scorer stage).
+SCORING_FIELDS = ("model_version", "device", "rollout", "challenger", "updates_accepted", "updates_refused",
+                  "bad_records", "by_version")
 
 # Parts stop in the reverse of this order, so consumers go before the broker they read.
 START_ORDER = ("broker", "redis")
@@ -62,7 +66,10 @@ def process_table(settings: Settings) -> ProcessTable:
 def up(settings: Settings, spec: PipelineSpec | None = None, with_components: bool = True) -> UpReport:
     """Start what is missing, wait for health, create the spec's topics, start the components
     (feature engine, writers; skipped with with_components=False). Safe to run again."""
-    spec = spec or load_spec(settings.pipeline)
+    spec = spec or settings.pipeline_spec()
+    if settings.fused and settings.scorers > 1:
+        raise ConfigError(f"--scorers {settings.scorers}: scorer replicas run apart from the engine; add --stages split "
+                          "(the fused stage scores in the engine's own process)")
     table = process_table(settings)
     report = UpReport()
     b = broker.ensure_broker(settings, table)
@@ -246,8 +253,13 @@ def status(settings: Settings) -> dict[str, Any]:
     full = "memory bound" in report["parts"]["redis"].get("note", "")
     for name, record in started.items():
         if name not in report["parts"]:
-            beats = read_metrics(redis.Redis.from_url(settings.redis_url), _pipeline_name(settings), _metric(name)) if redis_up else []
+            client = redis.Redis.from_url(settings.redis_url)
+            beats = read_metrics(client, _pipeline_name(settings), _metric(name)) if redis_up else []
             extra = _sum_beats(beats)
+            if name == FUSED and redis_up:  # it scores too: the model it serves, as a scorer's part shows it
+                scoring = _sum_beats(read_metrics(client, _pipeline_name(settings), "scorer"))
+                extra.update({k: v for k, v in scoring.items() if k in SCORING_FIELDS},
+                             predictions=scoring.get("events", 0))
             beating = bool(beats) or name in ("supervisor", "prometheus")  # no heartbeat: alive is up
             if not beating and full:  # a full Redis refuses heartbeats too: alive and waiting is up
                 beating, extra = True, {**extra, "note": "waiting for room in Redis (its heartbeat is refused)"}

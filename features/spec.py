@@ -29,6 +29,7 @@ DEFAULT_MAX_FUTURE_MS = 5 * 60_000
 # a mistake or an attack (parsing it would cost every engine), refused to the DLQ with its size.
 DEFAULT_MAX_RECORD_BYTES = 64 * 1024
 EXTRA_FIELDS = ("ignore", "refuse")  # source.extra_fields: what a field outside the schema does
+GUARANTEES = ("exactly_once", "at_least_once")  # guarantee: how the native stages deliver their outputs
 _SIZE = re.compile(r"\s*(\d+)\s*(B|KiB|MiB)?\s*\Z")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024 * 1024}
 
@@ -137,6 +138,9 @@ class PipelineSpec:
     max_future_ms: int = DEFAULT_MAX_FUTURE_MS
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
     extra_fields: str = "ignore"
+    # The delivery guarantee of the native engine, the scorers and the fused stage (docs/contract.md):
+    # exactly_once or at_least_once. Not in spec_hash: how outputs are delivered changes no model input.
+    guarantee: str = "exactly_once"
 
     def stage_id(self, stage: str) -> str:
         """The stable id of one stage of this pipeline: its consumer group, transactional id prefix,
@@ -237,7 +241,7 @@ def _yaml_reason(exc: yaml.YAMLError) -> str:
 
 def _parse(data: Any) -> PipelineSpec:
     top = _section(data, "spec", ("name", "entity", "source", "features", "model"),
-                   ("labels", "topics"))
+                   ("labels", "topics", "guarantee"))
     name = _text(top, "name", "name", _NAME)
     entity = _section(top["entity"], "entity", ("name", "key"))
     src = _section(top["source"], "source", ("topic", "id", "timestamp", "schema"),
@@ -264,7 +268,8 @@ def _parse(data: Any) -> PipelineSpec:
                   _publish_policy(model_sec.get("publish") or {}))
     spec = PipelineSpec(name, _text(entity, "name", "entity.name", _IDENT), key, id_field,
                         ts_field, lateness, schema, features, labels, topics, model, "", max_future,
-                        max_record_bytes, extra_fields)
+                        max_record_bytes, extra_fields,
+                        _choice(top, "guarantee", "guarantee", GUARANTEES) if "guarantee" in top else "exactly_once")
     return replace(spec, spec_hash=_hash(spec))
 
 

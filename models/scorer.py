@@ -11,10 +11,11 @@ import signal
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from operator import itemgetter, methodcaller
+from typing import Any
 
 import numpy as np
 import orjson
@@ -95,6 +96,9 @@ class Scorer:
         self._required = itemgetter("features", "event_id", self.spec.key, "event_time")
         self.history = (HistoryStore(redis_client, self.spec.name, config.history)
                         if self.spec.model.kind == "sequence" else None)
+        # Where a record sits, tagging the history rows it adds (so a redone batch adds none twice): the
+        # features record's partition and offset; the fused stage tags by the source record instead.
+        self.position: Callable[[Any], tuple[int | str, int]] = features_position
         self.listener = UpdateListener(config.kafka, self.spec, config.model_key, self.device,
                                        on_ready=self._ready, serving=lambda: self.serving, on_rollout=self._rollout)
 
@@ -318,14 +322,28 @@ class Scorer:
         key_field = self.spec.key
         stored = self.history.get_many([r[key_field] for r in records])
         sequences = []
+        position = self.position
         for msg, record in zip(messages, records, strict=True):
             entity = record[key_field]
             rows = stored[entity]
-            before = history_before(rows, msg.partition(), msg.offset())
+            partition, offset = position(msg)
+            before = history_before(rows, partition, offset)
             sequences.append([r[2] for r in before[-(keep - 1):]] + [record["features"]])
             if not record.get("late"):
-                stored[entity] = append_once(rows, msg.partition(), msg.offset(), record["features"], keep)
+                stored[entity] = append_once(rows, partition, offset, record["features"], keep)
         return sequences, stored
+
+
+def features_position(msg) -> tuple[int | str, int]:
+    """A features record's partition and offset, tagging the history rows it adds."""
+    return msg.partition(), msg.offset()
+
+
+def source_position(msg) -> tuple[int | str, int]:
+    """A record held in memory by the fused stage, at its source record's offset: the partition as
+    "source/N", so history rows of the split stages (features offsets) and of the fused one never
+    compare (all of one are older than all of the other, whichever ran first)."""
+    return f"source/{msg.partition()}", msg.offset()
 
 
 def drift_window(model: LoadedModel, rows: int) -> DriftWindow | None:
@@ -376,6 +394,30 @@ def splice_predictions(values: list[bytes], score_texts: list[bytes], version: s
     return list(map(splice.__mod__, zip(score_texts, map(_tail, values), strict=True)))
 
 
+def export_counts(scorer: Scorer, metrics: StageMetrics) -> None:
+    """The scorer's counts into its stage's metrics (predictions out, updates refused, the serving
+    version); its dead letters by reason are the caller's to add (the fused stage adds the engine's)."""
+    spec, counters, serving = scorer.spec, scorer.listener.counters, scorer.serving
+    metrics.total(metrics.records_out.labels(spec.name, STAGE, spec.topics.predictions), scorer.rows)
+    metrics.total(metrics.updates_refused.labels(spec.name, STAGE, "verification"), counters.refused)
+    metrics.total(metrics.updates_refused.labels(spec.name, STAGE, "replayed"), counters.replayed)
+    if serving is not None:
+        metrics.serving(serving.version or "", str(scorer.device))
+
+
+def beat_fields(scorer: Scorer) -> dict[str, Any]:
+    """What a scorer's heartbeat carries besides its record count (`eddy status`, the rollout judge)."""
+    serving, counters = scorer.serving, scorer.listener.counters
+    return dict(device=str(scorer.device), guarantee=scorer.spec.guarantee, model_version=serving.version if serving is not None else None,
+                batch_size=round(scorer.rows / max(scorer.batches, 1), 1),
+                updates_accepted=counters.accepted, updates_refused=counters.refused,
+                updates_ignored=counters.ignored_older, updates_replayed=counters.replayed,
+                last_refusal=counters.last_refusal or None, bad_records=scorer.bad_records,
+                rollout=scorer.route.to_dict() if scorer.route is not None else None,
+                challenger=scorer.challenger.version if scorer.challenger is not None else None,
+                by_version={v: dict(c) for v, c in list(scorer.by_version.items())})
+
+
 def run_scorer(config: ScorerConfig, metrics: StageMetrics | None = None) -> None:
     """Run one scorer replica in this process until SIGTERM (with `metrics`, exported as it goes)."""
     import torch
@@ -392,29 +434,14 @@ def run_scorer(config: ScorerConfig, metrics: StageMetrics | None = None) -> Non
     loop = TransactionalLoop(config.kafka, config.group, [config.spec.topics.features],
                              transactional_id=f"{config.group}-{config.replica}",
                              batch_size=config.batch_size, batch_wait_s=config.batch_wait_s,
-                             min_interval_s=config.commit_interval_s, metrics=metrics)
+                             min_interval_s=config.commit_interval_s, metrics=metrics,
+                             guarantee=config.spec.guarantee)
 
     def beat(force: bool = False) -> None:
-        serving = scorer.serving
-        counters = scorer.listener.counters
         if metrics is not None:
-            metrics.total(metrics.records_out.labels(config.spec.name, STAGE, config.spec.topics.predictions),
-                          scorer.rows)
+            export_counts(scorer, metrics)
             metrics.refusals(scorer.refusals)
-            metrics.total(metrics.updates_refused.labels(config.spec.name, STAGE, "verification"), counters.refused)
-            metrics.total(metrics.updates_refused.labels(config.spec.name, STAGE, "replayed"), counters.replayed)
-            if serving is not None:
-                metrics.serving(serving.version or "", str(scorer.device))
-        heartbeat.beat(scorer.rows, force=force, device=str(scorer.device),
-                       model_version=serving.version if serving is not None else None,
-                       batch_size=round(scorer.rows / max(scorer.batches, 1), 1),
-                       updates_accepted=counters.accepted, updates_refused=counters.refused,
-                       updates_ignored=counters.ignored_older, updates_replayed=counters.replayed,
-                       last_refusal=counters.last_refusal or None, bad_records=scorer.bad_records,
-                       rollout=scorer.route.to_dict() if scorer.route is not None else None,
-                       challenger=scorer.challenger.version if scorer.challenger is not None else None,
-                       by_version={v: dict(c) for v, c in list(scorer.by_version.items())},
-                       **loop.stats.summary())
+        heartbeat.beat(scorer.rows, force=force, **beat_fields(scorer), **loop.stats.summary())
 
     scorer.wait_for_model()
 

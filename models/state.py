@@ -38,12 +38,12 @@ class HistoryStore:
         pipe.execute()
 
 
-def history_before(rows: list, partition: int, offset: int) -> list:
+def history_before(rows: list, partition: int | str, offset: int) -> list:
     """The entity's rows that came before the record at (partition, offset)."""
     return [r for r in rows if r[0] != partition or r[1] < offset]
 
 
-def append_once(rows: list, partition: int, offset: int, features: dict, keep: int) -> list:
+def append_once(rows: list, partition: int | str, offset: int, features: dict, keep: int) -> list:
     """rows with this record's features appended unless a replay already put them there."""
     if any(r[0] == partition and r[1] == offset for r in rows):
         return rows

@@ -96,6 +96,37 @@ def _epoch_ms(value: Any) -> int:
     return (datetime.fromisoformat(value) - _EPOCH) // _MS
 
 
+def write_latest(spec: PipelineSpec, rows_writer, rows: LatestRows, stats: WriterStats) -> int:
+    """One pipelined write of a batch's latest rows (a row whose values do not fit their columns is
+    skipped and counted as bad); returns the rows written. Redis errors propagate to the caller, which
+    retries (the online writer) or redoes the batch (the fused stage)."""
+    if not rows.keys:
+        return 0
+    try:
+        written = rows_writer.write(rows.keys, rows.event_ms, rows.features)
+    except (TypeError, ValueError):
+        rows = fitting(spec, rows, stats)
+        written = rows_writer.write(rows.keys, rows.event_ms, rows.features)
+    stats.rows += written
+    stats.batches += 1
+    return written
+
+
+def fitting(spec: PipelineSpec, rows: LatestRows, stats: WriterStats) -> LatestRows:
+    """The rows whose values fit their columns; the others (a null count, a string) are skipped."""
+    dtypes = feature_dtypes(spec)
+    good = []
+    for i, features in enumerate(rows.features):
+        if all(_fits(features.get(name), kind) for name, kind in dtypes.items()):
+            good.append(i)
+        else:
+            stats.bad += 1
+            log.warning("skipped the row of %s %r: its features %s do not fit %s", spec.key, rows.keys[i],
+                        features, dtypes)
+    return LatestRows([rows.keys[i] for i in good], [rows.event_ms[i] for i in good],
+                      [rows.features[i] for i in good])
+
+
 class OnlineWriter:
     """Consumes the features topic as group `eddy-<pipeline>-online-writer` and writes each batch
     with `rows_writer.write(entity_ids, event_ms, feature_dicts)` (a FeastRedisWriter)."""
@@ -153,48 +184,23 @@ class OnlineWriter:
         return self.stats
 
     def write(self, messages: Sequence, should_stop: Callable[[], bool] = lambda: False) -> bool:
-        """Write one batch with one pipelined write; False if stopped before the write succeeded."""
-        stats = self.stats
-        stats.events += len(messages)
-        rows = latest_rows(self.spec, messages, stats)
-        if not rows.keys:
-            return True
+        """Write one batch with one pipelined write, retried while Redis is away; False if stopped
+        before the write succeeded."""
+        from redis.exceptions import RedisError
+
+        rows = latest_rows(self.spec, messages, self.stats)
+        self.stats.events += len(messages)
         delay = 0.2
         while True:
             try:
-                try:
-                    written = self.rows_writer.write(rows.keys, rows.event_ms, rows.features)
-                except (TypeError, ValueError):
-                    rows = self._fitting(rows)
-                    written = self.rows_writer.write(rows.keys, rows.event_ms, rows.features)
-                break
-            except Exception as exc:
-                from redis.exceptions import RedisError
-
-                if not isinstance(exc, RedisError):
-                    raise
-                stats.retries += 1
+                write_latest(self.spec, self.rows_writer, rows, self.stats)
+                return True
+            except RedisError as exc:
+                self.stats.retries += 1
                 log.warning("online store write failed (%s); retrying in %.1fs", exc, delay)
                 if _sleep_unless(should_stop, delay):
                     return False
                 delay = min(delay * 2, 5.0)
-        stats.rows += written
-        stats.batches += 1
-        return True
-
-    def _fitting(self, rows: LatestRows) -> LatestRows:
-        """The rows whose values fit their columns; the others (a null count, a string) are skipped."""
-        dtypes = feature_dtypes(self.spec)
-        good = []
-        for i, features in enumerate(rows.features):
-            if all(_fits(features.get(name), kind) for name, kind in dtypes.items()):
-                good.append(i)
-            else:
-                self.stats.bad += 1
-                log.warning("skipped the row of %s %r: its features %s do not fit %s", self.spec.key,
-                            rows.keys[i], features, dtypes)
-        return LatestRows([rows.keys[i] for i in good], [rows.event_ms[i] for i in good],
-                          [rows.features[i] for i in good])
 
     def _commit(self) -> None:
         """Commit the consumer's positions when they moved: everything consumed is written by now.

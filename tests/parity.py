@@ -342,10 +342,13 @@ def private_copy(settings, path: Path, into: Path) -> tuple[PipelineSpec, Path]:
     suffix = uuid.uuid4().hex[:8]
     data["name"] = f"{data['name']}-{suffix}"
     data["source"]["topic"] = f"{data['source']['topic']}-{suffix}"
-    data["topics"] = {**data.get("topics", {}), "dlq": f"dlq-{suffix}", "features": f"features-{suffix}"}
+    data["topics"] = {**data.get("topics", {}), "dlq": f"dlq-{suffix}", "features": f"features-{suffix}",
+                      "predictions": f"predictions-{suffix}", "model_updates": f"model-updates-{suffix}"}
     spec = parse_spec(data)
     # make_stream's records carry the Kafka timestamps of their history (days ago): kept forever, so the
-    # broker's retention (7 days by default, checked every 5 minutes) never deletes them mid-test
+    # broker's retention (7 days by default, checked every 5 minutes) never deletes them mid-test;
+    # model updates on one partition, as `eddy up` makes them
+    ensure_topics(settings.kafka, [spec.topics.model_updates], partitions=1, configs={"retention.ms": "-1"})
     ensure_topics(settings.kafka, spec.topics.all(), partitions=3, configs={"retention.ms": "-1"})
     grant(settings, spec)  # each role's ACLs on the copy's topics, groups and transactional ids
     into.write_text(yaml.safe_dump(data))

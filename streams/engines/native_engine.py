@@ -16,6 +16,7 @@ import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Sequence
+from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
@@ -37,7 +38,7 @@ from streams.engines.native_state import (
 from streams.featurize import Featurizer, arrival_ms
 from streams.frontdoor import FrontDoor
 from streams.kafka import KafkaConfig, Record, admin, ensure_topics
-from streams.loop import Output, TransactionalLoop
+from streams.loop import HeldRecord, Output, TransactionalLoop
 from streams.metrics import Heartbeat
 from streams.stores import redis_client
 from streams.telemetry import StageMetrics, refusal_reason
@@ -72,6 +73,7 @@ class NativeStep:
         self.door = FrontDoor(config.spec, deduper, stage=STAGE)
         self._replay_door = FrontDoor(config.spec, deduper, stage=STAGE)  # its counts stay out of the heartbeat
         self.changelog = changelog
+        self.checkpoint_topics = (changelog,)  # at least once, its state still commits with the offsets
         self.featurize = Featurizer(config.spec)
         self.partitions: dict[int, PartitionState] = {}
         self.checkpoint_s, self.max_dirty = checkpoint_s, max_dirty
@@ -80,6 +82,9 @@ class NativeStep:
         self.refused = 0  # valid records the apply step refused (dead-lettered)
         self.refusals: Tally[str] = Tally()  # ... by reason class
         self.late = 0
+        # When a list (the fused stage), each live batch's features records are also appended to it, as
+        # records held in memory at their source record's partition and offset, for the stages after.
+        self.rows_out: list[HeldRecord] | None = None
 
     def entities(self) -> int:
         """How many entities the step holds state for over all its partitions (the heartbeat thread
@@ -153,7 +158,7 @@ class NativeStep:
         """One batch, inside its transaction: the front door, each admitted event's features on its
         entity's live state, each partition's next offset, then the entity states due (write_due)."""
         sizes = {p: len(part.dirty) for p, part in self.partitions.items()}
-        self.refused += self._apply(self.door.admit(messages, out), out, counted=True)
+        self.refused += self._apply(self.door.admit(messages, out), out, counted=True, collect=self.rows_out)
         partitions = self.partitions
         for p, offset in {m.partition(): m.offset() for m in messages}.items():
             part = partitions.get(p)
@@ -169,14 +174,16 @@ class NativeStep:
         if newly_dirty > 0:
             part.changed_at.append((time.monotonic(), newly_dirty))
 
-    def _apply(self, admitted: list[tuple[Record, Event]], out: Output, counted: bool = False) -> int:
+    def _apply(self, admitted: list[tuple[Record, Event]], out: Output, counted: bool = False,
+               collect: list[HeldRecord] | None = None) -> int:
         """The feature row of each admitted event, on the live state of its entity (the shared apply
         step); returns how many events it refused (dead-lettered). `counted`: the batch is live (not
-        a replay), so its refusals and late events go into the engine's tallies."""
+        a replay), so its refusals and late events go into the engine's tallies; `collect`: where each
+        features record is also appended (see rows_out)."""
         apply, logic = self.featurize.step.apply, self.featurize.logic
         row_value = self.featurize.message
         produce = out.produce
-        features_topic = self.spec.topics.features
+        features_topic, source_topic = self.spec.topics.features, self.spec.topics.source
         partitions = self.partitions
         refused = 0
         for msg, ev in admitted:
@@ -209,7 +216,10 @@ class NativeStep:
                 self.late += 1
             # The source record's timestamp carries on (as Kafka Streams does), so each later stage's
             # latency is measured from the event's arrival: end to end at the scorer.
-            produce(features_topic, row_value(ev, row), key, partition=p, timestamp=arrival or 0)
+            value = row_value(ev, row)
+            produce(features_topic, value, key, partition=p, timestamp=arrival or 0)
+            if collect is not None:
+                collect.append(HeldRecord(value, key, source_topic, p, msg.offset(), arrival or 0))
         return refused
 
     def write_due(self, out: Output) -> None:
@@ -268,8 +278,29 @@ def build_native(config: EngineConfig, redis_client, checkpoint_s: float = CHECK
     loop = TransactionalLoop(config.kafka, config.app_id, [spec.topics.source],
                              transactional_id=f"{config.app_id}-{ENGINE}-{replica}",
                              batch_size=config.batch_size, batch_wait_s=config.batch_wait_s,
-                             min_interval_s=config.commit_interval_s, metrics=metrics)
+                             min_interval_s=config.commit_interval_s, metrics=metrics, guarantee=spec.guarantee)
     return step, loop
+
+
+def export_counts(step: NativeStep, metrics: StageMetrics) -> None:
+    """The engine's counts into its stage's metrics; its dead letters by reason are the caller's to
+    add (the fused stage adds the scorer's)."""
+    spec, counts = step.spec, step.door.counts
+    metrics.total(metrics.records_out.labels(spec.name, STAGE, spec.topics.features), counts.valid - step.refused)
+    metrics.total(metrics.duplicates, counts.duplicates)
+    metrics.total(metrics.late, step.late)
+    metrics.entities.set(step.entities())
+    metrics.total(metrics.state_writes, step.written)
+
+
+def beat_fields(step: NativeStep, loop: TransactionalLoop, **extra: Any) -> tuple[int, dict[str, Any]]:
+    """The engine's heartbeat (`eddy status`, the tests' and tools' counts): the records it has seen,
+    and its fields."""
+    counts, restored = step.door.counts, step.restore_report
+    return (counts.valid + counts.invalid + counts.duplicates,
+            dict(engine=ENGINE, guarantee=step.spec.guarantee, valid=counts.valid - step.refused, dlq=counts.invalid + step.refused,
+                 duplicates=counts.duplicates, entities=step.entities(), states_written=step.written,
+                 restored=restored.changelog_records, replayed=restored.replayed, **loop.stats.summary(), **extra))
 
 
 def run_native(config: EngineConfig, checkpoint_s: float = CHECKPOINT_S, metrics: StageMetrics | None = None) -> None:
@@ -283,19 +314,11 @@ def run_native(config: EngineConfig, checkpoint_s: float = CHECKPOINT_S, metrics
     heartbeat = Heartbeat(client, spec.name, STAGE)
 
     def beat() -> None:
-        counts, restored = step.door.counts, step.restore_report
         if metrics is not None:
-            metrics.total(metrics.records_out.labels(spec.name, STAGE, spec.topics.features),
-                          counts.valid - step.refused)
-            metrics.total(metrics.duplicates, counts.duplicates)
-            metrics.total(metrics.late, step.late)
-            metrics.refusals(counts.refused + step.refusals)
-            metrics.entities.set(step.entities())
-            metrics.total(metrics.state_writes, step.written)
-        heartbeat.beat(counts.valid + counts.invalid + counts.duplicates, force=True, engine=ENGINE,
-                       valid=counts.valid - step.refused, dlq=counts.invalid + step.refused,
-                       duplicates=counts.duplicates, entities=step.entities(), states_written=step.written,
-                       restored=restored.changelog_records, replayed=restored.replayed, **loop.stats.summary())
+            export_counts(step, metrics)
+            metrics.refusals(step.door.counts.refused + step.refusals)
+        seen, fields = beat_fields(step, loop)
+        heartbeat.beat(seen, force=True, **fields)
 
     def beat_every_second() -> None:
         while not stop.wait(1.0):

@@ -75,7 +75,7 @@ def test_retrain_registers_publishes_serves_and_live_metrics_match_the_tables(tm
 
         def serving() -> str | None:
             status = json.loads(run_eddy(["status", "--json"], env).stdout)
-            return status["parts"].get("scorer-0", {}).get("model_version")
+            return status["parts"]["features-fused"].get("model_version")  # the default: the fused stage scores
         wait_for(lambda: serving() == version, 120, f"the scorer to serve {version}")
 
         more = run_eddy(["produce", "--count", "3000", "--label-delay", "0", "--seed", "6", "--fraud-rate", "0.05"], env)

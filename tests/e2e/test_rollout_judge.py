@@ -18,6 +18,7 @@ from tests.kafka_helpers import read_committed
 from tests.stack_helpers import status, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.spark, pytest.mark.slow]
+FUSED = "features-fused"
 POLICY = """
 steps: [50, 100]
 min_labelled: 300
@@ -88,8 +89,9 @@ def test_a_bad_challenger_is_rolled_back_and_a_good_one_promoted_by_the_policy(t
     from deploy.settings import load_settings
     from features.spec import load_spec
 
-    env = {**stack_environment(tmp_path / "home"), "EDDY_ENGINE": "native", "EDDY_INGEST": "on",
-           "EDDY_INGEST_TRIGGER": "1s", "EDDY_ROLLOUT_EVERY": "2s"}
+    # the default stack: the fused stage routes the canary and scores both versions in its own process
+    env = {**stack_environment(tmp_path / "home"), "EDDY_INGEST": "on", "EDDY_INGEST_TRIGGER": "1s",
+           "EDDY_ROLLOUT_EVERY": "2s"}
     settings = load_settings(environ=env)
     spec = load_spec(settings.pipeline)
     policy = tmp_path / "policy.yaml"
@@ -107,7 +109,7 @@ def test_a_bad_challenger_is_rolled_back_and_a_good_one_promoted_by_the_policy(t
         history = training_set(settings.kafka, spec)  # read once: the three models train on the same rows
         champion = train(settings, spec, history, shuffled=False, seed=0)
         assert run_eddy(["promote", champion], env).returncode == 0
-        wait_for(lambda: status(env)["parts"]["scorer-0"].get("model_version") == champion, 60, "the champion serving")
+        wait_for(lambda: status(env)["parts"][FUSED].get("model_version") == champion, 60, "the champion serving")
         bad = train(settings, spec, history, shuffled=True, seed=1)
         good = train(settings, spec, history, shuffled=False, seed=2)
 
@@ -120,8 +122,7 @@ def test_a_bad_challenger_is_rolled_back_and_a_good_one_promoted_by_the_policy(t
         rollback = decisions[-1]
         assert "PR-AUC" in rollback["reason"], rollback
         rolled_back_at = datetime.fromisoformat(str(rollback["decided_at"])).timestamp()
-        wait_for(lambda: all(p.get("rollout") is None for name, p in status(env)["parts"].items()
-                             if name.startswith("scorer-")), 60, "the scorers out of the rollout")
+        wait_for(lambda: status(env)["parts"][FUSED].get("rollout") is None, 60, "the scoring out of the rollout")
 
         # The good one: 50%, then 100%, then promoted.
         assert run_eddy(["rollout", "start", good, "--policy", str(policy)], env).returncode == 0
@@ -130,7 +131,7 @@ def test_a_bad_challenger_is_rolled_back_and_a_good_one_promoted_by_the_policy(t
         decisions = [d for d in rollout(env)["decisions"] if d["challenger"] == good]
         assert [d["decision"] for d in decisions if d["decision"] != "hold"] == ["start", "advance", "promote"], decisions
         assert rollout(env)["champion"] == good
-        wait_for(lambda: status(env)["parts"]["scorer-0"].get("model_version") == good, 60, "the good one serving")
+        wait_for(lambda: status(env)["parts"][FUSED].get("model_version") == good, 60, "the good one serving")
 
         # No event dropped or doubled: every produced event has exactly one served prediction.
         total = produced

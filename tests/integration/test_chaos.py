@@ -24,7 +24,7 @@ def test_a_short_soak_comes_back_from_each_fault_and_the_checker_finds_nothing_w
     from deploy.settings import load_settings
     from features.spec import load_spec
 
-    env = {**stack_environment(tmp_path / "home"), "EDDY_ENGINE": "native"}
+    env = {**stack_environment(tmp_path / "home"), "EDDY_ENGINE": "native", "EDDY_STAGES": "split"}
     try:
         up = run_eddy(["up"], env)
         assert up.returncode == 0, up.stderr

@@ -48,7 +48,7 @@ def test_a_shifted_amount_drifts_fires_the_alert_and_the_other_features_stay_bel
     from streams.generator import GeneratorConfig, TransactionGenerator
     from streams.producer import SyntheticProducer
 
-    env = {**stack_environment(tmp_path / "home"), "EDDY_ENGINE": "native", "EDDY_DRIFT_WINDOW": str(WINDOW),
+    env = {**stack_environment(tmp_path / "home"), "EDDY_ENGINE": "native", "EDDY_STAGES": "split", "EDDY_DRIFT_WINDOW": str(WINDOW),
            "EDDY_ALERT_FOR": "10s"}
     settings = load_settings(environ=env)
     spec = load_spec(settings.pipeline)

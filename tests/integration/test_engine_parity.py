@@ -16,7 +16,7 @@ import redis
 from streams.engines.config import STAGE
 from streams.metrics import read_metrics
 from tests.integration.test_flink_engine import PIPELINES, REPO
-from tests.parity import as_role, check_engine_output, parity_case
+from tests.parity import as_role, check_engine_output, parity_case, same_features
 from tests.stack_helpers import wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
@@ -49,3 +49,70 @@ def test_engine_matches_the_naive_reference_exactly_once(settings, stack_env, tm
     assert (beat["valid"], beat["dlq"], beat["duplicates"]) == (len(case.expected), len(case.invalid), case.resent)
     assert beat["engine"] == engine
     assert Path(tmp_path / "home" / "logs" / f"features-{engine}.log").exists()
+
+
+@pytest.mark.parametrize("pipeline", ["fraud.yaml", "sensors.yaml"])
+def test_fused_stage_matches_the_reference_and_scores_each_row_once(settings, stack_env, tmp_path, pipeline):
+    """The fused stage (`eddy run features-fused`, as its own least-privilege role): the same features and
+    dead letters as the engine alone, one prediction per row by the serving model, and each entity's
+    newest timely row in Feast's online store."""
+    from deploy.settings import load_settings
+    from features.feast_repo import online_features, open_feature_store
+    from models.updates import ensure_baseline
+    from tests.faults import check_scores
+
+    case = parity_case(settings, PIPELINES / pipeline, tmp_path / pipeline)
+    spec = case.spec
+    home_env = {**stack_env, "EDDY_PIPELINE": str(case.spec_path), "EDDY_HOME": str(tmp_path / "home")}
+    mine = load_settings(environ=home_env)
+    version = ensure_baseline(settings.kafka, spec, mine.artifacts_dir, mine.signing_key())
+    assert version == "baseline-1"
+    env = {**os.environ, **home_env, **as_role(stack_env, "fused"), "EDDY_ENGINE": "native"}
+    worker = subprocess.Popen([sys.executable, "-m", "deploy.cli", "run", "features-fused"], env=env, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        wait_for(lambda: any(b["valid"] + b["dlq"] + b["duplicates"] == len(case.stream)
+                             for b in read_metrics(client, spec.name, STAGE))
+                 and any(b["events"] == len(case.expected) for b in read_metrics(client, spec.name, "scorer")),
+                 180, "the fused stage to see and score every record")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+    check_engine_output(settings, spec, case.expected, case.delivered, case.invalid)
+    [beat] = read_metrics(client, spec.name, STAGE, max_age_s=300)
+    assert (beat["valid"], beat["dlq"], beat["duplicates"]) == (len(case.expected), len(case.invalid), case.resent)
+    assert (beat["engine"], beat["stages"]) == ("native", "fused")
+    rows = {m["event_id"]: m for m in _features_rows(settings, spec, len(case.expected))}
+    assert check_scores(settings.kafka, spec, mine.artifacts_dir / spec.name / version, mine.trusted_keys(),
+                        rows) == len(case.expected)
+
+    # The online store holds each entity's newest timely row by event time (of rows with equal times,
+    # one of them: which depends on how the batches fell).
+    newest: dict[str, list[dict]] = {}
+    for row in rows.values():
+        if not row["late"]:
+            held = newest.setdefault(row[spec.key], [])
+            if held and row["event_time"] > held[0]["event_time"]:
+                held.clear()
+            if not held or row["event_time"] == held[0]["event_time"]:
+                held.append(row)
+    [writer] = read_metrics(client, spec.name, "online-writer", max_age_s=300)
+    assert writer["events"] == len(case.expected) and writer["bad"] == 0
+    keys = sorted(newest)
+    online = online_features(open_feature_store(tmp_path / "home" / "feast"), spec, keys)
+    for key, stored in zip(keys, online, strict=True):
+        assert stored is not None and any(same_features(stored, r["features"]) for r in newest[key]), key
+
+
+def _features_rows(settings, spec, count: int) -> list[dict]:
+    import orjson
+
+    from tests.kafka_helpers import read_committed
+
+    return [orjson.loads(m.value()) for m in read_committed(settings.kafka, spec.topics.features, count, timeout_s=30)]

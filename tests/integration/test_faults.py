@@ -43,7 +43,7 @@ def running_stack(env: dict[str, str]):
 
 @pytest.fixture
 def stack(tmp_path):
-    with running_stack({**stack_environment(tmp_path / "home"), "EDDY_ENGINE": "native"}) as running:
+    with running_stack({**stack_environment(tmp_path / "home"), "EDDY_ENGINE": "native", "EDDY_STAGES": "split"}) as running:
         yield running
 
 
@@ -53,7 +53,7 @@ def behind_a_proxy(tmp_path):
     (EDDY_KAFKA_LISTEN) and advertises the proxy's."""
     from deploy.processes import free_port
 
-    env = {**stack_environment(tmp_path / "home"), "EDDY_ENGINE": "native"}
+    env = {**stack_environment(tmp_path / "home"), "EDDY_ENGINE": "native", "EDDY_STAGES": "split"}
     host, _, port = env["EDDY_KAFKA_BOOTSTRAP"].rpartition(":")
     env["EDDY_KAFKA_LISTEN"] = f"{host}:{(listen := free_port())}"
     proxy = FaultProxy(int(port), listen)

@@ -30,7 +30,7 @@ def stack(tmp_path_factory):
     from deploy.settings import load_settings
     from features.spec import load_spec
 
-    env = {**stack_environment(tmp_path_factory.mktemp("monitoring") / "home"), "EDDY_ENGINE": "native"}
+    env = {**stack_environment(tmp_path_factory.mktemp("monitoring") / "home"), "EDDY_ENGINE": "native", "EDDY_STAGES": "split"}
     settings = load_settings(environ=env)
     try:
         up = run_eddy(["up", "--monitoring"], env)

@@ -30,7 +30,7 @@ def stack(tmp_path_factory):
     from deploy.settings import load_settings
     from features.spec import load_spec
 
-    env = {**stack_environment(tmp_path_factory.mktemp("rollout") / "home"), "EDDY_ENGINE": "native",
+    env = {**stack_environment(tmp_path_factory.mktemp("rollout") / "home"), "EDDY_ENGINE": "native", "EDDY_STAGES": "split",
            "EDDY_SCORERS": "2"}
     settings = load_settings(environ=env)
     spec = load_spec(settings.pipeline)

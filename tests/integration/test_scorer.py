@@ -28,7 +28,7 @@ def stack(tmp_path_factory):
     from deploy.settings import load_settings
     from features.spec import load_spec
 
-    env = stack_environment(tmp_path_factory.mktemp("scoring") / "home")
+    env = {**stack_environment(tmp_path_factory.mktemp("scoring") / "home"), "EDDY_STAGES": "split"}  # scorers apart
     settings = load_settings(environ=env)
     try:
         up = run_eddy(["up"], env)

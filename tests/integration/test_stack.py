@@ -74,30 +74,30 @@ def test_spec_topics_exist_with_configured_partitions(settings):
 
 
 def test_up_twice_status_and_down_on_a_private_stack(tmp_path):
-    env = stack_environment(tmp_path / "home")
+    env = {**stack_environment(tmp_path / "home"), "EDDY_STAGES": "split"}  # the stages apart, each as its role
     try:
         first = run_eddy(["up"], env)
         assert first.returncode == 0, first.stderr
         assert first.stdout.count("started in") >= 3  # broker, redis and the feature engine at least
         before = json.loads(run_eddy(["status", "--json"], env).stdout)
         parts = before["parts"]
-        assert {"broker", "redis", "features-faust"} <= set(parts)
+        assert {"broker", "redis", "features-native"} <= set(parts)
         for name, part in parts.items():
             assert part["state"] == "up", (name, part)
             assert part["managed"] is True and part["pid"] and part["rss_mb"] > 0
             assert Path(part["log"]).exists()
-        assert parts["features-faust"]["replicas"] == 1 and parts["features-faust"]["engine"] == "faust"
+        assert parts["features-native"]["replicas"] == 1 and parts["features-native"]["engine"] == "native"
         # Only what publishes models holds the private key: these get the public key to trust instead.
         from models.signing import SigningKey
 
         trusted = SigningKey.from_hex(env["EDDY_MODEL_KEY"]).public_hex()[0]
-        for name in ("scorer-0", "features-faust", "online-writer"):
+        for name in ("scorer-0", "features-native", "online-writer"):
             environ = dict(v.split("=", 1) for v in Path(f"/proc/{parts[name]['pid']}/environ").read_text().split("\0")
                            if "=" in v)
             assert "EDDY_MODEL_KEY" not in environ and environ["EDDY_MODEL_TRUST"] == trusted, name
         # Each stage signs in to the secure broker and Redis as its own role, never as the admin.
         assert parts["broker"]["security"] == "SASL_SSL" and parts["redis"]["users"] is True
-        for name, role in {"scorer-0": "scorer", "features-faust": "features", "online-writer": "online-writer"}.items():
+        for name, role in {"scorer-0": "scorer", "features-native": "features", "online-writer": "online-writer"}.items():
             assert (parts[name]["principal"], parts[name]["tls"]) == (f"User:{role}", True), name
             environ = dict(v.split("=", 1) for v in Path(f"/proc/{parts[name]['pid']}/environ").read_text().split("\0")
                            if "=" in v)
@@ -131,13 +131,14 @@ def test_up_twice_status_and_down_on_a_private_stack(tmp_path):
 
 
 def test_insecure_stack_is_plaintext_and_not_switched_while_running(tmp_path):
-    env = {**stack_environment(tmp_path / "home"), "EDDY_ENGINE": "native"}
+    env = stack_environment(tmp_path / "home")  # the default: the native engine's fused stage
     try:
         up = run_eddy(["up", "--insecure"], env)
         assert up.returncode == 0, up.stderr
         parts = json.loads(run_eddy(["status", "--json"], env).stdout)["parts"]
         assert parts["broker"]["security"] == "PLAINTEXT" and parts["redis"]["users"] is False
-        assert parts["scorer-0"]["principal"] == "User:ANONYMOUS" and parts["scorer-0"]["tls"] is False
+        assert set(parts) >= {"features-fused"} and not {"online-writer", "scorer-0", "features-native"} & set(parts)
+        assert parts["features-fused"]["principal"] == "User:ANONYMOUS" and parts["features-fused"]["tls"] is False
         # any client gets in: that is what --insecure means
         assert admin(KafkaConfig(env["EDDY_KAFKA_BOOTSTRAP"])).list_topics(timeout=10).topics
         assert not list((tmp_path / "home" / "secrets" / "kafka").glob("*.properties"))

@@ -74,10 +74,11 @@ def test_redis_rules_give_scripts_to_the_engines_only_and_nothing_dangerous_but_
         if role == "admin":
             continue
         assert "-@dangerous" in text or text.endswith("-@all"), role
-        assert ("+@scripting" in text) == (role == "features"), role
+        assert ("+@scripting" in text) == (role in ("features", "fused")), role
         assert "~*" not in text.split(), role
     assert "%R~*fraud" in rules["scorer"] and "~eddy:fraud:hist:*" in rules["scorer"]
-    assert "~*fraud" in rules["online-writer"].split()  # the only writer of Feast's keys
+    # the only writers of Feast's keys: the online writer, and the fused stage that does its work
+    assert {role for role, text in rules.items() if "~*fraud" in text.split()} == {"online-writer", "fused"}
 
 
 def test_the_flink_connector_gets_its_relocated_login_module() -> None:

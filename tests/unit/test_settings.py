@@ -17,7 +17,7 @@ def test_defaults(tmp_path):
     assert s.kafka.bootstrap == "127.0.0.1:9092"
     assert s.redis_url == "redis://127.0.0.1:6379/0"
     assert s.lakehouse == str(tmp_path / "lakehouse")
-    assert s.device == "auto" and s.engine == "faust" and s.partitions == 3
+    assert s.device == "auto" and s.engine == "native" and s.fused and s.guarantee == "" and s.partitions == 3
     assert s.pipeline.name == "fraud.yaml" and s.pipeline.exists()
 
 
@@ -146,3 +146,19 @@ def test_unsafe_kafka_client_settings_are_refused_in_one_line(tmp_path):
     props.write_text("security.protocol=SASL_SSL\nsasl.mechanisms=PLAIN\nssl.key.pem=PRIVATE\nssl.keystore.key=K2\n")
     shown = repr(load_settings(environ=env))
     assert "PRIVATE" not in shown and "K2" not in shown
+
+
+def test_the_guarantee_comes_from_the_spec_unless_set_and_needs_the_native_engine(tmp_path):
+    import pytest
+
+    from features.errors import ConfigError
+
+    env = {"EDDY_HOME": str(tmp_path)}
+    assert load_settings(environ=env).pipeline_spec().guarantee == "exactly_once"
+    spec = load_settings(environ={**env, "EDDY_GUARANTEE": "AT_LEAST_ONCE"}).pipeline_spec()
+    assert spec.guarantee == "at_least_once"
+    assert spec.spec_hash == load_settings(environ=env).pipeline_spec().spec_hash  # models stay valid
+    with pytest.raises(ConfigError, match="at_least_once guarantee runs with the native engine"):
+        load_settings(environ={**env, "EDDY_GUARANTEE": "at_least_once", "EDDY_ENGINE": "faust"}).pipeline_spec()
+    with pytest.raises(ConfigError, match="EDDY_GUARANTEE: 'sometimes' is not exactly_once or at_least_once"):
+        load_settings(environ={**env, "EDDY_GUARANTEE": "sometimes"})

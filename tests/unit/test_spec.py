@@ -143,6 +143,7 @@ BAD_SPECS = [
     ("source.max_record_bytes", "big", "source.max_record_bytes: 'big' is not a size"),
     ("source.max_record_bytes", 100, "source.max_record_bytes: 100 bytes is below the least bound of 1KiB"),
     ("source.extra_fields", "keep", "source.extra_fields: 'keep' is not one of ignore, refuse"),
+    ("guarantee", "sometimes", "guarantee: 'sometimes' is not one of exactly_once, at_least_once"),
 ]
 
 
@@ -233,3 +234,11 @@ def test_a_spec_with_no_windowed_feature_has_horizon_of_lateness(fraud):
     fraud["features"] = [{"name": "gap", "agg": "time_since_last"}]
     spec: PipelineSpec = parse_spec(fraud)
     assert spec.max_window_ms == 0 and spec.state_horizon_ms == 30_000
+
+
+def test_the_guarantee_is_exactly_once_unless_chosen_and_keeps_the_hash(fraud):
+    plain = parse_spec(fraud)
+    assert plain.guarantee == "exactly_once"
+    fraud["guarantee"] = "at_least_once"
+    chosen = parse_spec(fraud)
+    assert chosen.guarantee == "at_least_once" and chosen.spec_hash == plain.spec_hash
