@@ -44,7 +44,8 @@ def delta(lake: str, path: str, columns: list[str] | None):
 
 
 def test_retrain_registers_publishes_serves_and_live_metrics_match_the_tables(tmp_path):
-    env = {**stack_environment(tmp_path / "home"), "EDDY_INGEST": "on", "EDDY_INGEST_TRIGGER": "1s",
+    env = {**stack_environment(tmp_path / "home"), "EDDY_STAGES": "fused", "EDDY_INGEST": "on",
+           "EDDY_INGEST_TRIGGER": "1s",
            "EDDY_MONITOR_EVERY": "2s"}
     lake = str(tmp_path / "home" / "lakehouse")
     try:
@@ -75,7 +76,7 @@ def test_retrain_registers_publishes_serves_and_live_metrics_match_the_tables(tm
 
         def serving() -> str | None:
             status = json.loads(run_eddy(["status", "--json"], env).stdout)
-            return status["parts"]["features-fused"].get("model_version")  # the default: the fused stage scores
+            return status["parts"]["features-fused"].get("model_version")  # the fused stage scores
         wait_for(lambda: serving() == version, 120, f"the scorer to serve {version}")
 
         more = run_eddy(["produce", "--count", "3000", "--label-delay", "0", "--seed", "6", "--fraud-rate", "0.05"], env)

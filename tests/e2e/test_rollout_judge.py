@@ -89,8 +89,9 @@ def test_a_bad_challenger_is_rolled_back_and_a_good_one_promoted_by_the_policy(t
     from deploy.settings import load_settings
     from features.spec import load_spec
 
-    # the default stack: the fused stage routes the canary and scores both versions in its own process
-    env = {**stack_environment(tmp_path / "home"), "EDDY_INGEST": "on", "EDDY_INGEST_TRIGGER": "1s",
+    # the fused stage routes the canary and scores both versions in its own process
+    env = {**stack_environment(tmp_path / "home"), "EDDY_STAGES": "fused", "EDDY_INGEST": "on",
+           "EDDY_INGEST_TRIGGER": "1s",
            "EDDY_ROLLOUT_EVERY": "2s"}
     settings = load_settings(environ=env)
     spec = load_spec(settings.pipeline)

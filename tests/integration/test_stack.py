@@ -131,7 +131,7 @@ def test_up_twice_status_and_down_on_a_private_stack(tmp_path):
 
 
 def test_insecure_stack_is_plaintext_and_not_switched_while_running(tmp_path):
-    env = stack_environment(tmp_path / "home")  # the default: the native engine's fused stage
+    env = {**stack_environment(tmp_path / "home"), "EDDY_STAGES": "fused"}
     try:
         up = run_eddy(["up", "--insecure"], env)
         assert up.returncode == 0, up.stderr

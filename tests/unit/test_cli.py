@@ -23,9 +23,10 @@ def eddy(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     (["up", "--engine", "foo"], "--engine: 'foo' is not one of faust, flink, native"),
     (["frob"], "No such command 'frob'"),
     (["query", "select 1", "--format", "xml"], "--format: 'xml' is not one of table, json, csv"),
-    (["up", "--stages", "fused", "--engine", "faust"], "--stages: 'fused' is not one of auto, fused, split "
+    (["up", "--stages", "fused", "--engine", "faust"], "--stages: 'fused' is not one of split, fused "
                                                        "(fused runs with --engine native)"),
-    (["up", "--scorers", "2"], "--scorers 2: scorer replicas run apart from the engine; add --stages split"),
+    (["up", "--stages", "fused", "--scorers", "2"], "--scorers 2: scorer replicas run apart from the engine; "
+                                                    "add --stages split"),
 ])
 def test_a_bad_flag_is_one_line_and_status_2(tmp_path, args, says):
     done = eddy(*args, home=tmp_path)

@@ -17,7 +17,7 @@ def test_defaults(tmp_path):
     assert s.kafka.bootstrap == "127.0.0.1:9092"
     assert s.redis_url == "redis://127.0.0.1:6379/0"
     assert s.lakehouse == str(tmp_path / "lakehouse")
-    assert s.device == "auto" and s.engine == "native" and s.fused and s.guarantee == "" and s.partitions == 3
+    assert s.device == "auto" and s.engine == "native" and not s.fused and s.guarantee == "" and s.partitions == 3
     assert s.pipeline.name == "fraud.yaml" and s.pipeline.exists()
 
 
