@@ -8,7 +8,7 @@ from typing import Any
 
 from features.feast_repo import project_name
 from features.spec import PipelineSpec
-from models.updates import RETRAIN_GROUP_PREFIX, SEQUENCE_GROUP_PREFIX
+from models.groups import RETRAIN_GROUP_PREFIX, SEQUENCE_GROUP_PREFIX
 from streams.engines.config import STAGE as FEATURES_STAGE
 from streams.metrics import metrics_key
 

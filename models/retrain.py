@@ -21,13 +21,14 @@ from features.errors import EddyError
 from features.spec import PipelineSpec
 from models.artifacts import load_artifact, save_artifact
 from models.drift import reference
+from models.groups import RETRAIN_GROUP_PREFIX
 from models.inputs import rows_to_array, spec_log_mask
 from models.policy import PublishRefused, check_publish
 from models.rollout import Policy, Route, current_rollout, publish_step, start_route
 from models.scoring import LoadedModel, pick_device
 from models.signing import SigningKey
 from models.training import evaluate, train
-from models.updates import RETRAIN_GROUP_PREFIX, artifact_path, publish, read_updates, serving_update
+from models.updates import artifact_path, publish, read_updates, serving_update
 from streams.kafka import KafkaConfig, json_object, read_topic
 
 PUBLISH_MODES = ("auto", "always", "never")

@@ -27,6 +27,7 @@ from features.errors import EddyError
 from features.spec import PipelineSpec
 from features.waiting import poll
 from models.artifacts import load_artifact, model_update_message, next_sequence, sign_message, verify_message
+from models.groups import SEQUENCE_GROUP_PREFIX
 from models.manifest import Manifest
 from models.signing import SigningKey, TrustedKeys
 from streams.kafka import KafkaConfig, consumed
@@ -41,8 +42,6 @@ ACTIONS = SERVING_ACTIONS + ROLLOUT_ACTIONS
 
 # Groups of readers that never commit: the publisher reading the topic's tail, `eddy retrain` reading
 # labels and features from Kafka (deploy.access grants the publisher these prefixes).
-SEQUENCE_GROUP_PREFIX = "eddy-seq-"
-RETRAIN_GROUP_PREFIX = "eddy-retrain-"
 
 def serves(message: dict) -> bool:
     """Whether the message is about which version serves (not a rollout's state)."""
