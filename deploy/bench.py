@@ -113,7 +113,8 @@ def _cpu_seconds(settings: Settings) -> dict[str, float]:
     for record in stack.process_table(settings).all():
         try:
             proc = psutil.Process(record.pid)
-            tree = [proc, *proc.children(recursive=True)]
+            # a part's own children (a JVM it started) count; the supervisor's are the other parts
+            tree = [proc] if record.name == "supervisor" else [proc, *proc.children(recursive=True)]
             out[record.name] = sum(t.user + t.system for t in (p.cpu_times() for p in tree))
         except psutil.NoSuchProcess:
             continue
