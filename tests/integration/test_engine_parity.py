@@ -30,23 +30,11 @@ def test_engine_matches_the_naive_reference_exactly_once(settings, stack_env, tm
 
     env = {**os.environ, **stack_env, **as_role(stack_env, "features"), "EDDY_PIPELINE": str(spec_path),
            "EDDY_HOME": str(tmp_path / "home")}
-    worker = subprocess.Popen([sys.executable, "-m", "deploy.cli", "run", f"features-{engine}"], env=env, cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = redis.Redis.from_url(settings.redis_url)
-    try:
-        wait_for(lambda: any(b["valid"] + b["dlq"] + b["duplicates"] == len(stream)
-                             for b in read_metrics(client, spec.name, STAGE)), 180, "the worker to see every record")
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-
-    check_engine_output(settings, spec, case.expected, case.delivered, case.invalid)
-    [beat] = read_metrics(client, spec.name, STAGE, max_age_s=300)
-    assert (beat["valid"], beat["dlq"], beat["duplicates"]) == (len(case.expected), len(case.invalid), case.resent)
+    run_until(env, f"features-{engine}", lambda: any(b["valid"] + b["dlq"] + b["duplicates"] == len(stream)
+                                                     for b in read_metrics(client, spec.name, STAGE)),
+              "the worker to see every record")
+    beat = check_features(settings, case, client)
     assert beat["engine"] == engine
     assert Path(tmp_path / "home" / "logs" / f"features-{engine}.log").exists()
 
@@ -68,25 +56,12 @@ def test_fused_stage_matches_the_reference_and_scores_each_row_once(settings, st
     version = ensure_baseline(settings.kafka, spec, mine.artifacts_dir, mine.signing_key())
     assert version == "baseline-1"
     env = {**os.environ, **home_env, **as_role(stack_env, "fused"), "EDDY_ENGINE": "native"}
-    worker = subprocess.Popen([sys.executable, "-m", "deploy.cli", "run", "features-fused"], env=env, cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = redis.Redis.from_url(settings.redis_url)
-    try:
-        wait_for(lambda: any(b["valid"] + b["dlq"] + b["duplicates"] == len(case.stream)
-                             for b in read_metrics(client, spec.name, STAGE))
-                 and any(b["events"] == len(case.expected) for b in read_metrics(client, spec.name, "scorer")),
-                 180, "the fused stage to see and score every record")
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-
-    check_engine_output(settings, spec, case.expected, case.delivered, case.invalid)
-    [beat] = read_metrics(client, spec.name, STAGE, max_age_s=300)
-    assert (beat["valid"], beat["dlq"], beat["duplicates"]) == (len(case.expected), len(case.invalid), case.resent)
+    run_until(env, "features-fused", lambda: any(b["valid"] + b["dlq"] + b["duplicates"] == len(case.stream)
+                                                 for b in read_metrics(client, spec.name, STAGE))
+              and any(b["events"] == len(case.expected) for b in read_metrics(client, spec.name, "scorer")),
+              "the fused stage to see and score every record")
+    beat = check_features(settings, case, client)
     assert (beat["engine"], beat["stages"]) == ("native", "fused")
     rows = {m["event_id"]: m for m in _features_rows(settings, spec, len(case.expected))}
     assert check_scores(settings.kafka, spec, mine.artifacts_dir / spec.name / version, mine.trusted_keys(),
@@ -108,6 +83,30 @@ def test_fused_stage_matches_the_reference_and_scores_each_row_once(settings, st
     online = online_features(open_feature_store(tmp_path / "home" / "feast"), spec, keys)
     for key, stored in zip(keys, online, strict=True):
         assert stored is not None and any(same_features(stored, r["features"]) for r in newest[key]), key
+
+
+def run_until(env: dict, part: str, done, what: str) -> None:
+    """`eddy run part` in a process of its own until done(), then SIGTERM (SIGKILL after 60 s)."""
+    worker = subprocess.Popen([sys.executable, "-m", "deploy.cli", "run", part], env=env, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(done, 180, what)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def check_features(settings, case, client) -> dict:
+    """The parity stream's features and dead letters as the reference says (check_engine_output), and the
+    engine's heartbeat counting them; returns the heartbeat."""
+    check_engine_output(settings, case.spec, case.expected, case.delivered, case.invalid)
+    [beat] = read_metrics(client, case.spec.name, STAGE, max_age_s=300)
+    assert (beat["valid"], beat["dlq"], beat["duplicates"]) == (len(case.expected), len(case.invalid), case.resent)
+    return beat
 
 
 def _features_rows(settings, spec, count: int) -> list[dict]:
