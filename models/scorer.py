@@ -34,9 +34,10 @@ from models.scoring import LoadedModel, pick_device
 from models.signing import TrustedKeys
 from models.state import HistoryStore, append_once, history_before
 from models.updates import UpdateListener
+from streams.delivery import loop_for
 from streams.dlq import dead_letter
 from streams.kafka import KafkaConfig
-from streams.loop import Output, TransactionalLoop
+from streams.loop import Output
 from streams.metrics import Heartbeat
 from streams.stores import redis_client
 from streams.telemetry import StageMetrics
@@ -431,11 +432,10 @@ def run_scorer(config: ScorerConfig, metrics: StageMetrics | None = None) -> Non
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     heartbeat = Heartbeat(client, config.spec.name, STAGE)
     scorer.listener.start()
-    loop = TransactionalLoop(config.kafka, config.group, [config.spec.topics.features],
-                             transactional_id=f"{config.group}-{config.replica}",
-                             batch_size=config.batch_size, batch_wait_s=config.batch_wait_s,
-                             min_interval_s=config.commit_interval_s, metrics=metrics,
-                             guarantee=config.spec.guarantee)
+    loop = loop_for(config.spec.guarantee, config.kafka, config.group, [config.spec.topics.features],
+                    transactional_id=f"{config.group}-{config.replica}",
+                    batch_size=config.batch_size, batch_wait_s=config.batch_wait_s,
+                    min_interval_s=config.commit_interval_s, metrics=metrics)
 
     def beat(force: bool = False) -> None:
         if metrics is not None:

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from confluent_kafka import (
     TIMESTAMP_CREATE_TIME,
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 
 YOUNG_GC_THRESHOLD = 50_000
-EXACTLY_ONCE, AT_LEAST_ONCE = "exactly_once", "at_least_once"
 
 
 class Output(Protocol):
@@ -102,7 +101,7 @@ class Step(Protocol):
     is none), and aborted(batch, committed), called after a batch's transaction was aborted and
     before it is redone, with the committed offsets of the batch's partitions (a stateful step
     forgets what that batch changed). A stateful step names the topics its state goes to in
-    checkpoint_topics: at least once, those records still commit with the offsets."""
+    checkpoint_topics: at least once (streams.delivery), those records still commit with the offsets."""
 
     def process(self, messages: Sequence, out: Output) -> None:
         """Handle one non-empty batch of records (no error events among them), producing on `out`. A
@@ -150,7 +149,6 @@ class TransactionalLoop:
         min_interval_s: float = 0.0,
         commit_gap_s: float = 0.001,
         metrics: StageMetrics | None = None,
-        guarantee: str = EXACTLY_ONCE,
     ) -> None:
         self.topics = list(topics)
         self.batch_size = batch_size
@@ -191,30 +189,6 @@ class TransactionalLoop:
             "retry.backoff.ms": 5,
             "queue.buffering.max.messages": 1_000_000,
         }))
-        # At least once: outputs leave at once through an idempotent producer of their own; the stage's
-        # checkpoint (the records of its checkpoint_topics, its state, and the source offsets) still
-        # commits in one transaction, at most every min_interval_s, after every output before it was
-        # delivered. A restart resumes from the last checkpoint, so what it produces again is what was
-        # produced before: the same records (scoring times aside), never a lost one.
-        self.guarantee = guarantee
-        self.outputs: Producer | None = None
-        if guarantee == AT_LEAST_ONCE:
-            self.outputs = Producer(kafka.client(**{
-                "enable.idempotence": True,
-                "linger.ms": 1,
-                "batch.num.messages": 10000,
-                "compression.type": "lz4",
-                "queue.buffering.max.messages": 1_000_000,
-                "delivery.report.only.error": True,
-                "on_delivery": self._undelivered,
-            }))
-        elif guarantee != EXACTLY_ONCE:
-            raise ValueError(f"guarantee {guarantee!r}: one of {EXACTLY_ONCE}, {AT_LEAST_ONCE}")
-        self._open = False  # a checkpoint's transaction is open (at least once)
-        self._pending: dict[tuple[str, int], int] = {}  # offsets processed since the last checkpoint
-        self._span: dict[tuple[str, int], Any] = {}     # the first record of each partition since then
-        self._delivery_error: KafkaError | None = None
-        self._route: _Route | None = None
         self.stats = LoopStats()
         self._committed: dict[tuple[str, int], int] = {}
         self.metrics: StageMetrics | None = metrics
@@ -235,8 +209,7 @@ class TransactionalLoop:
         with self._watchdog:
             self.producer.init_transactions(30)
         assigned, revoked = getattr(step, "assigned", None), getattr(step, "revoked", None)
-        if self.outputs is not None:
-            self._route = _Route(self.producer, self.outputs, frozenset(getattr(step, "checkpoint_topics", ())))
+        self._started(step)
 
         def on_assign(consumer, partitions: list[TopicPartition]) -> None:
             if assigned is not None and partitions:
@@ -245,8 +218,7 @@ class TransactionalLoop:
                 assigned(committed)
 
         def on_revoke(_consumer, partitions: list[TopicPartition]) -> None:
-            if self._open:  # at least once: what was processed is checkpointed before the partitions go
-                self._checkpoint_or_drop()
+            self._before_revoke()
             for tp in partitions:
                 self._committed.pop((tp.topic, tp.partition), None)
             if revoked is not None:
@@ -259,8 +231,7 @@ class TransactionalLoop:
                 messages = self.poll_batch()
                 if not messages:
                     self._stalls.idle()
-                    if self._open:
-                        self._deliver(step, [])
+                    if self._idle(step):
                         continue
                     self._commit_idle_positions()
                     if on_idle is not None:
@@ -272,10 +243,7 @@ class TransactionalLoop:
                         if m.error() is not None and m.error().code() != KafkaError._PARTITION_EOF:
                             log.warning("consume error: %s", m.error())
                 if batch:
-                    if self.outputs is None:
-                        self._commit_batch(step, batch)
-                    else:
-                        self._deliver(step, batch)
+                    self._commit_batch(step, batch)
                     if on_batch is not None:
                         on_batch(len(batch))
         finally:
@@ -298,9 +266,7 @@ class TransactionalLoop:
     def poll_batch(self) -> list:
         """What has arrived, up to batch_size; waits up to batch_wait_s for the first record only."""
         self._freeze_heap()
-        # at least once, a batch goes as soon as it is there: only checkpoints keep min_interval_s apart
-        paced = self._began_at + self.min_interval_s if self.outputs is None else 0.0
-        wait = max(self._committed_at + self.commit_gap_s, paced) - time.perf_counter()
+        wait = max(self._committed_at + self.commit_gap_s, self._paced_until()) - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
         consume = self.consumer.consume
@@ -331,7 +297,7 @@ class TransactionalLoop:
             self.producer.begin_transaction()
             step.process(batch, self.producer)
             processed = time.perf_counter()
-            offsets = _next_offsets(batch)
+            offsets = next_offsets(batch)
             self._finish(lambda: self.producer.send_offsets_to_transaction(
                 offsets, self.consumer.consumer_group_metadata(), 30))
             self._finish(lambda: self.producer.commit_transaction(30))
@@ -360,109 +326,21 @@ class TransactionalLoop:
             self.metrics.batch(len(batch), process_s, commit_s)
             self.metrics.latencies(time.time() * 1000, self.latency_from(batch))
 
-    def _deliver(self, step: Step, batch: list) -> None:
-        """At least once: one batch processed, its outputs sent at once, and a checkpoint when the last
-        is min_interval_s old (an empty batch: when idle). A fault redoes every batch since the last
-        checkpoint, from the group's committed offsets, as _commit_batch redoes one."""
-        assert self.outputs is not None and self._route is not None
-        began = time.perf_counter()
-        checkpoint_s = 0.0
-        try:
-            if batch:
-                if not self._open:
-                    self.producer.begin_transaction()
-                    self._open = True
-                for m in batch:
-                    self._span.setdefault((m.topic(), m.partition()), m)
-                step.process(batch, self._route)
-                self.outputs.poll(0)
-                self._pending.update(((tp.topic, tp.partition), tp.offset) for tp in _next_offsets(batch))
-            processed = time.perf_counter()
-            if self._open and (not batch or processed - self._committed_at >= self.min_interval_s):
-                self._checkpoint()
-                checkpoint_s = time.perf_counter() - processed
-        except KafkaException as exc:
-            error = exc.args[0]
-            if error.fatal() or not (error.txn_requires_abort() or error.retriable()):
-                raise
-            self._redo_since_checkpoint(step, f"Kafka: {error.str()}")
-            return
-        except RedisError as exc:
-            if not stores.is_transient(exc):
-                raise
-            self._redo_since_checkpoint(step, f"Redis: {exc}")
-            if self.metrics is not None:
-                self.metrics.redis_errors.inc()
-            return
-        if not batch:
-            return
-        self._faults.cleared()
-        self.stats.batches += 1
-        self.stats.consumed += len(batch)
-        self.stats.recent.append((len(batch), 1000 * (processed - began), 1000 * checkpoint_s))
-        if self.metrics is not None:
-            self.metrics.consumed(batch)
-            self.metrics.batch(len(batch), processed - began, checkpoint_s)
-            self.metrics.latencies(time.time() * 1000, self.latency_from(batch))
+    # -- what the at-least-once loop (streams.delivery) changes --------------------------------------------
+    def _started(self, step: Step) -> None:
+        """Called once run() has the producer ready, before the first poll."""
 
-    def _checkpoint(self) -> None:
-        """Every output sent so far delivered, then the checkpoint's records and the processed offsets
-        committed in its transaction."""
-        assert self.outputs is not None
-        with self._watchdog:
-            undelivered = self.outputs.flush(30)
-        if undelivered:
-            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"{undelivered} outputs not delivered in 30 s",
-                                            retriable=True))
-        if self._delivery_error is not None:
-            error, self._delivery_error = self._delivery_error, None
-            raise KafkaException(KafkaError(error.code(), f"an output was not delivered: {error.str()}",
-                                            retriable=True))
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self._pending.items()]
-        if offsets:
-            self._finish(lambda: self.producer.send_offsets_to_transaction(
-                offsets, self.consumer.consumer_group_metadata(), 30))
-        self._finish(lambda: self.producer.commit_transaction(30))
-        self._open = False
-        self._committed_at = time.perf_counter()
-        self._committed.update(self._pending)
-        self._pending.clear()
-        self._span.clear()
+    def _before_revoke(self) -> None:
+        """Called as the group takes partitions away, before the step hears of it."""
 
-    def _checkpoint_or_drop(self) -> None:
-        """A checkpoint before partitions are taken away; if it fails, what it held is processed again by
-        their next owner (at least once), and this transaction is aborted."""
-        try:
-            self._checkpoint()
-        except KafkaException as exc:
-            if exc.args[0].fatal():
-                raise
-            log.warning("checkpoint before a rebalance failed, the next owner redoes it: %s", exc.args[0])
-            with self._watchdog, contextlib.suppress(KafkaException):
-                self.producer.abort_transaction(30)
-            self._open = False
-            self._pending.clear()
-            self._span.clear()
+    def _idle(self, step: Step) -> bool:
+        """Called when a poll found nothing; True skips the idle work (offsets past markers, on_idle)."""
+        return False
 
-    def _redo_since_checkpoint(self, step: Step, reason: str) -> None:
-        """Everything since the last checkpoint is redone: the outputs already sent are sent again (the
-        same records), the checkpoint's transaction is aborted and the state rebuilt as checkpointed."""
-        span = list(self._span.values())
-        self._open = False
-        self._pending.clear()
-        self._span.clear()
-        self._delivery_error = None
-        if span:
-            self._redo(step, span, reason)
-        else:
-            self._faults.waiting(reason)
-            with self._watchdog, contextlib.suppress(KafkaException):
-                self.producer.abort_transaction(30)
-
-    def _undelivered(self, error: KafkaError | None, _msg: Any) -> None:
-        """The outputs producer's report of a record it could not deliver (it reports no other)."""
-        if error is not None and self._delivery_error is None:
-            self._delivery_error = error
+    def _paced_until(self) -> float:
+        """The earliest perf_counter() time the next batch may begin: min_interval_s after the last one began
+        (each transaction costs the broker CPU)."""
+        return self._began_at + self.min_interval_s
 
     def _finish(self, call: Callable[[], None]) -> None:
         """A step of the transaction's end, retried while the error is retriable and the transaction
@@ -569,32 +447,15 @@ class TransactionalLoop:
             self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
 
     def close(self) -> None:
-        """Close the consumer (leaving the group) and flush the producers; run() calls it when it ends
-        (at least once, after a last checkpoint, so a planned restart sends nothing twice)."""
+        """Close the consumer (leaving the group) and flush the producer; run() calls it when it ends."""
         try:
-            if self._open:
-                self._checkpoint_or_drop()
             self.consumer.close()
         finally:
             self.producer.flush(10)
-            if self.outputs is not None:
-                self.outputs.flush(10)
 
 
-class _Route:
-    """The Output of a step at least once: records of its checkpoint topics (a stateful step's state) into
-    the checkpoint's transaction, every other one at once to the outputs producer."""
-
-    __slots__ = ("checkpoint", "outputs", "topics")
-
-    def __init__(self, checkpoint: Producer, outputs: Producer, topics: frozenset[str]) -> None:
-        self.checkpoint, self.outputs, self.topics = checkpoint, outputs, topics
-
-    def produce(self, topic: str, *args, **kwargs) -> None:
-        (self.checkpoint if topic in self.topics else self.outputs).produce(topic, *args, **kwargs)
-
-
-def _next_offsets(batch: list) -> list[TopicPartition]:
+def next_offsets(batch: list) -> list[TopicPartition]:
+    """Each partition of the batch with the offset after its last record: what a commit of it stores."""
     last: dict[tuple[str, int], int] = {}
     for m in batch:
         last[(m.topic(), m.partition())] = m.offset()

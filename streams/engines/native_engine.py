@@ -38,6 +38,7 @@ from streams.engines.native_state import (
 from streams.featurize import Featurizer, arrival_ms
 from streams.frontdoor import FrontDoor
 from streams.kafka import KafkaConfig, Record, admin, ensure_topics
+from streams.delivery import loop_for
 from streams.loop import HeldRecord, Output, TransactionalLoop
 from streams.metrics import Heartbeat
 from streams.stores import redis_client
@@ -275,10 +276,10 @@ def build_native(config: EngineConfig, redis_client, checkpoint_s: float = CHECK
     ensure_topics(config.kafka, [changelog], source_partitions(config.kafka, spec.topics.source),
                   configs={"cleanup.policy": "compact"})
     step = NativeStep(config, Deduper(redis_client, spec.name), changelog, checkpoint_s=checkpoint_s)
-    loop = TransactionalLoop(config.kafka, config.app_id, [spec.topics.source],
-                             transactional_id=f"{config.app_id}-{ENGINE}-{replica}",
-                             batch_size=config.batch_size, batch_wait_s=config.batch_wait_s,
-                             min_interval_s=config.commit_interval_s, metrics=metrics, guarantee=spec.guarantee)
+    loop = loop_for(spec.guarantee, config.kafka, config.app_id, [spec.topics.source],
+                    transactional_id=f"{config.app_id}-{ENGINE}-{replica}",
+                    batch_size=config.batch_size, batch_wait_s=config.batch_wait_s,
+                    min_interval_s=config.commit_interval_s, metrics=metrics)
     return step, loop
 
 
