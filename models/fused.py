@@ -28,6 +28,7 @@ from confluent_kafka import TopicPartition
 from redis.exceptions import RedisError
 
 from features.feast_repo import feature_dtypes, feature_store, view_name
+from features.windows import FeatureRow
 from models.scorer import DRIFT_EVERY_S, Scorer, ScorerConfig, beat_fields, export_counts, report_drift, source_position
 from streams.engines import native_engine
 from streams.engines.config import STAGE, EngineConfig
@@ -35,7 +36,7 @@ from streams.engines.native_engine import CHECKPOINT_S, NativeStep, build_native
 from streams.loop import HeldRecord, Output
 from streams.metrics import Heartbeat
 from streams.online_writer import COMPONENT as WRITER
-from streams.online_writer import WriterStats, latest_rows, write_latest
+from streams.online_writer import WriterStats, newest, write_latest
 from streams.stores import redis_client
 from streams.telemetry import StageMetrics
 
@@ -51,7 +52,7 @@ class FusedStep:
         self.engine, self.scorer, self.rows_writer = engine, scorer, rows_writer
         self.spec = engine.spec
         self.writer = WriterStats()
-        self.rows: list[HeldRecord] = []
+        self.rows: list[tuple[HeldRecord, str, int, FeatureRow]] = []
         self.checkpoint_topics = engine.checkpoint_topics
         engine.rows_out = self.rows
         scorer.position = source_position
@@ -75,9 +76,14 @@ class FusedStep:
         self.engine.process(messages, out)
         if not rows:
             return
-        self.writer.events += len(rows)
-        write_latest(self.spec, self.rows_writer, latest_rows(self.spec, rows, self.writer), self.writer)
-        self.scorer.process(rows, out)
+        writer = self.writer
+        writer.events += len(rows)
+        late = sum(1 for r in rows if r[3].late)
+        writer.late += late
+        timely = rows if not late else [r for r in rows if not r[3].late]
+        write_latest(self.spec, self.rows_writer, newest(((k, t, r.features) for _, k, t, r in timely), writer),
+                     writer)
+        self.scorer.process([r[0] for r in rows], out)
 
 
 def run_fused(engine: EngineConfig, scoring: ScorerConfig, feast_dir: Path, metrics: StageMetrics | None = None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -63,10 +63,9 @@ class LatestRows:
 
 
 def latest_rows(spec: PipelineSpec, messages: Sequence, stats: WriterStats) -> LatestRows:
-    """The per-record loop: parse, drop late and bad rows, keep the newest row per entity (by event
-    time; of equal times the later record, which saw more events)."""
+    """The per-record loop: parse, drop late and bad rows, keep the newest row per entity (newest())."""
     key_field = spec.key
-    latest: dict[str, tuple[int, dict[str, Any]]] = {}
+    timely = []
     for msg in messages:
         try:
             row = orjson.loads(msg.value())
@@ -81,6 +80,15 @@ def latest_rows(spec: PipelineSpec, messages: Sequence, stats: WriterStats) -> L
             log.warning("skipped a record that is not a feature row at %s[%s]@%s: %s",
                         msg.topic(), msg.partition(), msg.offset(), exc)
             continue
+        timely.append((key, t, features))
+    return newest(timely, stats)
+
+
+def newest(rows: Iterable[tuple[str, int, dict[str, Any]]], stats: WriterStats) -> LatestRows:
+    """Each entity's newest of timely (key, event time ms, features) rows in their order, in first-seen order
+    (of equal times the later row, which saw more events)."""
+    latest: dict[str, tuple[int, dict[str, Any]]] = {}
+    for key, t, features in rows:
         previous = latest.get(key)
         if previous is not None:
             stats.superseded += 1

@@ -23,7 +23,9 @@ from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from features.apply import Refused
 from features.spec import PipelineSpec
 from features.validation import Event
+from features.windows import FeatureRow
 from streams.dedupe import Deduper
+from streams.delivery import loop_for
 from streams.dlq import dead_letter
 from streams.engines.config import STAGE, EngineConfig
 from streams.engines.native_state import (
@@ -38,7 +40,6 @@ from streams.engines.native_state import (
 from streams.featurize import Featurizer, arrival_ms
 from streams.frontdoor import FrontDoor
 from streams.kafka import KafkaConfig, Record, admin, ensure_topics
-from streams.delivery import loop_for
 from streams.loop import HeldRecord, Output, TransactionalLoop
 from streams.metrics import Heartbeat
 from streams.stores import redis_client
@@ -83,9 +84,10 @@ class NativeStep:
         self.refused = 0  # valid records the apply step refused (dead-lettered)
         self.refusals: Tally[str] = Tally()  # ... by reason class
         self.late = 0
-        # When a list (the fused stage), each live batch's features records are also appended to it, as
-        # records held in memory at their source record's partition and offset, for the stages after.
-        self.rows_out: list[HeldRecord] | None = None
+        # When a list (the fused stage), each live batch's features records are also appended to it, for the
+        # stages after: (the record held in memory at its source record's partition and offset, the entity
+        # key, the event time in ms, the row), so they need not parse it again.
+        self.rows_out: list[tuple[HeldRecord, str, int, FeatureRow]] | None = None
 
     def entities(self) -> int:
         """How many entities the step holds state for over all its partitions (the heartbeat thread
@@ -176,7 +178,7 @@ class NativeStep:
             part.changed_at.append((time.monotonic(), newly_dirty))
 
     def _apply(self, admitted: list[tuple[Record, Event]], out: Output, counted: bool = False,
-               collect: list[HeldRecord] | None = None) -> int:
+               collect: list[tuple[HeldRecord, str, int, FeatureRow]] | None = None) -> int:
         """The feature row of each admitted event, on the live state of its entity (the shared apply
         step); returns how many events it refused (dead-lettered). `counted`: the batch is live (not
         a replay), so its refusals and late events go into the engine's tallies; `collect`: where each
@@ -220,7 +222,8 @@ class NativeStep:
             value = row_value(ev, row)
             produce(features_topic, value, key, partition=p, timestamp=arrival or 0)
             if collect is not None:
-                collect.append(HeldRecord(value, key, source_topic, p, msg.offset(), arrival or 0))
+                collect.append((HeldRecord(value, key, source_topic, p, msg.offset(), arrival or 0), ev.key,
+                                ev.event_time_ms, row))
         return refused
 
     def write_due(self, out: Output) -> None:
