@@ -251,9 +251,9 @@ def status(settings: Settings) -> dict[str, Any]:
     report["parts"]["redis"] = _part(started.get("redis"), redis_up, redact_url(settings.redis_url),
                                      **_redis_memory(settings.redis_url, redis_up))
     full = "memory bound" in report["parts"]["redis"].get("note", "")
+    client = redis.Redis.from_url(settings.redis_url)
     for name, record in started.items():
         if name not in report["parts"]:
-            client = redis.Redis.from_url(settings.redis_url)
             beats = read_metrics(client, _pipeline_name(settings), _metric(name)) if redis_up else []
             extra = _sum_beats(beats)
             if name == FUSED and redis_up:  # it scores too: the model it serves, as a scorer's part shows it
