@@ -6,7 +6,9 @@ so outputs, DLQ records, state changes and offsets commit together; a killed wor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import time
 from collections import Counter as Tally
 from typing import Any
@@ -125,6 +127,23 @@ class _CommitGate:
         consumer._eddy_gated = True
 
 
+@contextlib.asynccontextmanager
+async def _all_or_exit(partition: int):
+    """A batch either sends all of its output or ends the process at once.
+
+    Faust acks a batch's records as its take_events generator closes, whatever ended the batch, and a
+    later commit would then store offsets past output that was never sent: events lost. Exiting
+    without a commit leaves the open transaction to be aborted when the restarted worker takes the
+    partition's transactional id, and the worker resumes from the last committed offsets."""
+    try:
+        yield
+    except BaseException as exc:  # noqa: BLE001 - any end of a half-sent batch, cancellation included
+        log.critical("a batch of partition %d ended before all its output was sent (%r): exiting without "
+                     "a commit, to resume from the last committed offsets", partition, exc)
+        logging.shutdown()
+        os._exit(70 if not isinstance(exc, asyncio.CancelledError) else 0)
+
+
 def _credentials(kafka: KafkaConfig):
     """Faust credentials from the shared client properties (SASL and/or SSL)."""
     import ssl
@@ -162,6 +181,10 @@ def build_app(config: EngineConfig, metrics: StageMetrics | None = None):
         processing_guarantee="exactly_once",
         topic_partitions=config.partitions,
         broker_commit_interval=config.commit_interval_s,
+        # A killed worker's partitions go to its successor once the group gives up on it: after 10 s,
+        # not Faust's default 60 (the consumer heartbeats from its own thread, so a long batch is no risk)
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=1.0,
         consumer_auto_offset_reset="earliest",
         web_enabled=False,
         datadir=str(config.data_dir),
@@ -193,14 +216,27 @@ def build_app(config: EngineConfig, metrics: StageMetrics | None = None):
         gate.guard(app.consumer)
         store = states.data
         send = app.producer.send
+        after = -1  # the partition's last offset this actor has taken
         async for batch in stream.take_events(config.batch_size, within=config.batch_wait_s):
             partition = batch[0].message.partition
             tid = transactional_id(partition)
-            async with gate:
+            # Faust hands a partition's last record over a second time now and then (its fetcher lets
+            # an offset equal to the last one read through), which would count that event twice.
+            fresh = []
+            for event in batch:
+                if event.message.offset > after:
+                    fresh.append(event)
+                    after = event.message.offset
+            if len(fresh) < len(batch):
+                log.info("skipped %d records of partition %d handed over again (from offset %d)",
+                         len(batch) - len(fresh), partition, batch[0].message.offset)
+                if not fresh:
+                    continue  # take_events acks them; their output is already in a transaction
+            async with gate, _all_or_exit(partition):
                 sink = _Collect()
                 live: dict[bytes, EntityState] = {}  # states this batch changed, parsed once, written once
                 started = time.perf_counter()
-                messages = [_Message(e.message) for e in batch]
+                messages = [_Message(e.message) for e in fresh]
                 for msg, ev in door.admit(messages, sink):
                     key = ev.key.encode()
                     state = live.get(key)
