@@ -102,6 +102,10 @@ class Settings(BaseSettings):
                               description="host:port, like 127.0.0.1:19092")
     redis_url: str = Field("redis://127.0.0.1:6379/0",
                            description="a redis:// URL; set it like redis://127.0.0.1:6379/0")
+    # Where the local redis-server listens when clients reach it at another address (the URL's: a port
+    # forward, or a proxy in front of it); empty: the URL's own host:port.
+    redis_listen: str = Field("", pattern=r"^$|^[A-Za-z0-9.:\[\]-]+:[0-9]{1,5}$",
+                              description="host:port, like 127.0.0.1:16379")
     # The local redis-server speaks TLS only (rediss://, the stack's CA); it has ACL users either way.
     redis_tls: bool = Field(False, description="on or off")
     # The local redis-server's memory bound: past it, writes are refused (noeviction, so no dedupe key,
@@ -354,6 +358,7 @@ def child_environment(settings: Settings, extra: Mapping[str, str] | None = None
         EDDY_KAFKA_BOOTSTRAP=settings.kafka.bootstrap,
         EDDY_KAFKA_LISTEN=settings.kafka_listen,
         EDDY_REDIS_URL=settings.redis_url,
+        EDDY_REDIS_LISTEN=settings.redis_listen,
         EDDY_LAKEHOUSE=settings.lakehouse,
         EDDY_PIPELINE=str(settings.pipeline),
         EDDY_DEVICE=settings.device,

@@ -273,3 +273,10 @@ def json_object(raw: bytes | None) -> dict[str, Any]:
         return {}
     return value if isinstance(value, dict) else {}
 
+
+def partitions_text(partitions: list) -> str:
+    """Partitions as topic[0,1,2] for the log."""
+    by_topic: dict[str, list[int]] = {}
+    for tp in partitions:
+        by_topic.setdefault(tp.topic, []).append(tp.partition)
+    return ", ".join(f"{topic}{sorted(numbers)}" for topic, numbers in sorted(by_topic.items())) or "none"

@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 
 from streams import stores
 from streams.guards import STUCK_CALL_S, Backoff, StallGuard, Watchdog
-from streams.kafka import KafkaConfig
+from streams.kafka import KafkaConfig, partitions_text
 from streams.telemetry import StageMetrics
 
 log = logging.getLogger(__name__)
@@ -212,12 +212,14 @@ class TransactionalLoop:
         self._started(step)
 
         def on_assign(consumer, partitions: list[TopicPartition]) -> None:
+            log.info("partitions assigned: %s", partitions_text(partitions))
             if assigned is not None and partitions:
                 with self._watchdog:
                     committed = consumer.committed(partitions, timeout=30)
                 assigned(committed)
 
         def on_revoke(_consumer, partitions: list[TopicPartition]) -> None:
+            log.info("partitions revoked: %s", partitions_text(partitions))
             self._before_revoke()
             for tp in partitions:
                 self._committed.pop((tp.topic, tp.partition), None)

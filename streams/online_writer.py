@@ -22,7 +22,7 @@ from features.feast_repo import feature_dtypes, feature_store, view_name
 from features.spec import PipelineSpec
 from features.waiting import poll
 from streams.guards import StallGuard
-from streams.kafka import KafkaConfig
+from streams.kafka import KafkaConfig, partitions_text
 from streams.metrics import Heartbeat
 from streams.stores import redis_client
 from streams.telemetry import StageMetrics
@@ -162,7 +162,10 @@ class OnlineWriter:
 
     def run(self, should_stop: Callable[[], bool]) -> WriterStats:
         """Write until should_stop() is true; then close the consumer (uncommitted records replay)."""
-        self.consumer.subscribe([self.spec.topics.features])
+        self.consumer.subscribe(
+            [self.spec.topics.features],
+            on_assign=lambda _c, tps: log.info("partitions assigned: %s", partitions_text(tps)),
+            on_revoke=lambda _c, tps: log.info("partitions revoked: %s", partitions_text(tps)))
         self._beat(force=True)
         try:
             while not should_stop():

@@ -1,12 +1,14 @@
 """A fault-injecting TCP proxy for tests: clients connect to it, it forwards to the target, and
 partition() cuts the link the way a dropped network does: connections stay open and silent in both
 directions (nothing is reset), new ones are accepted and get nothing, and heal() lets the held bytes
-through again. Threads, no dependencies; one proxy per target."""
+through again; slow(s) delays every chunk it forwards by s seconds each way, the way a slow or distant
+service does. Threads, no dependencies; one proxy per target."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 
 
 class FaultProxy:
@@ -20,6 +22,7 @@ class FaultProxy:
         self._server = socket.create_server((host, listen_port), reuse_port=False)
         self._server.settimeout(0.5)
         self.connections = 0
+        self.latency_s = 0.0
         threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
 
     def partition(self) -> None:
@@ -27,6 +30,10 @@ class FaultProxy:
 
     def heal(self) -> None:
         self._flowing.set()
+
+    def slow(self, latency_s: float) -> None:
+        """Delay each chunk forwarded, either way, by latency_s (0: full speed again)."""
+        self.latency_s = latency_s
 
     def close(self) -> None:
         self._closed.set()
@@ -66,6 +73,8 @@ class FaultProxy:
                 self._flowing.wait()  # a partition holds what was read until it heals
                 if self._closed.is_set():
                     return
+                if self.latency_s:
+                    time.sleep(self.latency_s)
                 dst.sendall(data)
         except OSError:
             pass

@@ -1,6 +1,6 @@
 """Faults injected into real services while a live stream flows through a whole stack (native engine,
 online writer, scorer, supervisor) on the secure default: Redis paused beyond the clients' timeouts,
-Redis at its memory bound, Redis killed, the only broker killed. Each time the stack recovers by itself
+Redis at its memory bound, Redis slow, Redis killed, the only broker killed. Each time the stack recovers by itself
 and the checker finds every event with exactly one features row and one prediction, equal to an
 uninterrupted run's, and an empty DLQ."""
 
@@ -57,6 +57,24 @@ def behind_a_proxy(tmp_path):
     host, _, port = env["EDDY_KAFKA_BOOTSTRAP"].rpartition(":")
     env["EDDY_KAFKA_LISTEN"] = f"{host}:{(listen := free_port())}"
     proxy = FaultProxy(int(port), listen)
+    try:
+        with running_stack(env) as running:
+            yield (*running, proxy)
+    finally:
+        proxy.close()
+
+
+@pytest.fixture
+def redis_behind_a_proxy(tmp_path):
+    """A stack whose every client reaches Redis through a FaultProxy: redis-server listens on another
+    port (EDDY_REDIS_LISTEN) and clients use EDDY_REDIS_URL's, the proxy's."""
+    from urllib.parse import urlsplit
+
+    from deploy.processes import free_port
+
+    env = {**stack_environment(tmp_path / "home"), "EDDY_ENGINE": "native", "EDDY_STAGES": "split"}
+    env["EDDY_REDIS_LISTEN"] = f"127.0.0.1:{(listen := free_port())}"
+    proxy = FaultProxy(urlsplit(env["EDDY_REDIS_URL"]).port, listen)
     try:
         with running_stack(env) as running:
             yield (*running, proxy)
@@ -162,6 +180,32 @@ def test_a_service_killed_mid_stream_comes_back_and_nothing_is_lost_or_doubled(s
     check_exactly_once(settings.kafka, spec, BACKLOG + LIVE)
     part = status(env)["parts"][service]
     assert part["state"] == "up" and part["restarts"] >= 1 and part["pid"] != pid
+
+
+def test_a_slow_redis_is_ridden_out_without_a_rebalance_and_the_lag_drains_after(redis_behind_a_proxy):
+    """Every Redis round trip of every stage some 200x slower (25 ms each way, against ~0.1 ms) for 20 s of
+    the live stream: the stages fall behind but keep their partitions (no group rebalance, no restart),
+    and drain the lag once Redis is fast again; exactly once, rows equal an uninterrupted run's."""
+    env, settings, spec, proxy = redis_behind_a_proxy
+    before = restarts(env)
+    lags: list[int] = []
+
+    def slow_redis() -> None:
+        proxy.slow(0.025)
+        until = time.monotonic() + 20
+        while time.monotonic() < until:
+            lags.append(group_lag(env, spec.stage_id("features"), spec.topics.source) or 0)
+            time.sleep(2)
+        proxy.slow(0)
+
+    took = during_a_live_stream(env, settings, spec, slow_redis)
+    check_exactly_once(settings.kafka, spec, BACKLOG + LIVE)
+    assert restarts(env) == before, "a stage died instead of riding the slow Redis out"
+    for part in ("features-native", "scorer-0", "online-writer"):
+        log = (settings.logs_dir / f"{part}.log").read_text()
+        assert log.count("partitions assigned") == 1 and "partitions revoked" not in log, (part, "rebalanced")
+    print(f"slow Redis: the engine's lag peaked at {max(lags)} records; every group at lag 0 {took:.0f} s "
+          "after the slowness began (20 s of it)")
 
 
 def test_poison_on_every_topic_a_stage_reads_is_refused_and_changes_nothing_else(stack, tmp_path):

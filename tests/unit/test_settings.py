@@ -38,6 +38,7 @@ def test_flag_wins_over_variable(tmp_path):
         ({"EDDY_REDIS_MAXMEMORY": "lots"}, "EDDY_REDIS_MAXMEMORY: 'lots' is not a size like 512mb or 2gb"),
         ({"EDDY_INSECURE": "maybe"}, "EDDY_INSECURE: 'maybe' is not on or off"),
         ({"EDDY_KAFKA_LISTEN": "19092"}, "EDDY_KAFKA_LISTEN: '19092' is not host:port, like 127.0.0.1:19092"),
+        ({"EDDY_REDIS_LISTEN": "16379"}, "EDDY_REDIS_LISTEN: '16379' is not host:port, like 127.0.0.1:16379"),
     ],
 )
 def test_bad_values_name_the_fix(tmp_path, env, message):
