@@ -216,27 +216,14 @@ def build_app(config: EngineConfig, metrics: StageMetrics | None = None):
         gate.guard(app.consumer)
         store = states.data
         send = app.producer.send
-        after = -1  # the partition's last offset this actor has taken
         async for batch in stream.take_events(config.batch_size, within=config.batch_wait_s):
             partition = batch[0].message.partition
             tid = transactional_id(partition)
-            # Faust hands a partition's last record over a second time now and then (its fetcher lets
-            # an offset equal to the last one read through), which would count that event twice.
-            fresh = []
-            for event in batch:
-                if event.message.offset > after:
-                    fresh.append(event)
-                    after = event.message.offset
-            if len(fresh) < len(batch):
-                log.info("skipped %d records of partition %d handed over again (from offset %d)",
-                         len(batch) - len(fresh), partition, batch[0].message.offset)
-                if not fresh:
-                    continue  # take_events acks them; their output is already in a transaction
             async with gate, _all_or_exit(partition):
                 sink = _Collect()
                 live: dict[bytes, EntityState] = {}  # states this batch changed, parsed once, written once
                 started = time.perf_counter()
-                messages = [_Message(e.message) for e in fresh]
+                messages = [_Message(e.message) for e in batch]
                 for msg, ev in door.admit(messages, sink):
                     key = ev.key.encode()
                     state = live.get(key)
