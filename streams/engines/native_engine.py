@@ -122,7 +122,15 @@ class NativeStep:
                 state.entities.clear()
                 continue
             marker = markers.get(p)
-            if marker is not None and marker > c:  # the group's offsets were moved back by hand
+            if state.refused:  # what the changelog holds cannot be trusted: all of it is written again
+                log.warning("%s[%d]: %d changelog records are not the engine's (the first, %s); rebuilding the "
+                            "partition's state from its first record, then writing it whole", self.changelog, p,
+                            len(state.refused), state.refused[0][1])
+                self.restore_report.refused += len(state.refused)
+                state.entities.clear()
+                state.rewrite = True
+                marker = None
+            elif marker is not None and marker > c:  # the group's offsets were moved back by hand
                 log.warning("%s[%d]: the checkpoint covers offsets up to %d but the group resumes at %d; "
                             "rebuilding the partition's state from its first record", self.spec.topics.source,
                             p, marker, c)
@@ -235,6 +243,9 @@ class NativeStep:
         excess = max(0, waiting - self.max_dirty)
         budget_each = max(1, WRITES_PER_BATCH // max(1, len(self.partitions)))  # an even share: none starves
         for p, part in self.partitions.items():
+            if part.rewrite:
+                self._rewrite(p, part, out)
+                continue
             count, budget = 0, budget_each
             changed_at = part.changed_at
             while changed_at and changed_at[0][0] <= due_before and count < budget:
@@ -260,6 +271,24 @@ class NativeStep:
             if marker is not None and marker != part.marked:
                 produce(topic, marker_value(marker), MARKER_KEY, partition=p)
                 part.marked = marker
+
+
+    def _rewrite(self, p: int, part: PartitionState, out: Output) -> None:
+        """Into the current transaction: every entity of the partition, a tombstone for each refused key
+        that is no entity, and the marker, so the changelog holds only the engine's records again."""
+        dumps, produce, topic, as_of = self.featurize.logic.dumps, out.produce, self.changelog, part.next_offset
+        assert as_of is not None  # set by the restore that asked for the rewrite
+        for key, state in part.entities.items():
+            produce(topic, entity_value(as_of, state if type(state) is bytes else dumps(state)), key,  # type: ignore[arg-type]
+                    partition=p)
+        for key in {key for key, _ in part.refused if key and key != MARKER_KEY} - part.entities.keys():
+            produce(topic, None, key, partition=p)
+        produce(topic, marker_value(as_of), MARKER_KEY, partition=p)
+        self.written += len(part.entities)
+        part.dirty.clear()
+        part.changed_at.clear()
+        part.refused.clear()
+        part.marked, part.rewrite = as_of, False
 
 
 def source_partitions(kafka: KafkaConfig, topic: str) -> int:
@@ -304,7 +333,8 @@ def beat_fields(step: NativeStep, loop: TransactionalLoop, **extra: Any) -> tupl
     return (counts.valid + counts.invalid + counts.duplicates,
             dict(engine=ENGINE, guarantee=step.spec.guarantee, valid=counts.valid - step.refused, dlq=counts.invalid + step.refused,
                  duplicates=counts.duplicates, entities=step.entities(), states_written=step.written,
-                 restored=restored.changelog_records, replayed=restored.replayed, **loop.stats.summary(), **extra))
+                 restored=restored.changelog_records, replayed=restored.replayed,
+                 changelog_refused=restored.refused, **loop.stats.summary(), **extra))
 
 
 def run_native(config: EngineConfig, checkpoint_s: float = CHECKPOINT_S, metrics: StageMetrics | None = None) -> None:

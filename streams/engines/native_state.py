@@ -42,6 +42,9 @@ class PartitionState:
     next_offset: int | None = None   # the source offset after the last record processed
     marked: int | None = None        # the offset in the latest marker written
     as_of: dict[bytes, int] = field(default_factory=dict)  # while restoring: each entity's offset
+    # changelog records the restore refused, not being ones this module writes: (key, "offset N: why")
+    refused: list[tuple[bytes, str]] = field(default_factory=list)
+    rewrite: bool = False  # write every entity (and the refused keys' tombstones) in the next batch
 
     def replay_from(self) -> int | None:
         """The marker's offset: the oldest change not written yet, else the next offset."""
@@ -63,14 +66,31 @@ def split_entity_value(value: bytes) -> tuple[int, bytes]:
     return int.from_bytes(value[:8], "big", signed=True), value[8:]
 
 
+def refusal(key: bytes, value: bytes) -> str | None:
+    """Why a changelog record with a value is not one this module writes (None when it is): a marker is
+    JSON with a next_offset >= 0, an entity value an offset >= 0 and then a JSON array (the state is
+    parsed for that alone, never unpickled; its layout is checked where it is first used)."""
+    try:
+        if key == MARKER_KEY:
+            marker = orjson.loads(value)
+            ok = isinstance(marker, dict) and type(marker.get("next_offset")) is int and marker["next_offset"] >= 0
+            return None if ok else "a partition marker without a next_offset >= 0"
+        if len(value) < 9 or split_entity_value(value)[0] < 0:
+            return "an entity value without its offset"
+        return None if isinstance(orjson.loads(value[8:]), list) else "an entity state that is not a JSON array"
+    except orjson.JSONDecodeError as exc:
+        return f"not JSON ({exc})"
+
+
 @dataclass
 class RestoreReport:
     """What restoring partitions has cost since the step started: changelog records read, source
-    records replayed, seconds."""
+    records replayed, seconds, and changelog records refused."""
 
     changelog_records: int = 0
     replayed: int = 0
     seconds: float = 0.0
+    refused: int = 0  # changelog records that were not the engine's
 
 
 # A restore read that gets nothing at all (no record, no partition end) for this long gives up: the
@@ -126,6 +146,10 @@ def read_changelog(kafka: KafkaConfig, topic: str, partitions: Sequence[int],
             key, value = m.key(), m.value()
             part = states[m.partition()]
             if key is None:  # not a record of this module's: every one it writes has a key
+                part.refused.append((b"", f"offset {m.offset()}: a record without a key"))
+                continue
+            if value is not None and (why := refusal(key, value)) is not None:
+                part.refused.append((key, f"offset {m.offset()}: {why}"))
                 continue
             if key == MARKER_KEY and value is not None:
                 markers[m.partition()] = orjson.loads(value)["next_offset"]
