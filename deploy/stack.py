@@ -109,14 +109,21 @@ def _start_components(settings: Settings, spec: PipelineSpec, table: ProcessTabl
     from deploy import supervisor
 
     env = child_environment(settings)
-    config = hashlib.sha256(json.dumps(sorted((k, v) for k, v in env.items() if k.startswith("EDDY_"))).encode())
+    # The scorer count is left out: a running supervisor scales its scorers to it, the rest kept running
+    config = hashlib.sha256(json.dumps(sorted((k, v) for k, v in env.items()
+                                              if k.startswith("EDDY_") and k != "EDDY_SCORERS")).encode())
     fingerprint, marker = config.hexdigest(), settings.run_dir / "supervisor.config"
     running = table.get(supervisor.NAME)
     if running is not None and running.alive() and _read(marker) != fingerprint:
         table.stop(supervisor.NAME, timeout_s=60)
         running = None
     wanted = components.wanted(settings)
-    for other in set(components.COMPONENTS) - {c.name for c in wanted}:
+    supervisor.write_scale(settings.run_dir, settings.scorers)
+    retired = set(components.COMPONENTS) - {c.name for c in wanted}
+    if running is not None and running.alive():  # it stops the scorers it no longer wants itself
+        poll(lambda: not any((r := table.get(name)) is not None and r.alive() for name in retired),
+             COMPONENT_DEADLINE_S)
+    for other in retired:
         table.stop(other)  # left by a supervisor that was killed
     started_at = time.monotonic()
     if running is None or not running.alive():

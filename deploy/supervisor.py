@@ -37,6 +37,7 @@ from streams.telemetry import StageMetrics
 log = logging.getLogger(__name__)
 NAME = "supervisor"
 STATE_FILE = "supervision.json"
+SCALE_FILE = "scorers"  # run/scorers: how many scorer replicas `eddy up --scorers N` wants of a running supervisor
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 30.0
 HEALTHY_AFTER_S = 60.0         # a part that ran this long starts its backoff over
 CRASH_LOOP_RESTARTS, CRASH_LOOP_WINDOW_S = 5, 60.0
@@ -94,10 +95,12 @@ class Supervisor:
     `table`); `components` names the parts it also stops when it stops (not the broker or Redis)."""
 
     def __init__(self, table: ProcessTable, starters: dict[str, Callable[[], Any]], components: list[str],
-                 policy: Policy = Policy(), tick_s: float = TICK_S) -> None:
+                 policy: Policy = Policy(), tick_s: float = TICK_S,
+                 replica: Callable[[int], Callable[[], Any]] | None = None) -> None:
         self.table = table
         self.starters = starters
         self.wanted = components
+        self.replica = replica  # what starts scorer replica i, where the stack scales its scorers
         self.policy = policy
         self.tick_s = tick_s
         self.parts = {name: PartState(recent=deque(maxlen=policy.crash_loop_restarts)) for name in starters}
@@ -118,12 +121,33 @@ class Supervisor:
                     log.error("this supervisor is no longer the stack's (its record under %s is gone or names "
                               "another process): stopping its components and leaving", self.table.run_dir)
                     break
+                self._rescale()
                 for name in self.parts:
                     self._check(name)
                 self._write()
                 self._stop.wait(self.tick_s)
         finally:
             self._stop_components()
+
+    def _rescale(self) -> None:
+        """Start or retire scorer replicas until there are as many as run/scorers asks for: the new ones
+        join the scorers' consumer group, a retired one is stopped (SIGTERM: it leaves the group after its
+        batch) and no longer supervised."""
+        wanted = read_scale(self.table.run_dir)
+        if self.replica is None or wanted is None:
+            return
+        have = sorted((n for n in self.wanted if n.startswith("scorer-")), key=lambda n: int(n.split("-")[1]))
+        for i in range(len(have), wanted):
+            name = f"scorer-{i}"
+            log.info("scaling the scorers to %d: starting %s", wanted, name)
+            self.starters[name] = self.replica(i)
+            self.parts[name] = PartState(recent=deque(maxlen=self.policy.crash_loop_restarts))
+            self.wanted.append(name)
+        for name in have[wanted:]:
+            log.info("scaling the scorers to %d: stopping %s", wanted, name)
+            self.wanted.remove(name)
+            del self.starters[name], self.parts[name]
+            self.table.stop(name)
 
     def _check(self, name: str) -> None:
         part, record = self.parts[name], self.table.get(name)
@@ -232,7 +256,28 @@ def stack_supervisor(settings: Settings, table: ProcessTable) -> Supervisor:
     for name in wanted:
         starters[name] = functools.partial(table.start, name, components.argv(name),
                                            components.environment(settings, name, env))
-    return Supervisor(table, starters, wanted)
+
+    def replica(i: int) -> Callable[[], Any]:
+        name = f"scorer-{i}"
+        return functools.partial(table.start, name, components.argv(name), components.environment(settings, name, env))
+
+    return Supervisor(table, starters, wanted, replica=None if settings.fused else replica)
+
+
+def read_scale(run_dir: Path) -> int | None:
+    """The scorer replicas run/scorers asks for (None: no such file, or not a count)."""
+    try:
+        return max(1, int((run_dir / SCALE_FILE).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def write_scale(run_dir: Path, scorers: int) -> None:
+    """Ask the stack's supervisor for `scorers` scorer replicas (it reads the file every tick)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f"{SCALE_FILE}.tmp"
+    tmp.write_text(str(scorers))
+    os.replace(tmp, run_dir / SCALE_FILE)
 
 
 def run_supervisor(settings: Settings) -> None:

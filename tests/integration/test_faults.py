@@ -152,6 +152,93 @@ def test_redis_at_its_memory_bound_is_waited_out(stack):
     assert "waiting out a fault" in log and "maxmemory" in log and "resumed after" in log
 
 
+def test_poison_on_the_engines_changelog_is_refused_at_restore_and_the_state_rebuilt(stack, tmp_path):
+    """Pickled bytes and NaN as a real card's state, a value too short and a partition marker that is not
+    JSON, on every partition of the native engine's changelog, then the engine killed: its restore refuses
+    each record with its reason (nothing unpickled), rebuilds the partitions from their first source record
+    and writes them whole again, so a second kill restores cleanly; no crash loop, and every event is
+    exactly once with the values of an uninterrupted run."""
+    import pickle
+    from pathlib import Path
+
+    import orjson
+    from confluent_kafka import Producer
+
+    from streams.engines.native_state import entity_value
+    from tests.kafka_helpers import read_committed
+
+    env, settings, spec = stack
+    changelog = f"{spec.stage_id('features')}-native-state-changelog"
+    marker = tmp_path / "unpickled"
+    part = "features-native"
+    warning = "changelog records are not the engine's"
+
+    class Boom:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    caught_up(env, spec, 180)
+    card = str(orjson.loads(read_committed(settings.kafka, spec.topics.source, 1)[0].value())[spec.key]).encode()
+    poison = [(card, entity_value(1, pickle.dumps(Boom()))), (card, entity_value(1, b'["x", NaN]')),
+              (b"poison-card", b"short"), (b"", b"not json")]
+    producer = Producer(settings.kafka.client())
+    for partition in range(settings.partitions):
+        for key, value in poison:
+            producer.produce(changelog, value, key, partition=partition)
+    assert producer.flush(30) == 0
+
+    def kill_then_stream(kills: int, seed: int) -> None:
+        os.kill(status(env)["parts"][part]["pid"], signal.SIGKILL)
+        wait_for(lambda: (p := status(env)["parts"][part])["restarts"] == kills and p["state"] == "up", 90,
+                 "the engine back")
+        more = run_eddy(["produce", "--count", "1000", "--seed", str(seed), "--label-delay", "0"], env)
+        assert more.returncode == 0, more.stderr
+        caught_up(env, spec, 180)
+
+    kill_then_stream(1, 21)
+    log = (settings.logs_dir / f"{part}.log").read_text()
+    assert log.count(warning) == settings.partitions, log[-3000:]
+    assert "offset" in log and "not JSON" in log
+    kill_then_stream(2, 22)  # the first restore wrote the partitions whole: nothing to refuse now
+    assert (settings.logs_dir / f"{part}.log").read_text().count(warning) == settings.partitions
+    check_exactly_once(settings.kafka, spec, BACKLOG + 2000)
+    assert not marker.exists(), "something unpickled a changelog record"
+    assert status(env)["parts"][part]["restarts"] == 2, "the engine crash-looped"
+
+
+def test_the_scorers_scaled_1_3_1_under_load_lose_and_double_nothing(stack):
+    """`eddy up --scorers 3`, then `--scorers 1`, on the running stack during a live stream: the new replicas
+    join the scorers' group and take partitions, the retired ones leave it, nothing else restarts (the
+    supervisor scales, it is not replaced), no replica crash-loops on fencing, and every event has exactly
+    one features row and one prediction."""
+    env, settings, spec = stack
+    before = status(env)["parts"]
+    live = live_producer(EDDY, env, REPO, RATE, 20_000, seed=5)  # 20 s: both changes fall inside it
+    wait_for(lambda: source_records(settings.kafka, spec.topics.source) > BACKLOG + 500 or live.poll() is not None,
+             60, "the live stream")
+    up = run_eddy(["up", "--scorers", "3"], env)
+    assert up.returncode == 0, up.stderr
+    scaled = status(env)["parts"]
+    assert all(scaled[f"scorer-{i}"]["state"] == "up" for i in range(3)), scaled
+    time.sleep(3)
+    down = run_eddy(["up", "--scorers", "1"], env)
+    assert down.returncode == 0, down.stderr
+    assert live.poll() is None, "the live stream ended before the scorers were scaled back"
+    _, errors = live.communicate(timeout=180)
+    assert live.returncode == 0, errors
+    caught_up(env, spec, 300)
+
+    check_exactly_once(settings.kafka, spec, BACKLOG + 20_000)
+    after = status(env)["parts"]
+    assert "scorer-1" not in after and "scorer-2" not in after, after.keys()
+    for name in ("supervisor", "features-native", "online-writer", "scorer-0"):
+        assert after[name]["pid"] == before[name]["pid"] and after[name].get("restarts", 0) == 0, (name, after[name])
+    for replica in ("scorer-1", "scorer-2"):  # each took partitions, then gave them back as it stopped
+        log = (settings.logs_dir / f"{replica}.log").read_text()
+        assert f"partitions assigned: {spec.topics.features}[" in log and "partitions revoked" in log, log[-2000:]
+        assert "Fenced" not in log and "fenced" not in log
+
+
 def test_a_partition_from_the_broker_longer_than_the_request_timeouts_is_waited_out(behind_a_proxy):
     """Every client's link to the broker goes silent for 45 s (requests time out after 30 s), then heals."""
     env, settings, spec, proxy = behind_a_proxy

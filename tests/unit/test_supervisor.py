@@ -108,3 +108,34 @@ def test_a_supervisor_whose_stack_is_gone_stops_its_children_and_leaves(table):
     assert not thread.is_alive()
     assert wait_until(lambda: not os.path.exists(f"/proc/{child.pid}") or
                       open(f"/proc/{child.pid}/stat").read().split()[2] == "Z", 10, "the child to be stopped")
+
+
+def test_the_scorers_scale_to_what_run_scorers_asks_and_the_others_are_left_alone(table):
+    from deploy.supervisor import write_scale
+
+    def replica(i: int):
+        return starter(table, f"scorer-{i}", "sleep", "60")
+
+    starters = {"engine": starter(table, "engine", "sleep", "60"), "scorer-0": replica(0)}
+    supervisor = Supervisor(table, starters, ["engine", "scorer-0"], FAST, 0.02, replica=replica)
+    write_scale(table.run_dir, 1)
+    thread = running(supervisor)
+
+    def alive(*names: str) -> bool:
+        return all((r := table.get(n)) is not None and r.alive() for n in names)
+
+    try:
+        wait_until(lambda: alive("engine", "scorer-0"), 10, "the parts to start")
+        engine, first = table.get("engine").pid, table.get("scorer-0").pid
+        write_scale(table.run_dir, 3)
+        wait_until(lambda: alive("scorer-1", "scorer-2"), 10, "two more scorers")
+        write_scale(table.run_dir, 1)
+        wait_until(lambda: table.get("scorer-1") is None and table.get("scorer-2") is None, 30, "two scorers retired")
+        state = wait_until(lambda: (s := read_state(table.run_dir)) and "scorer-1" not in s and s, 5, "the state file")
+        assert sorted(state) == ["engine", "scorer-0"]  # a retired replica is no longer supervised
+        assert (table.get("engine").pid, table.get("scorer-0").pid) == (engine, first)
+        assert state["engine"]["restarts"] == state["scorer-0"]["restarts"] == 0
+    finally:
+        supervisor.stop()
+        thread.join(30)
+    assert table.get("engine") is None and table.get("scorer-0") is None
