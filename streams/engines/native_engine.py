@@ -123,9 +123,9 @@ class NativeStep:
                 continue
             marker = markers.get(p)
             if state.refused:  # what the changelog holds cannot be trusted: all of it is written again
-                log.warning("%s[%d]: %d changelog records are not the engine's (the first, %s); rebuilding the "
-                            "partition's state from its first record, then writing it whole", self.changelog, p,
-                            len(state.refused), state.refused[0][1])
+                log.warning("%s[%d]: %d changelog records are not the engine's (%s); rebuilding the partition's "
+                            "state from its first record, then writing it whole", self.changelog, p,
+                            len(state.refused), next(iter(state.refused.values())))
                 self.restore_report.refused += len(state.refused)
                 state.entities.clear()
                 state.rewrite = True
@@ -281,7 +281,7 @@ class NativeStep:
         for key, state in part.entities.items():
             produce(topic, entity_value(as_of, state if type(state) is bytes else dumps(state)), key,  # type: ignore[arg-type]
                     partition=p)
-        for key in {key for key, _ in part.refused if key and key != MARKER_KEY} - part.entities.keys():
+        for key in part.refused.keys() - part.entities.keys() - {MARKER_KEY}:
             produce(topic, None, key, partition=p)
         produce(topic, marker_value(as_of), MARKER_KEY, partition=p)
         self.written += len(part.entities)

@@ -42,8 +42,8 @@ class PartitionState:
     next_offset: int | None = None   # the source offset after the last record processed
     marked: int | None = None        # the offset in the latest marker written
     as_of: dict[bytes, int] = field(default_factory=dict)  # while restoring: each entity's offset
-    # changelog records the restore refused, not being ones this module writes: (key, "offset N: why")
-    refused: list[tuple[bytes, str]] = field(default_factory=list)
+    # keys whose latest changelog record the restore refused, not being one this module writes: "offset N: why"
+    refused: dict[bytes, str] = field(default_factory=dict)
     rewrite: bool = False  # write every entity (and the refused keys' tombstones) in the next batch
 
     def replay_from(self) -> int | None:
@@ -146,11 +146,12 @@ def read_changelog(kafka: KafkaConfig, topic: str, partitions: Sequence[int],
             key, value = m.key(), m.value()
             part = states[m.partition()]
             if key is None:  # not a record of this module's: every one it writes has a key
-                part.refused.append((b"", f"offset {m.offset()}: a record without a key"))
+                part.refused[MARKER_KEY] = f"offset {m.offset()}: a record without a key"
                 continue
             if value is not None and (why := refusal(key, value)) is not None:
-                part.refused.append((key, f"offset {m.offset()}: {why}"))
+                part.refused[key] = f"offset {m.offset()}: {why}"
                 continue
+            part.refused.pop(key, None)  # a later record of the engine's own supersedes a refused one
             if key == MARKER_KEY and value is not None:
                 markers[m.partition()] = orjson.loads(value)["next_offset"]
             elif value is None:

@@ -20,6 +20,7 @@ from tests.stack_helpers import group_lag, status, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow, pytest.mark.chaos]
 BACKLOG, RATE, LIVE = 5_000, 1_000, 8_000   # the live stream lasts 8 s; the fault falls inside it
+LONG_LIVE = 40_000  # 40 s, for faults that take a while to inject
 
 
 @contextmanager
@@ -213,7 +214,7 @@ def test_the_scorers_scaled_1_3_1_under_load_lose_and_double_nothing(stack):
     one features row and one prediction."""
     env, settings, spec = stack
     before = status(env)["parts"]
-    live = live_producer(EDDY, env, REPO, RATE, 20_000, seed=5)  # 20 s: both changes fall inside it
+    live = live_producer(EDDY, env, REPO, RATE, LONG_LIVE, seed=5)  # both changes fall inside it
     wait_for(lambda: source_records(settings.kafka, spec.topics.source) > BACKLOG + 500 or live.poll() is not None,
              60, "the live stream")
     up = run_eddy(["up", "--scorers", "3"], env)
@@ -228,7 +229,7 @@ def test_the_scorers_scaled_1_3_1_under_load_lose_and_double_nothing(stack):
     assert live.returncode == 0, errors
     caught_up(env, spec, 300)
 
-    check_exactly_once(settings.kafka, spec, BACKLOG + 20_000)
+    check_exactly_once(settings.kafka, spec, BACKLOG + LONG_LIVE)
     after = status(env)["parts"]
     assert "scorer-1" not in after and "scorer-2" not in after, after.keys()
     for name in ("supervisor", "features-native", "online-writer", "scorer-0"):
