@@ -14,10 +14,10 @@ from confluent_kafka import KafkaException
 
 from deploy import security
 from deploy.access import ROLES, kafka_acls
-from deploy.processes import ProcessTable, free_port, is_loopback, port_holder, port_open
+from deploy.processes import ProcessTable, free_port, is_loopback, listen_address, port_holder, port_open
 from deploy.security import ADMIN, BROKER_PRINCIPAL, SCRAM_MECHANISM, Pki
 from deploy.settings import Settings, child_environment, local_credentials
-from features.errors import ConfigError, ServiceError
+from features.errors import ServiceError
 from features.spec import PipelineSpec
 from streams.kafka import KafkaConfig, admin, wait_for_broker
 
@@ -186,7 +186,7 @@ def ensure_broker(settings: Settings, table: ProcessTable) -> BrokerInfo:
             _create_principals(settings, internal_config(settings, known), known)
         wait_for_broker(local_credentials(settings).kafka, timeout_s=START_DEADLINE_S)
         return BrokerInfo(True, settings.kafka.bootstrap, pid=record.pid)
-    bind = _bind(settings, host, port)
+    bind = listen_address("EDDY_KAFKA_LISTEN", settings.kafka_listen, host, port, "127.0.0.1:19092")
     if port_open(*bind):
         try:
             wait_for_broker(settings.kafka, timeout_s=5)
@@ -241,17 +241,6 @@ def ensure_broker(settings: Settings, table: ProcessTable) -> BrokerInfo:
     if pki is not None:
         _create_principals(settings, probe, pki)
     return BrokerInfo(True, settings.kafka.bootstrap, took, record.pid)
-
-
-def _bind(settings: Settings, host: str, port: int) -> tuple[str, int]:
-    """Where the clients' listener binds: EDDY_KAFKA_LISTEN (a loopback host:port), else the bootstrap's."""
-    if not settings.kafka_listen:
-        return host, port
-    bind_host, _, bind_port = settings.kafka_listen.rpartition(":")
-    if not is_loopback(bind_host) or int(bind_port) == port:
-        raise ConfigError(f"EDDY_KAFKA_LISTEN {settings.kafka_listen!r}: the local broker binds a loopback "
-                           f"host:port other than the bootstrap's ({host}:{port}), like 127.0.0.1:19092")
-    return bind_host, int(bind_port)
 
 
 def _create_principals(settings: Settings, internal: KafkaConfig, pki: Pki) -> None:

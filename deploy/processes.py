@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from features.errors import ServiceError
+from features.errors import ConfigError, ServiceError
 from features.waiting import poll
 
 
@@ -62,6 +62,18 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
 
 def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def listen_address(variable: str, listen: str, host: str, port: int, example: str) -> tuple[str, int]:
+    """Where a local service binds: `listen` (the setting named `variable`, a loopback host:port other
+    than the address clients use, for a port forward or a proxy in front of it), else host:port itself."""
+    if not listen:
+        return host, port
+    bind_host, _, bind_port = listen.rpartition(":")
+    if not is_loopback(bind_host) or int(bind_port) == port:
+        raise ConfigError(f"{variable} {listen!r}: the local service binds a loopback host:port other than the "
+                          f"one clients use ({host}:{port}), like {example}")
+    return bind_host, int(bind_port)
 
 
 def free_port() -> int:

@@ -9,9 +9,9 @@ from urllib.parse import urlsplit
 
 from deploy import security
 from deploy.access import ROLES, redis_acls
-from deploy.processes import ProcessTable, is_loopback, port_holder, port_open
+from deploy.processes import ProcessTable, is_loopback, listen_address, port_holder, port_open
 from deploy.settings import Settings, child_environment, local_credentials, redact_url
-from features.errors import ConfigError, ServiceError
+from features.errors import ServiceError
 from features.spec import load_spec
 
 NAME = "redis"
@@ -56,7 +56,7 @@ def ensure_redis(settings: Settings, table: ProcessTable) -> RedisInfo:
             running, wanted = ("with ACL users", "--insecure") if secure else ("open (--insecure)", "secure")
             raise ServiceError(f"the local Redis runs {running}: `eddy down` first to start it {wanted}")
         return RedisInfo(True, shown, pid=record.pid)
-    host, port = _bind(settings, host, port)
+    host, port = listen_address("EDDY_REDIS_LISTEN", settings.redis_listen, host, port, "127.0.0.1:16379")
     if port_open(host, port):
         if not settings.redis_listen and ping(url):
             return RedisInfo(False, shown)
@@ -86,17 +86,6 @@ def ensure_redis(settings: Settings, table: ProcessTable) -> RedisInfo:
     admin_url = local_credentials(settings).redis_url
     took = table.wait_healthy(record, lambda: ping(admin_url, 0.5), START_DEADLINE_S, "redis-server")
     return RedisInfo(True, shown, took, record.pid)
-
-
-def _bind(settings: Settings, host: str, port: int) -> tuple[str, int]:
-    """Where redis-server listens: EDDY_REDIS_LISTEN (a loopback host:port), else the URL's."""
-    if not settings.redis_listen:
-        return host, port
-    bind_host, _, bind_port = settings.redis_listen.rpartition(":")
-    if not is_loopback(bind_host) or int(bind_port) == port:
-        raise ConfigError(f"EDDY_REDIS_LISTEN {settings.redis_listen!r}: the local Redis listens on a loopback "
-                          f"host:port other than EDDY_REDIS_URL's ({host}:{port}), like 127.0.0.1:16379")
-    return bind_host, int(bind_port)
 
 
 def _secure_lines(settings: Settings, host: str, port: int) -> list[str]:

@@ -163,3 +163,14 @@ def test_the_guarantee_comes_from_the_spec_unless_set_and_needs_the_native_engin
         load_settings(environ={**env, "EDDY_GUARANTEE": "at_least_once", "EDDY_ENGINE": "faust"}).pipeline_spec()
     with pytest.raises(ConfigError, match="EDDY_GUARANTEE: 'sometimes' is not exactly_once or at_least_once"):
         load_settings(environ={**env, "EDDY_GUARANTEE": "sometimes"})
+
+
+def test_a_listen_address_is_a_loopback_port_other_than_the_clients_one():
+    from deploy.processes import listen_address
+
+    assert listen_address("EDDY_REDIS_LISTEN", "", "127.0.0.1", 6379, "x") == ("127.0.0.1", 6379)
+    assert listen_address("EDDY_REDIS_LISTEN", "127.0.0.1:16379", "127.0.0.1", 6379, "x") == ("127.0.0.1", 16379)
+    for listen in ("10.0.0.5:16379", "127.0.0.1:6379"):
+        with pytest.raises(ConfigError, match=f"EDDY_REDIS_LISTEN '{listen}': the local service binds a loopback "
+                                              r"host:port other than the one clients use \(127.0.0.1:6379\), like x"):
+            listen_address("EDDY_REDIS_LISTEN", listen, "127.0.0.1", 6379, "x")
