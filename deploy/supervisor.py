@@ -253,15 +253,13 @@ def stack_supervisor(settings: Settings, table: ProcessTable) -> Supervisor:
         starters[broker.NAME] = lambda: broker.ensure_broker(settings, table)
     if table.get(redis_local.NAME) is not None:
         starters[redis_local.NAME] = lambda: redis_local.ensure_redis(settings, table)
-    for name in wanted:
-        starters[name] = functools.partial(table.start, name, components.argv(name),
-                                           components.environment(settings, name, env))
 
-    def replica(i: int) -> Callable[[], Any]:
-        name = f"scorer-{i}"
+    def component(name: str) -> Callable[[], Any]:
         return functools.partial(table.start, name, components.argv(name), components.environment(settings, name, env))
 
-    return Supervisor(table, starters, wanted, replica=None if settings.fused else replica)
+    for name in wanted:
+        starters[name] = component(name)
+    return Supervisor(table, starters, wanted, replica=None if settings.fused else lambda i: component(f"scorer-{i}"))
 
 
 def read_scale(run_dir: Path) -> int | None:

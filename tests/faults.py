@@ -5,9 +5,24 @@ was injected as bad."""
 
 from __future__ import annotations
 
+import pickle
 import subprocess
+from pathlib import Path
 
 from tests.kafka_helpers import read_committed
+
+
+class _Trap:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def pickle_trap(marker: Path) -> bytes:
+    """Pickled bytes that create `marker` when anything unpickles them: poison that shows if it was eaten."""
+    return pickle.dumps(_Trap(marker))
 
 
 def source_records(kafka, topic: str) -> int:

@@ -23,7 +23,7 @@ from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from features.apply import Refused
 from features.spec import PipelineSpec
 from features.validation import Event
-from features.windows import FeatureRow
+from features.windows import EntityState, FeatureRow
 from streams.dedupe import Deduper
 from streams.delivery import loop_for
 from streams.dlq import dead_letter
@@ -237,7 +237,7 @@ class NativeStep:
     def write_due(self, out: Output) -> None:
         """Into the current transaction: the states changed for checkpoint_s or longer (and the
         oldest beyond max_dirty waiting), then each partition's marker where it moved."""
-        dumps, produce, topic = self.featurize.logic.dumps, out.produce, self.changelog
+        produce, topic = out.produce, self.changelog
         due_before = time.monotonic() - self.checkpoint_s
         waiting = sum(len(part.dirty) for part in self.partitions.values())
         excess = max(0, waiting - self.max_dirty)
@@ -262,10 +262,7 @@ class NativeStep:
                 assert as_of is not None  # an entity is dirty once a record of its partition was processed
                 for _ in range(count):
                     key, _first = dirty.popitem(last=False)
-                    state = table[key]
-                    # as in _apply: `type(state) is bytes` narrows only its own branch
-                    value = entity_value(as_of, state if type(state) is bytes else dumps(state))  # type: ignore[arg-type]
-                    produce(topic, value, key, partition=p)
+                    produce(topic, self._entity_value(as_of, table[key]), key, partition=p)
                 self.written += count
             marker = part.replay_from()
             if marker is not None and marker != part.marked:
@@ -273,14 +270,18 @@ class NativeStep:
                 part.marked = marker
 
 
+    def _entity_value(self, as_of: int, state: EntityState | bytes) -> bytes:
+        """An entity's changelog value; a state still in its restored bytes is written as it came."""
+        # as in _apply: `type(state) is bytes` narrows only its own branch
+        return entity_value(as_of, state if type(state) is bytes else self.featurize.logic.dumps(state))  # type: ignore[arg-type]
+
     def _rewrite(self, p: int, part: PartitionState, out: Output) -> None:
         """Into the current transaction: every entity of the partition, a tombstone for each refused key
         that is no entity, and the marker, so the changelog holds only the engine's records again."""
-        dumps, produce, topic, as_of = self.featurize.logic.dumps, out.produce, self.changelog, part.next_offset
+        produce, topic, as_of = out.produce, self.changelog, part.next_offset
         assert as_of is not None  # set by the restore that asked for the rewrite
         for key, state in part.entities.items():
-            produce(topic, entity_value(as_of, state if type(state) is bytes else dumps(state)), key,  # type: ignore[arg-type]
-                    partition=p)
+            produce(topic, self._entity_value(as_of, state), key, partition=p)
         for key in part.refused.keys() - part.entities.keys() - {MARKER_KEY}:
             produce(topic, None, key, partition=p)
         produce(topic, marker_value(as_of), MARKER_KEY, partition=p)

@@ -85,12 +85,12 @@ def refusal(key: bytes, value: bytes) -> str | None:
 @dataclass
 class RestoreReport:
     """What restoring partitions has cost since the step started: changelog records read, source
-    records replayed, seconds, and changelog records refused."""
+    records replayed, seconds, and changelog keys refused."""
 
     changelog_records: int = 0
     replayed: int = 0
     seconds: float = 0.0
-    refused: int = 0  # changelog records that were not the engine's
+    refused: int = 0  # changelog keys whose latest record was not the engine's
 
 
 # A restore read that gets nothing at all (no record, no partition end) for this long gives up: the

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import pytest
 
 from tests.conftest import EDDY, REPO, run_eddy, stack_environment
-from tests.faults import check_exactly_once, live_producer, source_records
+from tests.faults import check_exactly_once, live_producer, pickle_trap, source_records
 from tests.proxy import FaultProxy
 from tests.stack_helpers import group_lag, status, wait_for
 
@@ -48,39 +48,38 @@ def stack(tmp_path):
         yield running
 
 
-@pytest.fixture
-def behind_a_proxy(tmp_path):
-    """A stack whose every client reaches the broker through a FaultProxy: the broker binds another port
-    (EDDY_KAFKA_LISTEN) and advertises the proxy's."""
+@contextmanager
+def through_a_proxy(tmp_path, listen_variable: str, client_port):
+    """A stack whose every client reaches one service through a FaultProxy at client_port(env): the local
+    service binds another port (`listen_variable`); yields (env, settings, spec, proxy)."""
     from deploy.processes import free_port
 
     env = {**stack_environment(tmp_path / "home"), "EDDY_ENGINE": "native", "EDDY_STAGES": "split"}
-    host, _, port = env["EDDY_KAFKA_BOOTSTRAP"].rpartition(":")
-    env["EDDY_KAFKA_LISTEN"] = f"{host}:{(listen := free_port())}"
-    proxy = FaultProxy(int(port), listen)
+    env[listen_variable] = f"127.0.0.1:{(listen := free_port())}"
+    proxy = FaultProxy(client_port(env), listen)
     try:
         with running_stack(env) as running:
             yield (*running, proxy)
     finally:
         proxy.close()
+
+
+@pytest.fixture
+def behind_a_proxy(tmp_path):
+    """Every client reaches the broker through a FaultProxy: the broker binds another port
+    (EDDY_KAFKA_LISTEN) and advertises the proxy's."""
+    with through_a_proxy(tmp_path, "EDDY_KAFKA_LISTEN", lambda env: int(env["EDDY_KAFKA_BOOTSTRAP"].rpartition(":")[2])) as stack:
+        yield stack
 
 
 @pytest.fixture
 def redis_behind_a_proxy(tmp_path):
-    """A stack whose every client reaches Redis through a FaultProxy: redis-server listens on another
-    port (EDDY_REDIS_LISTEN) and clients use EDDY_REDIS_URL's, the proxy's."""
+    """Every client reaches Redis through a FaultProxy: redis-server listens on another port
+    (EDDY_REDIS_LISTEN) and clients use EDDY_REDIS_URL's, the proxy's."""
     from urllib.parse import urlsplit
 
-    from deploy.processes import free_port
-
-    env = {**stack_environment(tmp_path / "home"), "EDDY_ENGINE": "native", "EDDY_STAGES": "split"}
-    env["EDDY_REDIS_LISTEN"] = f"127.0.0.1:{(listen := free_port())}"
-    proxy = FaultProxy(urlsplit(env["EDDY_REDIS_URL"]).port, listen)
-    try:
-        with running_stack(env) as running:
-            yield (*running, proxy)
-    finally:
-        proxy.close()
+    with through_a_proxy(tmp_path, "EDDY_REDIS_LISTEN", lambda env: urlsplit(env["EDDY_REDIS_URL"]).port) as stack:
+        yield stack
 
 
 def during_a_live_stream(env, settings, spec, fault) -> float:
@@ -159,9 +158,6 @@ def test_poison_on_the_engines_changelog_is_refused_at_restore_and_the_state_reb
     each record with its reason (nothing unpickled), rebuilds the partitions from their first source record
     and writes them whole again, so a second kill restores cleanly; no crash loop, and every event is
     exactly once with the values of an uninterrupted run."""
-    import pickle
-    from pathlib import Path
-
     import orjson
     from confluent_kafka import Producer
 
@@ -174,13 +170,9 @@ def test_poison_on_the_engines_changelog_is_refused_at_restore_and_the_state_reb
     part = "features-native"
     warning = "changelog records are not the engine's"
 
-    class Boom:
-        def __reduce__(self):
-            return (Path.touch, (marker,))
-
     caught_up(env, spec, 180)
     card = str(orjson.loads(read_committed(settings.kafka, spec.topics.source, 1)[0].value())[spec.key]).encode()
-    poison = [(card, entity_value(1, pickle.dumps(Boom()))), (card, entity_value(1, b'["x", NaN]')),
+    poison = [(card, entity_value(1, pickle_trap(marker))), (card, entity_value(1, b'["x", NaN]')),
               (b"poison-card", b"short"), (b"", b"not json")]
     producer = Producer(settings.kafka.client())
     for partition in range(settings.partitions):
@@ -308,9 +300,7 @@ def test_poison_on_every_topic_a_stage_reads_is_refused_and_changes_nothing_else
     """Pickled bytes, NaN, Inf, an event hours ahead and records over the bounds, on the source, features,
     labels and model-updates topics: each refused with a dead letter (source, features) or counted
     (model updates), no stage dies, nothing is unpickled, and every valid event is still exactly once."""
-    import pickle
     from datetime import UTC, datetime, timedelta
-    from pathlib import Path
 
     import orjson
     from confluent_kafka import KafkaError, Producer
@@ -323,13 +313,9 @@ def test_poison_on_every_topic_a_stage_reads_is_refused_and_changes_nothing_else
     before = restarts(env)
     marker = tmp_path / "unpickled"
 
-    class Boom:
-        def __reduce__(self):
-            return (Path.touch, (marker,))
-
     event = orjson.loads(read_committed(settings.kafka, spec.topics.source, 1)[0].value())
     ahead = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
-    common = [pickle.dumps(Boom()), b'{"event_id": "poison-nan", "amount": NaN}', b'{"event_id": "poison-inf", "amount": 1e999}']
+    common = [pickle_trap(marker), b'{"event_id": "poison-nan", "amount": NaN}', b'{"event_id": "poison-inf", "amount": 1e999}']
     source = [*common, orjson.dumps({**event, spec.id_field: "poison-ahead", spec.timestamp_field: ahead}),
               orjson.dumps({**event, spec.id_field: "poison-big", "padding": "x" * 100_000})]
     features = [*common, orjson.dumps({"event_id": "poison-big", "padding": "x" * 100_000})]

@@ -5,7 +5,6 @@ model keeps serving."""
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import time
 from collections import defaultdict
@@ -16,7 +15,7 @@ import orjson
 import pytest
 
 from tests.conftest import EDDY, REPO, run_eddy, stack_environment
-from tests.faults import live_producer, source_records
+from tests.faults import live_producer, pickle_trap, source_records
 from tests.kafka_helpers import count_committed, read_committed
 from tests.stack_helpers import group_lag, status, variant, wait_for
 
@@ -104,10 +103,6 @@ def test_forged_corrupt_and_pickled_updates_are_refused_and_the_old_model_keeps_
     refused_before = status(env)["parts"]["scorer-0"]["updates_refused"]
     marker = tmp_path / "unpickled"
 
-    class Boom:
-        def __reduce__(self):
-            return (Path.touch, (marker,))
-
     def artifact(version: str) -> Path:
         directory = settings.artifacts_dir / spec.name / version
         model, normaliser = baseline_model(spec)
@@ -128,7 +123,7 @@ def test_forged_corrupt_and_pickled_updates_are_refused_and_the_old_model_keeps_
     corrupt_msg = model_update_message(m_corrupt, corrupt.as_uri(), key)
     # 3. a pickle in place of the weights, manifest and message re-signed to match it
     pickled = artifact("v-pickle")
-    (pickled / WEIGHTS_FILE).write_bytes(pickle.dumps(Boom()))
+    (pickled / WEIGHTS_FILE).write_bytes(pickle_trap(marker))
     _resign(pickled, key)
     m_pickle = _manifest(pickled)
     pickle_msg = model_update_message(m_pickle, pickled.as_uri(), key)
