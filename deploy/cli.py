@@ -97,6 +97,7 @@ def status(
 @app.command()
 def produce(
     rate: Annotated[float | None, typer.Option("--rate", help="events/s with wall-clock event times (default: as fast as possible)")] = None,
+    compressed: Annotated[bool, typer.Option("--compressed", help="event times 1 ms apart from now, for load tests (default: a backfill ending now at the cards' own rhythm)")] = False,
     count: Annotated[int, typer.Option("--count", help="number of events")] = 10_000,
     seed: Annotated[int, typer.Option("--seed", help="random seed; same seed and start give the same events")] = 0,
     fraud_rate: Annotated[float, typer.Option("--fraud-rate", help="fraction of fraudulent events")] = 0.01,
@@ -114,7 +115,7 @@ def produce(
     settings = settings_from("produce", home=home, pipeline=pipeline)
     report = run_produce(settings, out, rate=rate, count=count, seed=seed, fraud_rate=fraud_rate,
                          label_delay_s=label_delay, backfill=backfill, start=start, cards=cards,
-                         amount_scale=amount_scale)
+                         amount_scale=amount_scale, compressed=compressed)
     out.print(f"produced {report.events} events ({report.frauds} fraudulent) and {report.labels} labels "
               f"in {report.seconds:.1f}s: {report.events_per_s:,.0f} events/s")
 

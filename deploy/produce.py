@@ -17,9 +17,19 @@ from streams.producer import ProduceReport, SyntheticProducer
 
 # The fields every generated event carries (docs/contract.md, "Topics"); a spec needing others cannot use it.
 EVENT_FIELDS = ("event_id", "event_time", "card_id", "merchant_id", "amount", "currency", "country", "channel")
+# A card's own rhythm: the average card pays this many times a day. The default run is a backfill ending
+# now at that pace, so a window holds what it would hold in real life; `--compressed` packs events 1 ms apart.
+CARD_EVENTS_PER_DAY = 3.0
+DAY_MS = 86_400_000
+# A paced or compressed run whose average card pays more often than this gets a notice: its windows hold
+# far more of a card's history than a real stream's, and a model trained on one misjudges the other.
+CROWDED_CARD_GAP_S = 600.0
+COMPRESSED_RATE = 1000.0  # events/s of event time in a --compressed run (GeneratorConfig's 1 ms gap)
 
 
-def _check_flags(rate, count, fraud_rate, label_delay_s, cards) -> None:
+def _check_flags(rate, count, fraud_rate, label_delay_s, cards, compressed, backfill, start) -> None:
+    if compressed and (rate is not None or backfill is not None or start is not None):
+        raise ConfigError("--compressed is its own timing: leave out --rate, --backfill and --start with it")
     if count < 1:
         raise ConfigError("--count must be at least 1")
     if rate is not None and rate <= 0:
@@ -32,10 +42,26 @@ def _check_flags(rate, count, fraud_rate, label_delay_s, cards) -> None:
         raise ConfigError("--cards must be at least 10")
 
 
+def rhythm_span_ms(count: int, cards: int) -> int:
+    """The event-time span of `count` events over `cards` cards at the cards' own rhythm."""
+    return max(1, round(count * DAY_MS / (cards * CARD_EVENTS_PER_DAY)))
+
+
+def _notice_crowded_cards(console: Console, cards: int, rate: float) -> None:
+    """Say so when live or compressed events come far faster per card than a real card pays."""
+    gap_s = cards / rate
+    if gap_s < CROWDED_CARD_GAP_S:
+        needed = int(rate * CROWDED_CARD_GAP_S)
+        console.print(f"note: {cards:,} cards at {rate:,.0f} events/s is an event per card every {gap_s:,.1f}s "
+                      f"(a real card pays about every {24 / CARD_EVENTS_PER_DAY:.0f}h): windows will hold more of each "
+                      f"card's history than a real stream's; --cards {needed:,} gives one every "
+                      f"{CROWDED_CARD_GAP_S / 60:.0f} min", markup=False, highlight=False)
+
+
 def run_produce(settings: Settings, console: Console, *, rate: float | None, count: int, seed: int,
                 fraud_rate: float, label_delay_s: float, backfill: str | None, start: str | None,
-                cards: int, amount_scale: float = 1.0) -> ProduceReport:
-    _check_flags(rate, count, fraud_rate, label_delay_s, cards)
+                cards: int, amount_scale: float = 1.0, compressed: bool = False) -> ProduceReport:
+    _check_flags(rate, count, fraud_rate, label_delay_s, cards, compressed, backfill, start)
     spec = load_spec(settings.pipeline)
     missing = set(spec.field_types) - set(EVENT_FIELDS)
     if missing:
@@ -50,9 +76,13 @@ def run_produce(settings: Settings, console: Console, *, rate: float | None, cou
     prefix = (f"t{hashlib.sha256(repr(pinned).encode()).hexdigest()[:10]}" if start is not None else f"t{now_ms}")
     config = GeneratorConfig(seed=seed, fraud_rate=fraud_rate, cards=cards, start_ms=now_ms, id_prefix=prefix,
                              amount_scale=amount_scale)
-    if backfill is not None or start is not None:
+    # Historical event times unless the events are live (--rate alone) or --compressed.
+    historical = not compressed and (rate is None or backfill is not None or start is not None)
+    if not historical:
+        _notice_crowded_cards(console, cards, rate if rate is not None else COMPRESSED_RATE)
+    if historical:
         try:
-            span_ms = parse_duration(backfill) if backfill is not None else 0
+            span_ms = parse_duration(backfill) if backfill is not None else rhythm_span_ms(count, cards)
         except SpecError as exc:
             raise ConfigError(f"--backfill: {exc}") from None
         if start is not None:
@@ -78,7 +108,7 @@ def run_produce(settings: Settings, console: Console, *, rate: float | None, cou
                             detail=f"{rate_now:,.0f} ev/s, {report.labels} labels, {len(producer.pending)} labels due later")
 
         started = time.time()
-        report = producer.run(count, rate, backfill=backfill is not None or start is not None, on_progress=show)
+        report = producer.run(count, rate, backfill=historical, on_progress=show)
     if producer.errors:
         raise ConfigError(f"{len(producer.errors)}+ records were not delivered: {producer.errors[0]}")
     return report

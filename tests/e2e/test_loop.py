@@ -79,7 +79,7 @@ def test_retrain_registers_publishes_serves_and_live_metrics_match_the_tables(tm
             return status["parts"]["features-fused"].get("model_version")  # the fused stage scores
         wait_for(lambda: serving() == version, 120, f"the scorer to serve {version}")
 
-        more = run_eddy(["produce", "--count", "3000", "--label-delay", "0", "--seed", "6", "--fraud-rate", "0.05"], env)
+        more = run_eddy(["produce", "--count", "3000", "--label-delay", "0", "--seed", "6", "--fraud-rate", "0.05", "--compressed"], env)
         assert more.returncode == 0, more.stderr
 
         def scored_by_new() -> int:

@@ -184,7 +184,7 @@ def test_poison_on_the_engines_changelog_is_refused_at_restore_and_the_state_reb
         os.kill(status(env)["parts"][part]["pid"], signal.SIGKILL)
         wait_for(lambda: (p := status(env)["parts"][part])["restarts"] == kills and p["state"] == "up", 90,
                  "the engine back")
-        more = run_eddy(["produce", "--count", "1000", "--seed", str(seed), "--label-delay", "0"], env)
+        more = run_eddy(["produce", "--count", "1000", "--seed", str(seed), "--label-delay", "0", "--compressed"], env)
         assert more.returncode == 0, more.stderr
         caught_up(env, spec, 180)
 
@@ -332,7 +332,7 @@ def test_poison_on_every_topic_a_stage_reads_is_refused_and_changes_nothing_else
         huge.produce(topic, b"x" * 10_000_000, on_delivery=lambda err, _msg, t=topic: refusals.append((t, err.code())))
     huge.flush(60)
     assert sorted(refusals) == sorted((t, KafkaError.MSG_SIZE_TOO_LARGE) for t, _ in topics)  # 10 MB: over the broker's bound
-    more = run_eddy(["produce", "--count", "2000", "--seed", "9", "--label-delay", "0"], env)
+    more = run_eddy(["produce", "--count", "2000", "--seed", "9", "--label-delay", "0", "--compressed"], env)
     assert more.returncode == 0, more.stderr
     caught_up(env, spec, 180)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import datetime
+from itertools import pairwise
 
 import orjson
 import pytest
@@ -105,3 +106,37 @@ def test_consume_prints_json_records_and_bad_flags_get_one_line(settings, privat
         assert bad.returncode == code and "Traceback" not in bad.stderr, bad.stderr
         assert bad.stderr.startswith("eddy: error:") and message in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_default_run_is_a_backfill_ending_now_at_the_cards_rhythm(settings, private_pipeline):
+    env, data = private_pipeline
+    before = time.time() * 1000
+    result = run_eddy(["produce", "--count", "3000", "--cards", "1000", "--label-delay", "0"], env)
+    assert result.returncode == 0, result.stderr
+    assert "note:" not in result.stdout  # a realistic run gets no crowding notice
+    events = [orjson.loads(m.value()) for m in read_committed(settings.kafka, data["source"]["topic"], 3000, idle_s=1.0)]
+    assert len(events) == 3000
+    times = sorted(_ms(e["event_time"]) for e in events)
+    # 3,000 events over 1,000 cards at 3 a day: one day of history, ending at the run.
+    assert before - 86_400_000 - 60_000 <= times[0] < before - 20 * 3_600_000
+    assert before - 3_600_000 <= times[-1] <= time.time() * 1000
+    per_card: dict[str, list[int]] = {}
+    for e in events:
+        per_card.setdefault(e["card_id"], []).append(_ms(e["event_time"]))
+    gaps = sorted(b - a for ts in per_card.values() for a, b in pairwise(sorted(ts)))
+    assert gaps[len(gaps) // 2] > 3_600_000  # the median card waits hours between payments, not milliseconds
+
+
+def test_compressed_run_packs_events_and_says_so(settings, private_pipeline):
+    env, data = private_pipeline
+    result = run_eddy(["produce", "--count", "2000", "--cards", "100", "--label-delay", "0", "--compressed"], env)
+    assert result.returncode == 0, result.stderr
+    notice = " ".join(result.stdout.split())
+    assert "100 cards at 1,000 events/s is an event per card every 0.1s" in notice and "--cards 600,000" in notice
+    times = [_ms(orjson.loads(m.value())["event_time"])
+             for m in read_committed(settings.kafka, data["source"]["topic"], 2000, idle_s=1.0)]
+    assert len(times) == 2000 and max(times) - min(times) < 10_000  # about 1 ms apart
+
+    bad = run_eddy(["produce", "--compressed", "--rate", "10"], env)
+    assert bad.returncode == 2 and bad.stderr.startswith("eddy: error: --compressed is its own timing")
+    assert len(bad.stderr.strip().splitlines()) == 1

@@ -79,7 +79,7 @@ def test_shadow_scores_every_event_beside_the_champion_and_serves_only_the_champ
     wait_for(lambda: scorers_at(settings, spec, state["rollout"]["id"], 0), 60, "both scorers in shadow")
     served_before = count_committed(settings.kafka, spec.topics.predictions)
     earlier = {p["event_id"] for p in predictions(settings, spec.topics.predictions, served_before)}
-    produced = run_eddy(["produce", "--count", "4000", "--cards", "800", "--label-delay", "0"], env)
+    produced = run_eddy(["produce", "--count", "4000", "--cards", "800", "--label-delay", "0", "--compressed"], env)
     assert produced.returncode == 0, produced.stderr
     served = predictions(settings, spec.topics.predictions, served_before + 4000)
     shadow = predictions(settings, spec.topics.shadow, 4000)
