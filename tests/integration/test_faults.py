@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from contextlib import contextmanager
 
@@ -298,6 +299,55 @@ def test_a_slow_redis_is_ridden_out_without_a_rebalance_and_the_lag_drains_after
         assert log.count("partitions assigned") == 1 and "partitions revoked" not in log, (part, "rebalanced")
     print(f"slow Redis: the engine's lag peaked at {max(lags)} records; every group at lag 0 {took:.0f} s "
           "after the slowness began (20 s of it)")
+
+
+SLOW_HIDDEN = [2048, 2048]  # ~100 us of model per event here, against ~12 us for the whole default scorer
+
+
+def test_a_slow_model_is_ridden_out_without_a_rebalance_and_the_lag_drains_after(stack):
+    """A model about 10x slower than the whole scorer's usual work per event (the baseline's scores, exactly,
+    through wide hidden layers) is swapped in; then a burst of 20,000 events lands on top of the live stream.
+    The scorer falls thousands of records behind, scoring full batches, but keeps its partitions (no group
+    rebalance, no transaction timeout, no restart) and drains; exactly once."""
+    import torch
+
+    from models.artifacts import save_artifact
+    from models.baseline import baseline_model
+    from models.updates import publish
+
+    env, settings, spec = stack
+    model, normaliser = baseline_model(spec, {"hidden": SLOW_HIDDEN})
+    fast, _ = baseline_model(spec)
+    rows = torch.randn(4096, normaliser.n_inputs)
+    with torch.no_grad():
+        assert torch.equal(model(rows), fast(rows))  # slow, not different: every score is the baseline's
+    directory = settings.artifacts_dir / spec.name / "slow-1"
+    manifest = save_artifact(directory, model, normaliser, {"version": "slow-1", "spec_hash": spec.spec_hash},
+                             settings.signing_key())
+    publish(settings.kafka, spec.topics.model_updates, manifest, directory.as_uri(), settings.signing_key())
+    wait_for(lambda: status(env)["parts"]["scorer-0"].get("model_version") == "slow-1", 60, "the slow model")
+    before = restarts(env)
+    lags: list[int] = []
+
+    def burst() -> None:
+        more = subprocess.Popen([*EDDY, "produce", "--count", "20000", "--seed", "8", "--label-delay", "0",
+                                 "--compressed"], env={**os.environ, **env}, cwd=REPO, stdout=subprocess.DEVNULL)
+        while True:  # the scorer's lag, until the burst is sent and the scorer has caught up with it
+            lags.append(group_lag(env, spec.stage_id("scorer"), spec.topics.features) or 0)
+            if more.poll() is not None and lags[-1] == 0:
+                break
+            time.sleep(0.5)
+        assert more.returncode == 0
+
+    took = during_a_live_stream(env, settings, spec, burst)
+    check_exactly_once(settings.kafka, spec, BACKLOG + LIVE + 20_000)
+    assert restarts(env) == before, "a stage died instead of riding the slow model out"
+    assert status(env)["parts"]["scorer-0"]["model_version"] == "slow-1"
+    assert max(lags) > 4096, f"the scorer never fell a batch behind (peak lag {max(lags)}): the model was not slow"
+    log = (settings.logs_dir / "scorer-0.log").read_text()
+    assert log.count("partitions assigned") == 1 and "partitions revoked" not in log, "the scorer rebalanced"
+    print(f"slow model: the scorer's lag peaked at {max(lags)} records; every group at lag 0 {took:.0f} s "
+          "after the burst began")
 
 
 def test_poison_on_every_topic_a_stage_reads_is_refused_and_changes_nothing_else(stack, tmp_path):
