@@ -14,10 +14,11 @@ from confluent_kafka import KafkaException
 
 from deploy import security
 from deploy.access import ROLES, kafka_acls
-from deploy.processes import ProcessTable, free_port, is_loopback, listen_address, port_holder, port_open
+from deploy.kafka_cluster import Cluster, record_cluster, recorded_cluster
+from deploy.processes import ProcessTable, Record, free_port, is_loopback, listen_address, port_holder, port_open
 from deploy.security import ADMIN, BROKER_PRINCIPAL, SCRAM_MECHANISM, Pki
 from deploy.settings import Settings, child_environment, local_credentials
-from features.errors import ServiceError
+from features.errors import ConfigError, ServiceError
 from features.spec import PipelineSpec
 from streams.kafka import KafkaConfig, admin, wait_for_broker
 
@@ -70,12 +71,18 @@ def _classpath(settings: Settings) -> str:
     return f"{jars}/*"
 
 
-def _server_properties(settings: Settings, host: str, port: int, ports: dict[str, int], data: Path,
-                       pki: Pki | None, bind: tuple[str, int]) -> str:
-    """The broker's config: SASL_SSL with SCRAM for clients and the StandardAuthorizer (no ACL: no access),
-    mTLS between the broker and its controller; or, with pki None (`--insecure`), plaintext and no authorizer.
-    The clients' listener binds `bind` and is advertised as host:port (the same, unless EDDY_KAFKA_LISTEN)."""
-    controller, internal, clients = ports["CONTROLLER"], ports["INTERNAL"], ports["CLIENTS"]
+def _server_properties(settings: Settings, node: int, host: str, port: int, ports: dict[int, dict[str, int]],
+                       data: Path, pki: Pki | None, bind: tuple[str, int]) -> str:
+    """Broker `node`'s config (broker and controller in one process, every node a voter): SASL_SSL with SCRAM
+    for clients and the StandardAuthorizer (no ACL: no access), mTLS between brokers and controllers; or,
+    with pki None (`--insecure`), plaintext and no authorizer. The clients' listener binds `bind` and is
+    advertised as host:port (the same, unless EDDY_KAFKA_LISTEN). With three or more nodes every topic,
+    internal ones included, has three replicas and takes a write once two have it, so a broker can die
+    without losing an acknowledged record."""
+    controller, internal, clients = ports[node]["CONTROLLER"], ports[node]["INTERNAL"], ports[node]["CLIENTS"]
+    replicas = min(len(ports), 3)
+    in_sync = 2 if replicas >= 3 else 1
+    voters = ",".join(f"{n}@127.0.0.1:{p['CONTROLLER']}" for n, p in sorted(ports.items()))
     bound = f"{bind[0]}:{bind[1]}"
     if pki is None:
         security = [
@@ -109,20 +116,23 @@ def _server_properties(settings: Settings, host: str, port: int, ports: dict[str
         ]
     return "\n".join([
         "process.roles=broker,controller",
-        "node.id=1",
-        f"controller.quorum.voters=1@127.0.0.1:{controller}",
+        f"node.id={node}",
+        f"controller.quorum.voters={voters}",
         *security,
         "controller.listener.names=CONTROLLER",
         f"log.dirs={data}",
         f"num.partitions={settings.partitions}",
         "auto.create.topics.enable=false",
-        "offsets.topic.replication.factor=1",
+        f"default.replication.factor={replicas}",
+        f"min.insync.replicas={in_sync}",
+        "unclean.leader.election.enable=false",
+        f"offsets.topic.replication.factor={replicas}",
         "offsets.topic.num.partitions=10",
-        "transaction.state.log.replication.factor=1",
-        "transaction.state.log.min.isr=1",
+        f"transaction.state.log.replication.factor={replicas}",
+        f"transaction.state.log.min.isr={in_sync}",
         "transaction.state.log.num.partitions=10",
-        "share.coordinator.state.topic.replication.factor=1",
-        "share.coordinator.state.topic.min.isr=1",
+        f"share.coordinator.state.topic.replication.factor={replicas}",
+        f"share.coordinator.state.topic.min.isr={in_sync}",
         "group.initial.rebalance.delay.ms=0",
         "group.consumer.min.session.timeout.ms=2000",
         "group.classic.min.session.timeout.ms=2000",
@@ -131,21 +141,21 @@ def _server_properties(settings: Settings, host: str, port: int, ports: dict[str
     ])
 
 
-def _kept_ports(config: Path) -> dict[str, int]:
-    """The controller's, the internal and the clients' listeners' ports, kept across restarts unless
-    something else took one."""
+def _kept_ports(config: Path, taken: set[int], running: bool) -> dict[str, int]:
+    """A node's controller, internal and clients' listeners' ports, kept across restarts (and kept as they
+    are while the node runs) unless something else took one; none of them in `taken`, which grows by them."""
     text = config.read_text() if config.exists() else ""
     ports: dict[str, int] = {}
     for listener in ("CONTROLLER", "INTERNAL", "CLIENTS"):
         match = re.search(rf"{listener}://[^:]+:(\d+)", text)
-        taken = set(ports.values())
-        if match and not port_open("127.0.0.1", int(match.group(1))) and int(match.group(1)) not in taken:
+        if match and int(match.group(1)) not in taken and (running or not port_open("127.0.0.1", int(match.group(1)))):
             ports[listener] = int(match.group(1))
         else:
             port = free_port()
             while port in taken:
                 port = free_port()
             ports[listener] = port
+        taken.add(ports[listener])
     return ports
 
 
@@ -154,9 +164,22 @@ def _secure(config: Path) -> bool | None:
     return "SASL_SSL://" in config.read_text() if config.exists() else None
 
 
-def internal_config(settings: Settings, pki: Pki) -> KafkaConfig:
-    """The broker's own identity on its internal listener (mutual TLS, User:broker, a super user)."""
-    config = settings.home / "kafka" / "server.properties"
+def node_name(node: int) -> str:
+    """The process name of local broker `node` (the first is plain `broker`)."""
+    return NAME if node == 1 else f"{NAME}-{node}"
+
+
+def is_node(name: str) -> bool:
+    return name == NAME or re.fullmatch(rf"{NAME}-\d+", name) is not None
+
+
+def _node_root(home: Path, node: int) -> Path:
+    return home / ("kafka" if node == 1 else f"kafka-{node}")
+
+
+def internal_config(settings: Settings, pki: Pki, node: int = 1) -> KafkaConfig:
+    """A broker's own identity on its internal listener (mutual TLS, User:broker, a super user)."""
+    config = _node_root(settings.home, node) / "server.properties"
     match = re.search(r"INTERNAL://127\.0\.0\.1:(\d+)", config.read_text())
     if match is None:
         raise ServiceError(f"{config} has no internal listener: `eddy down`, then `eddy up` again")
@@ -165,29 +188,67 @@ def internal_config(settings: Settings, pki: Pki) -> KafkaConfig:
         "ssl.certificate.location": str(pki.server_cert), "ssl.key.location": str(pki.server_key)})
 
 
-def ensure_broker(settings: Settings, table: ProcessTable) -> BrokerInfo:
-    """Use the cluster EDDY_KAFKA_BOOTSTRAP names, starting a local broker only on a free loopback port:
-    secure (SASL_SSL, SCRAM, ACLs) unless settings.insecure."""
+def _local_addresses(settings: Settings) -> list[tuple[str, int]] | None:
+    """The client addresses of the brokers this home runs or is to run; None when the bootstrap names a
+    cluster eddy does not run."""
     hosts = settings.kafka.hosts
-    host, port = hosts[0]
-    if len(hosts) > 1 or not is_loopback(host):
+    recorded = recorded_cluster(settings.home)
+    if recorded is not None and settings.kafka.bootstrap == recorded.bootstrap:
+        return hosts
+    return hosts if len(hosts) == 1 and is_loopback(hosts[0][0]) else None
+
+
+def _cluster(settings: Settings, host: str, port: int) -> Cluster:
+    """This home's cluster, first broker at host:port: as recorded, or new (an id, free ports for brokers 2
+    to N). Its size is fixed once its storage is formatted."""
+    recorded = recorded_cluster(settings.home)
+    meta = settings.home / "kafka" / "data" / "meta.properties"
+    have = len(recorded.addresses) if recorded else (1 if meta.exists() else None)
+    wanted = settings.brokers or have or 1
+    if have is not None and have != wanted:
+        raise ServiceError(f"the local Kafka in {settings.home} has {have} broker(s): `eddy up --brokers {have}`, or "
+                           f"`eddy down` and remove {settings.home}/kafka* (its topics go too) to start it with {wanted}")
+    if wanted > 1 and settings.kafka_listen:
+        raise ConfigError("EDDY_KAFKA_LISTEN moves a single local broker: unset it, or run one broker (--brokers 1)")
+    first = f"{host}:{port}"
+    if recorded is not None:
+        return Cluster(recorded.cluster_id, (first, *recorded.addresses[1:]))
+    found = re.search(r"cluster\.id=(\S+)", meta.read_text()) if meta.exists() else None
+    cluster_id = found.group(1) if found else base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    others: list[str] = []
+    while len(others) < wanted - 1:
+        candidate = f"{host}:{free_port()}"
+        if candidate != first and candidate not in others:
+            others.append(candidate)
+    return Cluster(cluster_id, (first, *others))
+
+
+def ensure_broker(settings: Settings, table: ProcessTable) -> BrokerInfo:
+    """Use the cluster EDDY_KAFKA_BOOTSTRAP names, starting the local brokers (one, or `--brokers N`) that do
+    not run, only on free loopback ports: secure (SASL_SSL, SCRAM, ACLs) unless settings.insecure. The info
+    is the first broker's; its address names them all."""
+    addresses = _local_addresses(settings)
+    if addresses is None:
         wait_for_broker(settings.kafka, timeout_s=30)
         return BrokerInfo(False, settings.kafka.bootstrap)
-    root = settings.home / "kafka"
-    config = root / "server.properties"
-    record = table.get(NAME)
-    if record is not None and record.alive():
-        if _secure(config) == settings.insecure:
-            running, wanted = ("secure", "--insecure") if settings.insecure else ("plaintext (--insecure)", "secure")
-            raise ServiceError(f"the local broker runs {running}: `eddy down` first to start it {wanted}")
-        if not settings.insecure and security.local_kafka_properties(settings.home, settings.kafka.bootstrap) is None:
+    host, port = addresses[0]
+    config = settings.home / "kafka" / "server.properties"
+    cluster = _cluster(settings, host, port)
+    nodes = range(1, len(cluster.addresses) + 1)
+    full = settings.model_copy(update={"kafka": KafkaConfig(cluster.bootstrap, settings.kafka.properties)})
+    running = {n for n in nodes if (r := table.get(node_name(n))) is not None and r.alive()}
+    if running and _secure(config) == settings.insecure:
+        running_as, wanted = ("secure", "--insecure") if settings.insecure else ("plaintext (--insecure)", "secure")
+        raise ServiceError(f"the local broker runs {running_as}: `eddy down` first to start it {wanted}")
+    if len(running) == len(nodes):
+        if not settings.insecure and security.local_kafka_properties(settings.home, cluster.bootstrap) is None:
             known = security.ensure_pki(settings.home, [host])  # a start that failed before the roles existed
             wait_for_broker(internal_config(settings, known), timeout_s=START_DEADLINE_S)
-            _create_principals(settings, internal_config(settings, known), known)
-        wait_for_broker(local_credentials(settings).kafka, timeout_s=START_DEADLINE_S)
-        return BrokerInfo(True, settings.kafka.bootstrap, pid=record.pid)
+            _create_principals(full, internal_config(settings, known), known)
+        wait_for_broker(local_credentials(full).kafka, timeout_s=START_DEADLINE_S)
+        return BrokerInfo(True, cluster.bootstrap, pid=table.get(NAME).pid)  # type: ignore[union-attr]
     bind = listen_address("EDDY_KAFKA_LISTEN", settings.kafka_listen, host, port, "127.0.0.1:19092")
-    if port_open(*bind):
+    if not running and port_open(*bind):
         try:
             wait_for_broker(settings.kafka, timeout_s=5)
         except ServiceError:
@@ -198,21 +259,45 @@ def ensure_broker(settings: Settings, table: ProcessTable) -> BrokerInfo:
             ) from None
         return BrokerInfo(False, settings.kafka.bootstrap)
 
-    java = _java()
-    classpath = _classpath(settings)
-    data = root / "data"
-    root.mkdir(parents=True, exist_ok=True)
     pki = None if settings.insecure else security.ensure_pki(settings.home, [host])
     if pki is None:
         security.forget_clients(settings.home, "kafka")
-    config.write_text(_server_properties(settings, host, port, _kept_ports(config), data, pki, bind))
-    log4j = root / "log4j2.properties"
-    log4j.write_text(LOG4J2)
-    jvm = [*JVM_OPTS, f"-Dlog4j2.configurationFile={log4j}"]
-    env = child_environment(settings)
+    record_cluster(settings.home, cluster)
+    taken = {int(a.rpartition(":")[2]) for a in cluster.addresses}
+    ports = {n: _kept_ports(_node_root(settings.home, n) / "server.properties", taken, n in running) for n in nodes}
+    binds = {n: bind if n == 1 else (host, int(cluster.addresses[n - 1].rpartition(":")[2])) for n in nodes}
+    started = [(n, _start_node(full, table, n, ports, binds[n], pki, cluster.cluster_id)) for n in nodes if n not in running]
+    took = 0.0
+    for n, record in started:
+        # Until the roles' credentials exist, only the broker's own certificate gets in.
+        probe = settings.kafka if pki is None else internal_config(settings, pki, n)
 
+        def healthy(probe: KafkaConfig = probe, bound: tuple[str, int] = binds[n]) -> bool:
+            if not port_open(*bound):
+                return False
+            try:  # up once every broker of the cluster is registered (a lone node of three has no quorum)
+                return wait_for_broker(probe, timeout_s=5) >= len(nodes)
+            except ServiceError:
+                return False
+
+        took = max(took, table.wait_healthy(record, healthy, START_DEADLINE_S, f"Kafka broker {n}"))
+    if pki is not None:
+        _create_principals(full, internal_config(settings, pki), pki)
+    return BrokerInfo(True, cluster.bootstrap, took, table.get(NAME).pid)  # type: ignore[union-attr]
+
+
+def _start_node(settings: Settings, table: ProcessTable, node: int, ports: dict[int, dict[str, int]],
+                bind: tuple[str, int], pki: Pki | None, cluster_id: str) -> Record:
+    """Write broker `node`'s config, format its storage the first time, and start it (not waiting)."""
+    root = _node_root(settings.home, node)
+    host, port = settings.kafka.hosts[node - 1]
+    config, data, log4j = root / "server.properties", root / "data", root / "log4j2.properties"
+    root.mkdir(parents=True, exist_ok=True)
+    config.write_text(_server_properties(settings, node, host, port, ports, data, pki, bind))
+    log4j.write_text(LOG4J2)
+    java, jvm, env = _java(), [*JVM_OPTS, f"-Dlog4j2.configurationFile={log4j}"], child_environment(settings)
+    classpath = _classpath(settings)
     if not (data / "meta.properties").exists():
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         fmt = subprocess.run(
             [java, *jvm, "-cp", classpath, "kafka.tools.StorageTool", "format",
              f"--cluster-id={cluster_id}", f"--config={config}", "--ignore-formatted"],  # an id may start with '-'
@@ -220,27 +305,10 @@ def ensure_broker(settings: Settings, table: ProcessTable) -> BrokerInfo:
         )
         if fmt.returncode != 0:
             table.logs_dir.mkdir(parents=True, exist_ok=True)
-            table.log_path(NAME).write_text(fmt.stdout + fmt.stderr)
-            raise ServiceError(f"formatting Kafka storage failed (log: {table.log_path(NAME)})")
-
-    record = table.start(NAME, [java, *jvm, "-cp", classpath, "kafka.Kafka", str(config)], env,
-                         address=settings.kafka.bootstrap)
-    # Until the roles' credentials exist, only the broker's own certificate gets in.
-    probe = settings.kafka if pki is None else internal_config(settings, pki)
-
-    def healthy() -> bool:
-        if not port_open(*bind):
-            return False
-        try:
-            wait_for_broker(probe, timeout_s=5)
-            return True
-        except ServiceError:
-            return False
-
-    took = table.wait_healthy(record, healthy, START_DEADLINE_S, "the Kafka broker")
-    if pki is not None:
-        _create_principals(settings, probe, pki)
-    return BrokerInfo(True, settings.kafka.bootstrap, took, record.pid)
+            table.log_path(node_name(node)).write_text(fmt.stdout + fmt.stderr)
+            raise ServiceError(f"formatting Kafka storage failed (log: {table.log_path(node_name(node))})")
+    return table.start(node_name(node), [java, *jvm, "-cp", classpath, "kafka.Kafka", str(config)], env,
+                       address=f"{host}:{port}")
 
 
 def _create_principals(settings: Settings, internal: KafkaConfig, pki: Pki) -> None:

@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, EnvSettingsSource, InitSettingsSource, NoDecode, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
+from deploy.kafka_cluster import cluster_bootstrap
 from deploy.security import local_kafka_properties, local_redis_url
 from features.errors import ConfigError, SpecError
 from features.spec import PipelineSpec, load_spec, parse_duration
@@ -92,6 +93,9 @@ class Settings(BaseSettings):
     # The local broker and Redis without TLS, SCRAM, ACL users or passwords (`eddy up --insecure`): for
     # benchmarks only. By default they run secure, and this home's processes sign in as their roles.
     insecure: bool = Field(False, description="on or off")
+    # The local Kafka's broker count (`eddy up --brokers 3`: replication factor 3, min.insync.replicas 2);
+    # unset: what this home's cluster was formatted with, or 1. Read only where the local broker starts.
+    brokers: int | None = Field(None, ge=1, le=5, description="a number of local brokers from 1 to 5")
     # The bootstrap text, with kafka_config's properties. Defaults are validated too (BaseSettings'
     # validate_default), so _kafka makes this text a KafkaConfig; Field's type says str.
     kafka: Annotated[KafkaConfig, NoDecode] = Field(  # type: ignore[assignment]
@@ -197,6 +201,8 @@ class Settings(BaseSettings):
         config = info.data.get("kafka_config")
         properties = _properties(config, "EDDY_KAFKA_CONFIG", "a properties file") if config else {}
         check_client_security(properties, info.data.get("kafka_unverified_tls", False), f"EDDY_KAFKA_CONFIG ({config})")
+        if "home" in info.data:  # the first broker of this home's local cluster names all of them
+            value = cluster_bootstrap(info.data["home"], str(value))
         if not config and "home" in info.data:  # this home's secure local broker: the CLI signs in as admin
             properties = local_kafka_properties(info.data["home"], str(value)) or {}
         # EDDY_KAFKA_BOOTSTRAP names the brokers, whatever a client file says
@@ -343,8 +349,11 @@ def local_credentials(settings: Settings) -> Settings:
     """`settings` signed in as admin to this home's secure local broker and Redis, once they run (settings
     loaded before `eddy up` made the credentials have none); unchanged for other clusters."""
     changes: dict[str, Any] = {}
-    if settings.kafka_config is None and (props := local_kafka_properties(settings.home, settings.kafka.bootstrap)):
-        changes["kafka"] = KafkaConfig(settings.kafka.bootstrap, props)
+    bootstrap = cluster_bootstrap(settings.home, settings.kafka.bootstrap)  # a cluster `eddy up` just formatted
+    if settings.kafka_config is None and (props := local_kafka_properties(settings.home, bootstrap)):
+        changes["kafka"] = KafkaConfig(bootstrap, props)
+    elif bootstrap != settings.kafka.bootstrap:
+        changes["kafka"] = KafkaConfig(bootstrap, settings.kafka.properties)
     if (url := local_redis_url(settings.home, settings.redis_url)) is not None:
         changes["redis_url"] = url
     return settings.model_copy(update=changes) if changes else settings

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -13,7 +14,7 @@ from typing import Any, cast
 import psutil
 
 from deploy import broker, components, redis_local
-from deploy.processes import ProcessTable
+from deploy.processes import ProcessTable, port_open
 from deploy.settings import Settings, child_environment, local_credentials, redact_url, stored_key
 from features.errors import ConfigError, EddyError, ServiceError
 from features.spec import PipelineSpec, load_spec
@@ -201,7 +202,12 @@ def down(settings: Settings, timeout_s: float = 20.0) -> list[str]:
     records = table.all()
     rank = {name: i for i, name in enumerate(START_ORDER)}
     records.sort(key=lambda r: rank.get(r.name, len(rank)), reverse=True)
-    return stopped + [r.name for r in records if table.stop(r.name, timeout_s)]
+    stopped += [r.name for r in records if not broker.is_node(r.name) and table.stop(r.name, timeout_s)]
+    # The brokers last and together: one stopped after the others would wait for a quorum that is gone.
+    nodes = [r.name for r in records if broker.is_node(r.name)]
+    with ThreadPoolExecutor(max(1, len(nodes))) as pool:
+        return stopped + [name for name, done in zip(nodes, pool.map(lambda n: table.stop(n, timeout_s), nodes),
+                                                     strict=True) if done]
 
 
 def _pipeline_name(settings: Settings) -> str:
@@ -260,7 +266,11 @@ def status(settings: Settings) -> dict[str, Any]:
     full = "memory bound" in report["parts"]["redis"].get("note", "")
     client = redis.Redis.from_url(settings.redis_url)
     for name, record in started.items():
-        if name not in report["parts"]:
+        if broker.is_node(name) and name != broker.NAME:  # the cluster's other brokers: alive and listening
+            address = record.address.rpartition(":")
+            listening = record.alive() and port_open(address[0], int(address[2]))
+            report["parts"][name] = _part(record, listening, record.address)
+        elif name not in report["parts"]:
             beats = read_metrics(client, _pipeline_name(settings), _metric(name)) if redis_up else []
             extra = _sum_beats(beats)
             if name == FUSED and redis_up:  # it scores too: the model it serves, as a scorer's part shows it

@@ -249,8 +249,9 @@ def stack_supervisor(settings: Settings, table: ProcessTable) -> Supervisor:
     env = child_environment(settings)
     wanted = [c.name for c in components.wanted(settings)]
     starters: dict[str, Callable[[], Any]] = {}
-    if table.get(broker.NAME) is not None:
-        starters[broker.NAME] = lambda: broker.ensure_broker(settings, table)
+    for record in table.all():  # each local broker comes back through the start of all that are down
+        if broker.is_node(record.name):
+            starters[record.name] = lambda: broker.ensure_broker(settings, table)
     if table.get(redis_local.NAME) is not None:
         starters[redis_local.NAME] = lambda: redis_local.ensure_redis(settings, table)
 

@@ -20,7 +20,7 @@ from streams.dlq import dead_letter
 from streams.engines.config import STAGE, EngineConfig
 from streams.featurize import Featurizer, arrival_ms
 from streams.frontdoor import FrontDoor
-from streams.kafka import KafkaConfig
+from streams.kafka import KafkaConfig, wait_for_broker
 from streams.metrics import Heartbeat
 from streams.stores import redis_client
 from streams.telemetry import StageMetrics, refusal_reason
@@ -180,6 +180,8 @@ def build_app(config: EngineConfig, metrics: StageMetrics | None = None):
         store="memory://",
         processing_guarantee="exactly_once",
         topic_partitions=config.partitions,
+        # its changelog on as many replicas as eddy's own topics get (three on a cluster of three or more)
+        topic_replication_factor=min(3, wait_for_broker(config.kafka, timeout_s=60)),
         broker_commit_interval=config.commit_interval_s,
         # A killed worker's partitions go to its successor once the group gives up on it: after 10 s,
         # not Faust's default 60 (the consumer heartbeats from its own thread, so a long batch is no risk)

@@ -18,7 +18,7 @@ def eddy(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize(("args", "says"), [
-    (["up", "--bogus"], "No such option: --bogus (see `eddy up --help`)"),
+    (["up", "--zzz"], "No such option: --zzz (see `eddy up --help`)"),
     (["bench", "--loads", "x"], "give events/s as integers, e.g. 1000,5000"),
     (["up", "--engine", "foo"], "--engine: 'foo' is not one of faust, flink, native"),
     (["frob"], "No such command 'frob'"),
