@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test unit demo bench lint lock clean dashboards k8s-check image k8s-play
+.PHONY: setup test unit demo bench bench-peers peers lint lock clean dashboards k8s-check image k8s-play
 
 setup:
 	@bash deploy/setup.sh
@@ -22,6 +22,14 @@ demo: setup
 
 bench: setup
 	@$(VENV)/bin/eddy bench
+
+# The native feature engine against Quix Streams and Bytewax on one backlog (docs/benchmark.md, "Peers").
+bench-peers: setup
+	@$(VENV)/bin/eddy bench --peers --out bench-peers.json
+
+# Only the peers' virtualenv, .venv-peers (make setup makes it too).
+peers:
+	@bash deploy/setup.sh peers
 
 lint: setup
 	@$(VENV)/bin/ruff check streams features models lakehouse deploy tests

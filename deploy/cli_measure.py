@@ -27,6 +27,9 @@ def bench(
     stages: StagesOpt = None,
     compare: Annotated[bool, typer.Option("--compare", help="the native engine three ways, one stack each: split, "
                                                             "fused, fused at least once; a column each")] = False,
+    peers: Annotated[bool, typer.Option("--peers", help="the native feature engine against Quix Streams and Bytewax "
+                                                        "running eddy's feature step, on one backlog of --events")] = False,
+    sample: Annotated[int, typer.Option("--sample", help="with --peers: rows compared to eddy's per peer (0: all)")] = 2000,
     insecure: InsecureOpt = False,
     pipeline: PipelineOpt = None,
 ) -> None:
@@ -42,7 +45,9 @@ def bench(
     def progress(line: str) -> None:
         err.print(f"[bench] {line}", markup=False, highlight=False)
 
-    if compare:
+    if peers:
+        result = bench_peers(settings, events, sample, progress)
+    elif compare:
         result = run_compare(settings, events=events, loads=rates, load_seconds=load_seconds, on_progress=progress)
         print_compare(result)
     else:
@@ -52,6 +57,39 @@ def bench(
     if out_file:
         Path(out_file).write_text(json.dumps(result, indent=2))
         out.print(f"wrote {out_file}")
+
+
+def bench_peers(settings, events: int, sample: int, progress) -> dict:
+    """`eddy bench --peers`: run_peers and its table; a line naming the fix, and exit 1, when the peers'
+    packages are not installed."""
+    from deploy.bench_peers import peers_missing, run_peers
+
+    missing = peers_missing()
+    if missing:
+        err.print(f"eddy bench --peers: {missing}", markup=False, highlight=False)
+        raise typer.Exit(1)
+    result = run_peers(settings, events=events, sample=sample, on_progress=progress)
+    print_peers(result)
+    return result
+
+
+def print_peers(result: dict) -> None:
+    """run_peers' result: a row per engine."""
+    table = Table(title=f"eddy bench --peers ({result['events']:,} events, {result['partitions']} partitions, "
+                        f"{result['machine']['cpus']} CPUs)")
+    for column in ("engine", "mode", "commit s", "events/s", "CPU s", "1st row s", "equal"):
+        table.add_column(column, justify="left" if column in ("engine", "mode") else "right")
+    for name, run in result["engines"].items():
+        same = run.get("rows_equal")
+        every = run["commit_interval_s"] if run.get("snapshot_s") is None else run["snapshot_s"]
+        table.add_row(name, {"exactly_once": "EOS", "at_least_once": "ALO"}.get(run["guarantee"], run["guarantee"]),
+                      f"{every:g}", f"{run.get('events_per_s', 0):,.0f}", f"{run.get('cpu_s_per_100k', '-')}",
+                      f"{run.get('first_row_after_first_event_s', '-')}",
+                      "reference" if same is None else f"{same['equal']:,}/{same['sampled']:,}")
+    out.print(table)
+    out.print("events/s: first event to last row visible to read_committed; CPU s: the engine's process per 100k "
+              "events; mode: EOS exactly once, ALO at least once; 1st row s: its first row's wait for a commit; equal: sampled rows equal to eddy's; "
+              "commit s: Bytewax's snapshot interval")
 
 
 def print_bench(result: dict) -> None:

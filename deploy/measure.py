@@ -56,11 +56,11 @@ def fill_backlog(kafka: KafkaConfig, topic: str, count: int, seed: int, start_ms
 def timestamps(kafka: KafkaConfig, topic: str, want: set[str] | None, count: int, timeout_s: float,
                 received: dict[str, float] | None = None,
                 done: Callable[[dict[str, int]], bool] = lambda found: False,
-                consumer: Consumer | None = None) -> dict[str, int]:
+                consumer: Consumer | None = None, values: dict[str, bytes] | None = None) -> dict[str, int]:
     """event_id -> Kafka timestamp (ms) of the records of `topic`, until `count` are seen or done(found)
     (what was seen when `timeout_s` pass); when given, `received` gets the wall-clock ms at which each
     record reached this read_committed reader (`consumer`: one placed already, else a reader from the
-    topic's beginning)."""
+    topic's beginning), and `values` each record's value."""
     reading = consumer or reader(kafka, [topic])
     out: dict[str, int] = {}
 
@@ -77,6 +77,8 @@ def timestamps(kafka: KafkaConfig, topic: str, want: set[str] | None, count: int
                     out[event_id] = m.timestamp()[1]
                     if received is not None:
                         received[event_id] = time.time() * 1000
+                    if values is not None:
+                        values[event_id] = value
         return False
 
     try:

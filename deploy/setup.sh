@@ -9,6 +9,21 @@ step() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 fail() { printf 'setup: %s\n' "$*" >&2; exit 1; }
 hash_of() { cat "$@" | sha256sum | cut -c1-16; }
 
+# The peer engines of `eddy bench --peers` (Quix Streams, Bytewax) in a virtualenv of their own: quixstreams
+# needs older confluent-kafka, pydantic and pydantic-settings than .venv pins. ~25 s the first time.
+peers_venv() {
+  [ -x .venv-peers/bin/python ] || { step "creating .venv-peers"; "$PY" -m venv .venv-peers; }
+  local want; want=$(hash_of deploy/peers-requirements.txt)
+  if [ "$(cat .venv-peers/.eddy-installed 2>/dev/null)" != "$want" ]; then
+    step "installing the peer engines into .venv-peers (deploy/peers-requirements.txt)"
+    .venv-peers/bin/python -m pip install -q -r deploy/peers-requirements.txt
+    echo "$want" > .venv-peers/.eddy-installed
+  else
+    step "peer engines up to date"
+  fi
+}
+if [ "${1:-}" = peers ]; then peers_venv; exit 0; fi
+
 # 1. Python packages into .venv
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || fail "Python >= 3.11 is needed (found $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11"
 [ -x .venv/bin/python ] || { step "creating .venv"; "$PY" -m venv .venv; }
@@ -21,6 +36,8 @@ if [ "$(cat .venv/.eddy-installed 2>/dev/null)" != "$want" ]; then
 else
   step "Python packages up to date"
 fi
+
+peers_venv
 
 # 2. JVM jars (Kafka broker, Flink Kafka connector, Spark Kafka + Delta) from Maven Central
 command -v java >/dev/null || fail "Java 17+ is needed: apt-get install openjdk-17-jre-headless"
