@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from features.spec import GUARANTEES
 from streams import stores
 from streams.kafka import KafkaConfig
-from streams.loop import Step, TransactionalLoop, next_offsets
+from streams.loop import Step, TransactionalLoop, conflicting, next_offsets
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class AtLeastOnceLoop(TransactionalLoop):
                 checkpoint_s = time.perf_counter() - processed
         except KafkaException as exc:
             error = exc.args[0]
-            if error.fatal() or not (error.txn_requires_abort() or error.retriable()):
+            if error.fatal() or conflicting(error) or not (error.txn_requires_abort() or error.retriable()):
                 raise
             self._redo_since_checkpoint(step, f"Kafka: {error.str()}")
             return

@@ -306,7 +306,7 @@ class TransactionalLoop:
             self._committed_at = time.perf_counter()
         except KafkaException as exc:
             error = exc.args[0]
-            if error.fatal() or not (error.txn_requires_abort() or error.retriable()):
+            if error.fatal() or conflicting(error) or not (error.txn_requires_abort() or error.retriable()):
                 raise
             self._redo(step, batch, f"Kafka: {error.str()}")
             return
@@ -345,16 +345,22 @@ class TransactionalLoop:
         return self._began_at + self.min_interval_s
 
     def _finish(self, call: Callable[[], None]) -> None:
-        """A step of the transaction's end, retried while the error is retriable and the transaction
-        need not be aborted (a timeout, a coordinator moving), at most about a minute."""
-        for attempt in range(12):
+        """A step of the transaction's end, made again while the error is retriable and the transaction
+        need not be aborted (a timeout, a coordinator moving), for as long as that lasts.
+
+        It is never given up half way: librdkafka keeps a call that timed out pending and refuses every
+        other transaction call ("Conflicting commit_transaction API call is already in progress") until
+        the same call is made again to its end. Giving up after a minute and aborting was seen to leave
+        a scorer refused on every call after a network partition healed. A transaction the coordinator
+        timed out meanwhile comes back as one to abort, which ends the retries."""
+        while True:
             try:
                 with self._watchdog:
                     call()
                 return
             except KafkaException as exc:
                 error = exc.args[0]
-                if error.fatal() or error.txn_requires_abort() or not error.retriable() or attempt == 11:
+                if error.fatal() or error.txn_requires_abort() or not error.retriable() or conflicting(error):
                     raise
                 self._faults.waiting(f"Kafka: {error.str()}")
 
@@ -374,7 +380,7 @@ class TransactionalLoop:
             with self._watchdog:
                 self.producer.abort_transaction(30)
         except KafkaException as exc:  # nothing was begun, the commit went through, or the broker is away
-            if exc.args[0].fatal():
+            if exc.args[0].fatal() or conflicting(exc.args[0]):
                 raise
             log.debug("abort: %s", exc.args[0])
         touched = sorted({(m.topic(), m.partition()) for m in batch})
@@ -423,15 +429,16 @@ class TransactionalLoop:
         if not ahead:
             return
         try:
-            # Under the watchdog like every batch: after a broker restart, librdkafka's
-            # send_offsets_to_transaction was seen to never return despite its 30 s timeout.
-            with self._watchdog:
-                self.producer.begin_transaction()
-                self.producer.send_offsets_to_transaction(ahead, self.consumer.consumer_group_metadata(), 30)
-                self.producer.commit_transaction(30)
+            # Each call under the watchdog like every batch's (after a broker restart, librdkafka's
+            # send_offsets_to_transaction was seen to never return despite its 30 s timeout), and made
+            # again to its end when it times out, as a batch's are.
+            self.producer.begin_transaction()
+            self._finish(lambda: self.producer.send_offsets_to_transaction(
+                ahead, self.consumer.consumer_group_metadata(), 30))
+            self._finish(lambda: self.producer.commit_transaction(30))
         except KafkaException as exc:
             error = exc.args[0]
-            if error.fatal() or not (error.txn_requires_abort() or error.retriable()):
+            if error.fatal() or conflicting(error) or not (error.txn_requires_abort() or error.retriable()):
                 raise
             with self._watchdog, contextlib.suppress(KafkaException):  # tried again when next idle
                 self.producer.abort_transaction(30)
@@ -454,6 +461,13 @@ class TransactionalLoop:
             self.consumer.close()
         finally:
             self.producer.flush(10)
+
+
+def conflicting(error: KafkaError) -> bool:
+    """librdkafka refuses a transaction call while another one is pending (a timed-out call not yet made
+    again to its end). The loops never leave one so (_finish); should one be, nothing but that same call
+    clears it, so the process ends and supervision starts it again, its new producer fencing the old."""
+    return error.code() == KafkaError._CONFLICT
 
 
 def next_offsets(batch: list) -> list[TopicPartition]:

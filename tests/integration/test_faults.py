@@ -250,7 +250,6 @@ def test_the_scorers_scaled_1_3_1_under_load_lose_and_double_nothing(stack):
 # An open defect: in 1 of the last 5 runs the scorer hung after the partition healed, its commit_transaction
 # and then its retries refused with "Conflicting commit_transaction API call is already in progress", with
 # no watchdog exit, so the scorers' lag never drained. Kept running, reported as XFAIL/XPASS, until fixed.
-@pytest.mark.xfail(reason="open defect: a scorer can hang on a commit in flight when a partition heals", strict=False)
 def test_a_partition_from_the_broker_longer_than_the_request_timeouts_is_waited_out(behind_a_proxy):
     """Every client's link to the broker goes silent for 45 s (requests time out after 30 s), then heals."""
     env, settings, spec, proxy = behind_a_proxy

@@ -1,0 +1,51 @@
+"""How the transactional loop ends a transaction under faults (streams.loop.TransactionalLoop._finish): a call
+that timed out is made again until it ends, however long the fault lasts, since librdkafka refuses every other
+transaction call while it is pending; an abortable, fatal or conflicting error goes up at once."""
+
+import logging
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from streams.guards import Backoff, Watchdog
+from streams.loop import TransactionalLoop
+
+
+def loop() -> TransactionalLoop:
+    """The loop's fault handling alone (no consumer or producer: _finish uses neither)."""
+    bare = object.__new__(TransactionalLoop)
+    bare._watchdog = Watchdog(90.0)
+    bare._faults = Backoff(logging.getLogger("test"), first_s=0.0, most_s=0.0)
+    return bare
+
+
+def failing(errors: list[KafkaError]):
+    """A call that raises each of `errors` in turn, then returns; it counts its calls."""
+    calls: list[int] = []
+
+    def call() -> None:
+        calls.append(1)
+        if len(calls) <= len(errors):
+            raise KafkaException(errors[len(calls) - 1])
+
+    return call, calls
+
+
+def test_a_commit_that_keeps_timing_out_is_made_again_until_it_ends():
+    timeout = KafkaError(KafkaError._TIMED_OUT, "commit_transaction timed out", retriable=True)
+    call, calls = failing([timeout] * 40)  # far past the minute the loop once gave up after (12 tries)
+    loop()._finish(call)
+    assert len(calls) == 41
+
+
+@pytest.mark.parametrize("error", [
+    KafkaError(KafkaError._CONFLICT, "Conflicting commit_transaction API call is already in progress", retriable=True),
+    KafkaError(KafkaError._STATE, "abortable", txn_requires_abort=True),
+    KafkaError(KafkaError._FENCED, "fenced", fatal=True),
+])
+def test_an_abortable_fatal_or_conflicting_error_goes_up_at_once(error):
+    timeout = KafkaError(KafkaError._TIMED_OUT, "timed out", retriable=True)
+    call, calls = failing([timeout, error])
+    with pytest.raises(KafkaException) as raised:
+        loop()._finish(call)
+    assert raised.value.args[0].code() == error.code() and len(calls) == 2
