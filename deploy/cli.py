@@ -26,6 +26,8 @@ def up(
     engine: Annotated[str | None, typer.Option("--engine", help="feature engine: native (the default), faust or flink")] = None,
     partitions: Annotated[int | None, typer.Option("--partitions", help="partitions per topic (default 3)")] = None,
     scorers: Annotated[int | None, typer.Option("--scorers", help="scorer replicas in one consumer group (default 1)")] = None,
+    engine_workers: Annotated[int | None, typer.Option("--engine-workers", help="native feature-stage workers in one consumer "
+                                                                                "group, each with its share of the partitions (default 1)")] = None,
     brokers: Annotated[int | None, typer.Option("--brokers", help="local Kafka brokers; 3 or more: every topic on 3 replicas, "
                                                                   "min.insync.replicas 2 (default: as the home's cluster was made, else 1)")] = None,
     stages: StagesOpt = None,
@@ -38,8 +40,8 @@ def up(
     """Start the stack (broker, Redis, topics, feature engine, writer, scorers, lakehouse ingestion); waits until healthy."""
     from deploy import stack
 
-    settings = settings_from("up", engine=engine, partitions=partitions, scorers=scorers, brokers=brokers, stages=stages, home=home,
-                             pipeline=pipeline,
+    settings = settings_from("up", engine=engine, partitions=partitions, scorers=scorers, engine_workers=engine_workers,
+                             brokers=brokers, stages=stages, home=home, pipeline=pipeline,
                              ingest=None if ingest is None else ("on" if ingest else "off"),
                              monitoring=None if monitoring is None else ("on" if monitoring else "off"),
                              insecure="on" if insecure else None)

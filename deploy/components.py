@@ -34,6 +34,7 @@ class Component:
     ingest: bool = False                             # lakehouse ingestion: only when settings.ingest
     retrain: bool = False                            # continuous retraining: only when a policy is set
     replica: int | None = None                       # scorer replicas: started while replica < settings.scorers
+    worker: int | None = None                        # native feature-stage workers: while worker < settings.engine_workers
     signs: bool = False                              # publishes models: the only ones given the private key
     role: str = "admin"                              # its Kafka principal and Redis user (deploy.access)
     fused: bool | None = None                        # only when the online path is fused (True) or split (False)
@@ -153,23 +154,43 @@ def _rollouts(settings: Settings, spec: PipelineSpec) -> None:
     run_judge_component(settings, spec)
 
 
-def _native(settings: Settings, spec: PipelineSpec) -> None:
-    from streams.engines.native_engine import run_native
+def _native(worker: int) -> Callable[[Settings, PipelineSpec], None]:
+    def run(settings: Settings, spec: PipelineSpec) -> None:
+        from streams.engines.native_engine import run_native
 
-    run_native(engine_config(settings, spec, batch_size=5000, batch_wait_s=0.1,
-                             commit_interval_s=NATIVE_COMMIT_INTERVAL_S),
-               metrics=serve_metrics(settings, spec, "features", "features-native"))
+        run_native(engine_config(settings, spec, batch_size=5000, batch_wait_s=0.1,
+                                 commit_interval_s=NATIVE_COMMIT_INTERVAL_S), worker=worker,
+                   metrics=serve_metrics(settings, spec, "features", worker_name("features-native", worker)))
+
+    return run
 
 
-def _fused(settings: Settings, spec: PipelineSpec) -> None:
-    from models.fused import run_fused
-    from models.scorer import ScorerConfig
+def _fused(worker: int) -> Callable[[Settings, PipelineSpec], None]:
+    def run(settings: Settings, spec: PipelineSpec) -> None:
+        from models.fused import run_fused
+        from models.scorer import ScorerConfig
 
-    run_fused(engine_config(settings, spec, batch_size=5000, batch_wait_s=0.1,
-                            commit_interval_s=NATIVE_COMMIT_INTERVAL_S),
-              ScorerConfig(settings.kafka, spec, settings.redis_url, settings.device, settings.trusted_keys(),
-                           drift_window=settings.drift_window),
-              feast_dir(settings), metrics=serve_metrics(settings, spec, "features", "features-fused"))
+        run_fused(engine_config(settings, spec, batch_size=5000, batch_wait_s=0.1,
+                                commit_interval_s=NATIVE_COMMIT_INTERVAL_S),
+                  ScorerConfig(settings.kafka, spec, settings.redis_url, settings.device, settings.trusted_keys(),
+                               replica=worker, drift_window=settings.drift_window),
+                  feast_dir(settings), metrics=serve_metrics(settings, spec, "features", worker_name("features-fused", worker)))
+
+    return run
+
+
+def worker_name(stage: str, worker: int) -> str:
+    """Feature-stage worker `worker`'s part name: the stage's own for the first, then stage-1, stage-2, ..."""
+    return stage if worker == 0 else f"{stage}-{worker}"
+
+
+def scorer_name(replica: int) -> str:
+    return f"scorer-{replica}"
+
+
+def stage_name(settings: Settings) -> str:
+    """The part that computes features in this stack (the one `--engine-workers N` scales)."""
+    return "features-fused" if settings.fused else f"features-{settings.engine}"
 
 
 def _flink(settings: Settings, spec: PipelineSpec) -> None:
@@ -221,10 +242,12 @@ COMPONENTS: dict[str, Component] = {
     c.name: c for c in (
         Component("features-faust", _faust, engine="faust", role="features"),
         Component("features-flink", _flink, engine="flink", role="features"),
-        Component("features-native", _native, engine="native", role="features", fused=False),
-        Component("features-fused", _fused, engine="native", role="fused", fused=True),
+        *(Component(worker_name("features-native", i), _native(i), engine="native", role="features", fused=False,
+                    worker=i) for i in range(16)),
+        *(Component(worker_name("features-fused", i), _fused(i), engine="native", role="fused", fused=True, worker=i)
+          for i in range(16)),
         Component("online-writer", _online_writer, role="online-writer", fused=False),
-        *(Component(f"scorer-{i}", _scorer(i), replica=i, role="scorer", fused=False) for i in range(16)),
+        *(Component(scorer_name(i), _scorer(i), replica=i, role="scorer", fused=False) for i in range(16)),
         Component("lakehouse", _lakehouse, ingest=True, role="lakehouse"),
         Component("retrainer", _retrainer, retrain=True, signs=True, role="publisher"),
         Component("rollouts", _rollouts, ingest=True, signs=True, role="publisher"),
@@ -236,6 +259,7 @@ def wanted(settings: Settings) -> list[Component]:
     """The components this stack runs, in start order."""
     return [c for c in COMPONENTS.values()
             if c.engine in (None, settings.engine) and (c.replica is None or c.replica < settings.scorers)
+            and (c.worker is None or c.worker < settings.engine_workers)
             and c.fused in (None, settings.fused)
             and (not c.ingest or settings.ingest)
             and (not c.retrain or (settings.ingest and retraining(settings)))]

@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     guarantee: Annotated[Guarantee, _LOWER] = Field("", description="exactly_once or at_least_once")
     partitions: PositiveInt = Field(3, description="a positive integer")
     scorers: int = Field(1, ge=1, le=16, description="a number of scorer replicas from 1 to 16")
+    # Native feature-stage workers (the engine, or the fused stage) in one consumer group, each a process
+    # with its share of the source's partitions, as they would run on separate hosts.
+    engine_workers: int = Field(1, ge=1, le=16, description="a number of feature-stage workers from 1 to 16")
     jars_dir: Path = Field(REPO_ROOT / ".jars", validation_alias="EDDY_JARS")
     # The Ed25519 key that signs models (64 hex characters); empty: one generated once into home/model.key.
     # Read only by what signs (signing_key()); scorers get trusted_keys(), public halves only.
@@ -376,6 +379,7 @@ def child_environment(settings: Settings, extra: Mapping[str, str] | None = None
         EDDY_GUARANTEE=settings.guarantee,
         EDDY_PARTITIONS=str(settings.partitions),
         EDDY_SCORERS=str(settings.scorers),
+        EDDY_ENGINE_WORKERS=str(settings.engine_workers),
         EDDY_INGEST="on" if settings.ingest else "off",
         EDDY_INSECURE="on" if settings.insecure else "off",
         EDDY_REDIS_TLS="on" if settings.redis_tls else "off",

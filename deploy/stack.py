@@ -68,6 +68,9 @@ def up(settings: Settings, spec: PipelineSpec | None = None, with_components: bo
     """Start what is missing, wait for health, create the spec's topics, start the components
     (feature engine, writers; skipped with with_components=False). Safe to run again."""
     spec = spec or settings.pipeline_spec()
+    if settings.engine_workers > 1 and settings.engine != "native":
+        raise ConfigError(f"--engine-workers {settings.engine_workers}: workers are the native engine's (--engine native); "
+                          f"the {settings.engine} engine spreads its work itself")
     if settings.fused and settings.scorers > 1:
         raise ConfigError(f"--scorers {settings.scorers}: scorer replicas run apart from the engine; add --stages split "
                           "(the fused stage scores in the engine's own process)")
@@ -110,9 +113,10 @@ def _start_components(settings: Settings, spec: PipelineSpec, table: ProcessTabl
     from deploy import supervisor
 
     env = child_environment(settings)
-    # The scorer count is left out: a running supervisor scales its scorers to it, the rest kept running
-    config = hashlib.sha256(json.dumps(sorted((k, v) for k, v in env.items()
-                                              if k.startswith("EDDY_") and k != "EDDY_SCORERS")).encode())
+    # The replica counts are left out: a running supervisor scales its scorers and workers to them, the rest
+    # kept running
+    config = hashlib.sha256(json.dumps(sorted((k, v) for k, v in env.items() if k.startswith("EDDY_")
+                                              and k not in ("EDDY_SCORERS", "EDDY_ENGINE_WORKERS"))).encode())
     fingerprint, marker = config.hexdigest(), settings.run_dir / "supervisor.config"
     running = table.get(supervisor.NAME)
     if running is not None and running.alive() and _read(marker) != fingerprint:
@@ -120,6 +124,7 @@ def _start_components(settings: Settings, spec: PipelineSpec, table: ProcessTabl
         running = None
     wanted = components.wanted(settings)
     supervisor.write_scale(settings.run_dir, settings.scorers)
+    supervisor.write_scale(settings.run_dir, settings.engine_workers, supervisor.WORKERS_FILE)
     retired = set(components.COMPONENTS) - {c.name for c in wanted}
     if running is not None and running.alive():  # it stops the scorers it no longer wants itself
         poll(lambda: not any((r := table.get(name)) is not None and r.alive() for name in retired),
@@ -273,7 +278,7 @@ def status(settings: Settings) -> dict[str, Any]:
         elif name not in report["parts"]:
             beats = read_metrics(client, _pipeline_name(settings), _metric(name)) if redis_up else []
             extra = _sum_beats(beats)
-            if name == FUSED and redis_up:  # it scores too: the model it serves, as a scorer's part shows it
+            if name.startswith(FUSED) and redis_up:  # it scores too: the model it serves, as a scorer's part shows it
                 scoring = _sum_beats(read_metrics(client, _pipeline_name(settings), "scorer"))
                 extra.update({k: v for k, v in scoring.items() if k in SCORING_FIELDS},
                              predictions=scoring.get("events", 0))

@@ -38,6 +38,18 @@ log = logging.getLogger(__name__)
 NAME = "supervisor"
 STATE_FILE = "supervision.json"
 SCALE_FILE = "scorers"  # run/scorers: how many scorer replicas `eddy up --scorers N` wants of a running supervisor
+WORKERS_FILE = "engine-workers"  # run/engine-workers: how many feature-stage workers `--engine-workers N` wants
+MAX_REPLICAS = 16
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """A part that runs as replicas in one consumer group, scaled while the stack runs: run/<file> holds how
+    many, replica i is named name(i) and started by start(i)."""
+
+    file: str
+    name: Callable[[int], str]
+    start: Callable[[int], Callable[[], Any]]
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 30.0
 HEALTHY_AFTER_S = 60.0         # a part that ran this long starts its backoff over
 CRASH_LOOP_RESTARTS, CRASH_LOOP_WINDOW_S = 5, 60.0
@@ -96,11 +108,11 @@ class Supervisor:
 
     def __init__(self, table: ProcessTable, starters: dict[str, Callable[[], Any]], components: list[str],
                  policy: Policy = Policy(), tick_s: float = TICK_S,
-                 replica: Callable[[int], Callable[[], Any]] | None = None) -> None:
+                 replicas: tuple[Replicas, ...] = ()) -> None:
         self.table = table
         self.starters = starters
         self.wanted = components
-        self.replica = replica  # what starts scorer replica i, where the stack scales its scorers
+        self.replicas = replicas  # the parts the stack scales (scorers, feature-stage workers)
         self.policy = policy
         self.tick_s = tick_s
         self.parts = {name: PartState(recent=deque(maxlen=policy.crash_loop_restarts)) for name in starters}
@@ -130,24 +142,25 @@ class Supervisor:
             self._stop_components()
 
     def _rescale(self) -> None:
-        """Start or retire scorer replicas until there are as many as run/scorers asks for: the new ones
-        join the scorers' consumer group, a retired one is stopped (SIGTERM: it leaves the group after its
-        batch) and no longer supervised."""
-        wanted = read_scale(self.table.run_dir)
-        if self.replica is None or wanted is None:
-            return
-        have = sorted((n for n in self.wanted if n.startswith("scorer-")), key=lambda n: int(n.split("-")[1]))
-        for i in range(len(have), wanted):
-            name = f"scorer-{i}"
-            log.info("scaling the scorers to %d: starting %s", wanted, name)
-            self.starters[name] = self.replica(i)
-            self.parts[name] = PartState(recent=deque(maxlen=self.policy.crash_loop_restarts))
-            self.wanted.append(name)
-        for name in have[wanted:]:
-            log.info("scaling the scorers to %d: stopping %s", wanted, name)
-            self.wanted.remove(name)
-            del self.starters[name], self.parts[name]
-            self.table.stop(name)
+        """Start or retire replicas until each scaled part has as many as its run/ file asks for: the new
+        ones join the part's consumer group, a retired one is stopped (SIGTERM: it leaves the group after
+        its batch) and no longer supervised."""
+        for group in self.replicas:
+            wanted = read_scale(self.table.run_dir, group.file)
+            if wanted is None:
+                continue
+            have = [n for n in map(group.name, range(MAX_REPLICAS)) if n in self.wanted]
+            for i in range(len(have), wanted):
+                name = group.name(i)
+                log.info("scaling to %d: starting %s", wanted, name)
+                self.starters[name] = group.start(i)
+                self.parts[name] = PartState(recent=deque(maxlen=self.policy.crash_loop_restarts))
+                self.wanted.append(name)
+            for name in have[wanted:]:
+                log.info("scaling to %d: stopping %s", wanted, name)
+                self.wanted.remove(name)
+                del self.starters[name], self.parts[name]
+                self.table.stop(name)
 
     def _check(self, name: str) -> None:
         part, record = self.parts[name], self.table.get(name)
@@ -260,23 +273,27 @@ def stack_supervisor(settings: Settings, table: ProcessTable) -> Supervisor:
 
     for name in wanted:
         starters[name] = component(name)
-    return Supervisor(table, starters, wanted, replica=None if settings.fused else lambda i: component(f"scorer-{i}"))
+    groups = [Replicas(WORKERS_FILE, functools.partial(components.worker_name, components.stage_name(settings)),
+                       lambda i: component(components.worker_name(components.stage_name(settings), i)))]
+    if not settings.fused:
+        groups.append(Replicas(SCALE_FILE, components.scorer_name, lambda i: component(components.scorer_name(i))))
+    return Supervisor(table, starters, wanted, replicas=tuple(groups))
 
 
-def read_scale(run_dir: Path) -> int | None:
-    """The scorer replicas run/scorers asks for (None: no such file, or not a count)."""
+def read_scale(run_dir: Path, file: str = SCALE_FILE) -> int | None:
+    """The replicas run/<file> asks for (None: no such file, or not a count)."""
     try:
-        return max(1, int((run_dir / SCALE_FILE).read_text()))
+        return max(1, int((run_dir / file).read_text()))
     except (OSError, ValueError):
         return None
 
 
-def write_scale(run_dir: Path, scorers: int) -> None:
-    """Ask the stack's supervisor for `scorers` scorer replicas (it reads the file every tick)."""
+def write_scale(run_dir: Path, count: int, file: str = SCALE_FILE) -> None:
+    """Ask the stack's supervisor for `count` replicas of the part run/<file> scales (read every tick)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f"{SCALE_FILE}.tmp"
-    tmp.write_text(str(scorers))
-    os.replace(tmp, run_dir / SCALE_FILE)
+    tmp = run_dir / f"{file}.tmp"
+    tmp.write_text(str(count))
+    os.replace(tmp, run_dir / file)
 
 
 def run_supervisor(settings: Settings) -> None:

@@ -103,7 +103,7 @@ def run_fused(engine: EngineConfig, scoring: ScorerConfig, feast_dir: Path, metr
     client = redis_client(engine.redis_url)
     store = feature_store(spec, feast_dir, engine.redis_url)
     rows_writer = FeastRedisWriter(store, view_name(spec), spec.key, feature_dtypes(spec), client)
-    engine_step, loop = build_native(engine, client, checkpoint_s, metrics=metrics)
+    engine_step, loop = build_native(engine, client, checkpoint_s, replica=scoring.replica, metrics=metrics)
     scorer = Scorer(scoring, client)
     scorer.metrics = metrics
     step = FusedStep(engine_step, scorer, rows_writer)

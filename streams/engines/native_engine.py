@@ -338,14 +338,17 @@ def beat_fields(step: NativeStep, loop: TransactionalLoop, **extra: Any) -> tupl
                  changelog_refused=restored.refused, **loop.stats.summary(), **extra))
 
 
-def run_native(config: EngineConfig, checkpoint_s: float = CHECKPOINT_S, metrics: StageMetrics | None = None) -> None:
-    """Run the native engine in this process until SIGTERM (with `metrics`, exported about once a second)."""
+def run_native(config: EngineConfig, checkpoint_s: float = CHECKPOINT_S, metrics: StageMetrics | None = None,
+               worker: int = 0) -> None:
+    """Run native engine worker `worker` in this process until SIGTERM (with `metrics`, exported about once a
+    second). Workers share the consumer group and split the source's partitions, each restoring the
+    states of the partitions it is assigned from the changelog; each has a transactional id of its own."""
     spec = config.spec
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     client = redis_client(config.redis_url)
-    step, loop = build_native(config, client, checkpoint_s, metrics=metrics)
+    step, loop = build_native(config, client, checkpoint_s, replica=worker, metrics=metrics)
     heartbeat = Heartbeat(client, spec.name, STAGE)
 
     def beat() -> None:

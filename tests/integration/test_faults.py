@@ -247,9 +247,40 @@ def test_the_scorers_scaled_1_3_1_under_load_lose_and_double_nothing(stack):
         assert "Fenced" not in log and "fenced" not in log
 
 
-# An open defect: in 1 of the last 5 runs the scorer hung after the partition healed, its commit_transaction
-# and then its retries refused with "Conflicting commit_transaction API call is already in progress", with
-# no watchdog exit, so the scorers' lag never drained. Kept running, reported as XFAIL/XPASS, until fixed.
+def test_the_engine_workers_scaled_1_3_2_under_load_lose_and_double_nothing(stack):
+    """`eddy up --engine-workers 3`, then `--engine-workers 2`, on the running stack during a live stream: the
+    new workers join the engine's group, each restores the entity states of the partitions it is given from
+    the changelog, the retired one hands its partitions back; nothing else restarts, and every event has
+    exactly one features row, equal to an uninterrupted run's, and one prediction."""
+    env, settings, spec = stack
+    before = status(env)["parts"]
+    live = live_producer(EDDY, env, REPO, RATE, LONG_LIVE, seed=6)  # both changes fall inside it
+    wait_for(lambda: source_records(settings.kafka, spec.topics.source) > BACKLOG + 500 or live.poll() is not None,
+             60, "the live stream")
+    up = run_eddy(["up", "--engine-workers", "3"], env)
+    assert up.returncode == 0, up.stderr
+    scaled = status(env)["parts"]
+    assert all(scaled[name]["state"] == "up" for name in ("features-native", "features-native-1", "features-native-2"))
+    time.sleep(10)  # the three share the stream a while
+    down = run_eddy(["up", "--engine-workers", "2"], env)
+    assert down.returncode == 0, down.stderr
+    assert live.poll() is None, "the live stream ended before the workers were scaled back"
+    _, errors = live.communicate(timeout=180)
+    assert live.returncode == 0, errors
+    caught_up(env, spec, 300)
+
+    check_exactly_once(settings.kafka, spec, BACKLOG + LONG_LIVE)
+    after = status(env)["parts"]
+    assert "features-native-2" not in after and after["features-native-1"]["state"] == "up", after.keys()
+    for name in ("supervisor", "features-native", "online-writer", "scorer-0"):
+        assert after[name]["pid"] == before[name]["pid"] and after[name].get("restarts", 0) == 0, (name, after[name])
+    for worker in ("features-native-1", "features-native-2"):  # each took partitions and restored their states
+        log = (settings.logs_dir / f"{worker}.log").read_text()
+        assert f"partitions assigned: {spec.topics.source}[" in log and "restored " in log, log[-2000:]
+        assert "enced" not in log, log[-2000:]
+    assert "partitions revoked" in (settings.logs_dir / "features-native-2.log").read_text()
+
+
 def test_a_partition_from_the_broker_longer_than_the_request_timeouts_is_waited_out(behind_a_proxy):
     """Every client's link to the broker goes silent for 45 s (requests time out after 30 s), then heals."""
     env, settings, spec, proxy = behind_a_proxy

@@ -111,13 +111,14 @@ def test_a_supervisor_whose_stack_is_gone_stops_its_children_and_leaves(table):
 
 
 def test_the_scorers_scale_to_what_run_scorers_asks_and_the_others_are_left_alone(table):
-    from deploy.supervisor import write_scale
+    from deploy.supervisor import SCALE_FILE, Replicas, write_scale
 
     def replica(i: int):
         return starter(table, f"scorer-{i}", "sleep", "60")
 
     starters = {"engine": starter(table, "engine", "sleep", "60"), "scorer-0": replica(0)}
-    supervisor = Supervisor(table, starters, ["engine", "scorer-0"], FAST, 0.02, replica=replica)
+    supervisor = Supervisor(table, starters, ["engine", "scorer-0"], FAST, 0.02,
+                            replicas=(Replicas(SCALE_FILE, lambda i: f"scorer-{i}", replica),))
     write_scale(table.run_dir, 1)
     thread = running(supervisor)
 
