@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -143,21 +144,35 @@ def test_every_record_lands_once_across_a_kill_9_and_queries_agree(settings, sta
     rounds[0].produce()
 
     process = start_ingestion(env, tmp_path / "ingest.out")
+    twin: subprocess.Popen | None = None
     try:
         # Kill it once the first round is landing: some tables committed, others (likely) mid-batch.
         wait_for(lambda: any(landed_rows(lake, t.path) for t in tables.values()), 180, "the first rows in Delta")
         rounds[1].produce()
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(30)
+        # Then two writers with one query id (the same checkpoints): the restart, and a twin started beside it.
         process = start_ingestion(env, tmp_path / "ingest.out")
+        twin = start_ingestion(env, tmp_path / "twin.out")
 
         def landed() -> bool:
             return all(landed_rows(lake, t.path) >= sum(len(r.positions[topic]) for r in rounds)
                        for topic, t in tables.items())
-        wait_for(landed, 240, "both rounds in every table")
+        wait_for(landed, 300, "both rounds in every table")
+        time.sleep(5)  # a batch the twin might still be committing
+        stopped = {"ingest": process.poll(), "twin": twin.poll()}
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(60)
+        for running in (p for p in (process, twin) if p is not None):
+            if running.poll() is None:
+                os.killpg(running.pid, signal.SIGTERM)
+            running.wait(60)
+    # Delta refuses the second writer's commit of a batch the first committed (the query id and batch id are
+    # the transaction's app id and version): the writer that lost says so in one line and stops.
+    assert None in stopped.values(), "neither writer kept going"
+    for name, code in stopped.items():
+        if code is not None:
+            assert code != 0 and "DELTA_CONCURRENT_TRANSACTION" in (tmp_path / f"{name}.out").read_text(), name
+    print(f"two writers with one query id: exit codes {stopped} (None: still running)")
 
     for topic, table in tables.items():
         frame = delta_rows(lake, table.path)
