@@ -26,10 +26,10 @@ from deploy import stack
 from deploy.measure import (
     LOAD_LINGER_MS,
     fill_backlog,
-    load_producer,
     percentiles,
     reader,
     settle,
+    timed_load,
     timestamps,
 )
 from deploy.settings import Settings
@@ -125,38 +125,14 @@ def fixed_load(settings: Settings, spec: PipelineSpec, rate: int, seconds: float
     """Produce at `rate` with wall-clock event times; latency = prediction ts - transaction ts."""
 
     settle(settings)
-    count = int(rate * seconds)
-    now_ms = int(time.time() * 1000)
-    gen = TransactionGenerator(GeneratorConfig(seed=rate, start_ms=now_ms, id_prefix=f"L{rate}-{now_ms}",
-                                               cards=max(10_000, rate * 20)))
-    ids_prefix = f"L{rate}-{now_ms}-"
-    # Read predictions while producing, so arrival times measure when they became visible.
-    received: dict[str, float] = {}
-    found: dict[str, int] = {}
-    produced = threading.Event()
-
-    def all_in(out: dict) -> bool:
-        return produced.is_set() and sum(1 for k in out if k.startswith(ids_prefix)) >= count
-
-    # placed at the predictions' ends before the load starts: it sees only new ones, as they commit
-    at_end = reader(settings.kafka, [spec.topics.predictions], from_end=True)
-    watcher = threading.Thread(target=lambda: found.update(timestamps(
-        settings.kafka, spec.topics.predictions, None, 10**9, timeout_s=seconds + 120, received=received,
-        done=all_in, consumer=at_end)))
-    watcher.start()
-    load_producer(settings, spec, gen).run(count, float(rate), backfill=False)
-    produced.set()
-    sources = timestamps(settings.kafka, spec.topics.source, None, 10**9, timeout_s=30,
-                          done=lambda out: sum(1 for k in out if k.startswith(ids_prefix)) >= count)
-    sources = {k: v for k, v in sources.items() if k.startswith(ids_prefix)}
-    watcher.join()
+    load = timed_load(settings, spec, spec.topics.predictions, rate, seconds)
+    sources = load.sources
     featured = timestamps(settings.kafka, spec.topics.features, set(sources), len(sources), timeout_s=60)
-    latencies = [found[k] - sources[k] for k in sources if k in found]
-    visible = [received[k] - sources[k] for k in sources if k in received]
+    latencies = load.latency_ms()
     feature_stage = [featured[k] - sources[k] for k in sources if k in featured]
-    return {"rate": rate, "seconds": seconds, "events": count, "predicted": len(latencies),
+    return {"rate": rate, "seconds": seconds, "events": load.count, "predicted": len(latencies),
             "load_producer_linger_ms": LOAD_LINGER_MS,
-            "latency_ms": percentiles(latencies), "visible_latency_ms": percentiles(visible),
+            "latency_ms": percentiles(latencies), "visible_latency_ms": percentiles(load.visible_ms()),
             "feature_stage_latency_ms": percentiles(feature_stage)}
 
 

@@ -18,7 +18,8 @@ PANEL = "Measure"  # where `eddy --help` lists these
 @app.command(rich_help_panel=PANEL)
 def bench(
     events: Annotated[int, typer.Option("--events", help="backlog size for the ceiling and the drain")] = 100_000,
-    loads: Annotated[str, typer.Option("--loads", help="fixed loads in events/s, comma separated")] = "1000,5000",
+    loads: Annotated[str | None, typer.Option("--loads", help="fixed loads in events/s, comma separated "
+                                                            "(default 1000,5000; with --peers one, 2000)")] = None,
     load_seconds: Annotated[float, typer.Option("--load-seconds", help="seconds per fixed load")] = 15.0,
     engine: Annotated[str | None, typer.Option("--engine", help="feature engine: native (the default), faust or flink")] = None,
     out_file: Annotated[str | None, typer.Option("--out", help="write the JSON here")] = None,
@@ -38,15 +39,20 @@ def bench(
 
     settings = settings_from("bench", pipeline=pipeline, engine=engine, scorers=scorers, stages=stages,
                              insecure="on" if insecure else None)
+    from deploy.bench_peers import LOAD_RATE
+
+    loads = loads or (str(LOAD_RATE) if peers else "1000,5000")
     try:
         rates = [int(r) for r in loads.split(",") if r.strip()]
     except ValueError:
         raise typer.BadParameter(f"--loads {loads!r}: give events/s as integers, e.g. 1000,5000") from None
+    if peers and len(rates) != 1:
+        raise typer.BadParameter(f"--loads {loads!r}: --peers measures one fixed load per engine; give one rate")
     def progress(line: str) -> None:
         err.print(f"[bench] {line}", markup=False, highlight=False)
 
     if peers:
-        result = bench_peers(settings, events, sample, progress)
+        result = bench_peers(settings, events, sample, (rates[0], load_seconds), progress)
     elif compare:
         result = run_compare(settings, events=events, loads=rates, load_seconds=load_seconds, on_progress=progress)
         print_compare(result)
@@ -59,7 +65,7 @@ def bench(
         out.print(f"wrote {out_file}")
 
 
-def bench_peers(settings, events: int, sample: int, progress) -> dict:
+def bench_peers(settings, events: int, sample: int, load: tuple[int, float], progress) -> dict:
     """`eddy bench --peers`: run_peers and its table; a line naming the fix, and exit 1, when the peers'
     packages are not installed."""
     from deploy.bench_peers import peers_missing, run_peers
@@ -68,28 +74,45 @@ def bench_peers(settings, events: int, sample: int, progress) -> dict:
     if missing:
         err.print(f"eddy bench --peers: {missing}", markup=False, highlight=False)
         raise typer.Exit(1)
-    result = run_peers(settings, events=events, sample=sample, on_progress=progress)
+    result = run_peers(settings, events=events, sample=sample, load=load, on_progress=progress)
     print_peers(result)
     return result
 
 
 def print_peers(result: dict) -> None:
-    """run_peers' result: a row per engine."""
-    table = Table(title=f"eddy bench --peers ({result['events']:,} events, {result['partitions']} partitions, "
-                        f"{result['machine']['cpus']} CPUs)")
-    for column in ("engine", "mode", "commit s", "events/s", "CPU s", "1st row s", "equal"):
-        table.add_column(column, justify="left" if column in ("engine", "mode") else "right")
-    for name, run in result["engines"].items():
+    """run_peers' result: a row per engine, then the goals' ratios."""
+    load = result.get("load") or {}
+    engines = result["engines"]
+    sampled = next((run["rows_equal"]["sampled"] for run in engines.values() if run.get("rows_equal")), 0)
+    table = Table(title=f"eddy bench --peers: {result['events']:,} events, {result['partitions']} partitions, "
+                        f"{result['machine']['cpus']} CPUs, load {load.get('rate', 0):,}/s x {load.get('seconds', 0):g} s",
+                  box=None)
+    for column in ("engine", "mode", "commit", "events/s", "CPU s", "1st row", "equal", "p50/p99", "seen"):
+        table.add_column(column, justify="left" if column in ("engine", "mode") else "right", no_wrap=True)
+    for name, run in engines.items():
         same = run.get("rows_equal")
         every = run["commit_interval_s"] if run.get("snapshot_s") is None else run["snapshot_s"]
+        at_load = run.get("load") or {}
+        visible = at_load.get("visible_ms") or {}
         table.add_row(name, {"exactly_once": "EOS", "at_least_once": "ALO"}.get(run["guarantee"], run["guarantee"]),
                       f"{every:g}", f"{run.get('events_per_s', 0):,.0f}", f"{run.get('cpu_s_per_100k', '-')}",
                       f"{run.get('first_row_after_first_event_s', '-')}",
-                      "reference" if same is None else f"{same['equal']:,}/{same['sampled']:,}")
+                      "ref" if same is None else f"{same['equal']}",
+                      f"{visible['p50']:.0f}/{visible['p99']:.0f}" if visible.get("count") else "-",
+                      f"{at_load['seen']}" if at_load else "-")
     out.print(table)
     out.print("events/s: first event to last row visible to read_committed; CPU s: the engine's process per 100k "
-              "events; mode: EOS exactly once, ALO at least once; 1st row s: its first row's wait for a commit; equal: sampled rows equal to eddy's; "
-              "commit s: Bytewax's snapshot interval")
+              "events; mode: EOS exactly once, ALO at least once; commit: its interval in s, Bytewax's snapshot interval; "
+              f"1st row: its first row's wait for a commit, s; equal: of {sampled:,} sampled rows, those equal to eddy's "
+              "(ref); p50/p99: visible latency in ms at the fixed load after the drain (when a row reached a read_committed "
+              f"reader minus its source record's Kafka timestamp); seen: of the load's "
+              f"{int(load.get('rate', 0) * load.get('seconds', 0)):,} events, those with a row")
+    for goal in result.get("goals", []):
+        verdict = "met" if goal["met"] else "not met"
+        if "ratio" in goal:
+            out.print(f"{goal['goal']}: {goal['ratio']}x (goal >= {goal['at_least']}x: {verdict})")
+        else:
+            out.print(f"{goal['goal']}: {goal['p99_ms']} ms against {goal['peers_p99_ms']} ({verdict})")
 
 
 def print_bench(result: dict) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import resource
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,6 @@ class Job:
     source: str
     sink: str
     group: str  # Quix's consumer group and transactional id prefix
-    events: int  # the backlog: a peer stops once it has produced this many rows (or sat idle)
     state_dir: str
     report: str  # where the peer writes its Report when it stops
     commit_interval_s: float = QUIX_DEFAULT_COMMIT_S  # Quix: how often a transaction commits
@@ -87,7 +87,7 @@ def _identity(value: Any) -> Any:
 
 def run_quix(job: Job, step: Step) -> None:
     """Quix Streams, exactly once, its RocksDB store (with its changelog topic) holding each card's state bytes
-    as they are (identity serialisation, not its default JSON); stops after job.events rows, or 30 s idle."""
+    as they are (identity serialisation, not its default JSON); runs until SIGTERM (Quix's own handler)."""
     from quixstreams import Application, State
     from quixstreams.kafka.configuration import ConnectionConfig
     from quixstreams.state.rocksdb import RocksDBOptions
@@ -107,12 +107,13 @@ def run_quix(job: Job, step: Step) -> None:
 
     sdf = app.dataframe(source).apply(featurize, stateful=True, metadata=True)
     sdf = sdf.filter(lambda row: row is not None).to_topic(sink)
-    app.run(sdf, count=job.events, timeout=30.0, collect=False)
+    app.run()  # sdf is tracked by the app itself
 
 
 def run_bytewax(job: Job, step: Step) -> None:
-    """Bytewax, at least once: its Kafka source (tail off: it stops at the backlog's end) keyed by the record
-    key, stateful_map holding the card's state bytes, its Kafka sink; recovery snapshots each epoch."""
+    """Bytewax, at least once: its Kafka source (tailing, so the fixed load after the backlog reaches it)
+    keyed by the record key, stateful_map holding the card's state bytes, its Kafka sink; recovery snapshots
+    each epoch. Runs until SIGTERM (main's handler interrupts it)."""
     from datetime import timedelta
 
     import bytewax.operators as op
@@ -130,7 +131,7 @@ def run_bytewax(job: Job, step: Step) -> None:
         return (state if new_state is None else new_state), row  # stateful_map drops a None state
 
     flow = Dataflow("eddy-peer")
-    records = op.input("source", flow, KafkaSource(brokers, [job.source], tail=False, add_config=extra))
+    records = op.input("source", flow, KafkaSource(brokers, [job.source], tail=True, add_config=extra))
     keyed = op.key_on("card", records, lambda msg: msg.key.decode())
     rows = op.stateful_map("featurize", keyed, featurize)
     out = op.filter_map("rows", rows, lambda kv: None if kv[1] is None else KafkaSinkMessage(kv[0].encode(), kv[1]))
@@ -155,12 +156,27 @@ def versions() -> dict[str, str]:
             "librdkafka": confluent_kafka.libversion()[0]}
 
 
+class Stopped(Exception):
+    """SIGTERM: the bench has seen every row it waited for."""
+
+
+def _stop(_signum: int, _frame: Any) -> None:
+    raise Stopped
+
+
 def main(argv: list[str]) -> None:
     kind, job_file = argv
     job = Job(**json.loads(Path(job_file).read_text()))
     step = Step(job.pipeline)
+    signal.signal(signal.SIGTERM, _stop)  # Quix replaces it with its own graceful stop; Bytewax raises it
     try:
         PEERS[kind](job, step)
+    except Exception as exc:  # Bytewax wraps the signal handler's exception in its own (once or more)
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, Stopped):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
     finally:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         step.report.cpu_s = usage.ru_utime + usage.ru_stime
