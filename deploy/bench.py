@@ -261,9 +261,11 @@ def scoring_stage(spec: PipelineSpec, device_setting: str, rows: int = 200_000, 
 
 # What `eddy bench --compare` runs, one private stack each, in this order: today's two hops, the fused
 # stage, and the fused stage at least once (name: the settings it changes).
-COMPARED = {"split": {"engine": "native", "stages": "split", "guarantee": "exactly_once"},
+COMPARED: dict[str, dict[str, Any]] = {"split": {"engine": "native", "stages": "split", "guarantee": "exactly_once"},
             "fused": {"engine": "native", "stages": "fused", "guarantee": "exactly_once"},
-            "fused_at_least_once": {"engine": "native", "stages": "fused", "guarantee": "at_least_once"}}
+            "fused_at_least_once": {"engine": "native", "stages": "fused", "guarantee": "at_least_once"},
+            # the fused stage as two workers over the partitions, a process (and so a core) each
+            "fused_2_workers": {"engine": "native", "stages": "fused", "guarantee": "exactly_once", "engine_workers": 2}}
 
 
 def run_compare(base: Settings, *, events: int, loads: list[int], load_seconds: float,
@@ -292,6 +294,7 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
                               "stages": "fused" if settings.fused else "split",
                               "guarantee": settings.guarantee or spec.guarantee,
                               "lakehouse_ingestion": ingest, "scorers": settings.scorers,
+                              "engine_workers": settings.engine_workers,
                               "commit_interval_s": settings.commit_interval_s, "metrics": settings.metrics}
     try:
         on_progress(f"starting a private stack in {home}")
