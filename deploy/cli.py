@@ -283,8 +283,9 @@ def lakehouse_vacuum(
 def run(component: Annotated[str, typer.Argument(help="component to run in this process")]) -> None:
     """Run one component of the stack in the foreground (what `eddy up` starts)."""
     from deploy import supervisor
-    from deploy.components import COMPONENTS
+    from deploy.components import COMPONENTS, component_named
 
+    component = component_named(component)  # features-native-0: features-native (a StatefulSet's pod 0)
     if component not in COMPONENTS and component != supervisor.NAME:
         raise typer.BadParameter(f"unknown component {component!r}; one of {', '.join(COMPONENTS)}, supervisor")
     settings = settings_from(component)

@@ -184,6 +184,13 @@ def worker_name(stage: str, worker: int) -> str:
     return stage if worker == 0 else f"{stage}-{worker}"
 
 
+def component_named(name: str) -> str:
+    """The component `eddy run NAME` means: a feature-stage worker's index 0 is the stage's own name too
+    (features-native-0 is features-native), so a StatefulSet's pods each run `<stage>-<pod index>`."""
+    stage, _, index = name.rpartition("-")
+    return stage if index == "0" and stage in COMPONENTS and COMPONENTS[stage].worker == 0 else name
+
+
 def scorer_name(replica: int) -> str:
     return f"scorer-{replica}"
 

@@ -5,10 +5,11 @@ Events go in, predictions come out, each exactly once.
     python -m deploy.k8s.play [--image localhost/eddy:0.1.0] [--events 10000]
 
 What podman cannot do as a kubelet would is done here, and only here: the $(VAR) references in env
-and args are expanded, the scorer StatefulSet becomes a Deployment with index 0, the pods share the
-host's network (the local broker advertises a loopback address), the shared artifacts volume is a
-host path, secrets are filled in from throwaway values, and the probes are dropped (podman runs HTTP
-probes with curl inside the container, and the stages' /ready and /metrics are not there yet)."""
+and args are expanded, the StatefulSets (the engine's workers, the scorers) become Deployments with
+index 0, the pods share the host's network (the local broker advertises a loopback address), the
+shared artifacts volume is a host path, secrets are filled in from throwaway values, and the probes
+are dropped (podman runs HTTP probes with curl inside the container, and the stages' /ready and
+/metrics are not there yet)."""
 
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ def for_podman(docs: list[dict[str, Any]], secret_values: dict[str, dict[str, st
         for c in pod["containers"]:
             for field in ("startupProbe", "readinessProbe", "livenessProbe", "ports"):  # host network: no mappings
                 c.pop(field, None)
-            literal = {"EDDY_SCORER_INDEX": "0"}
+            literal = {"EDDY_SCORER_INDEX": "0", "EDDY_WORKER_INDEX": "0"}  # pod 0 of each StatefulSet
             for e in c["env"]:
                 if e["name"] == "EDDY_METRICS_PORT":  # one host network: a port per stage
                     e["value"] = str(metrics_port(component))

@@ -27,6 +27,7 @@ def eddy(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
                                                        "(fused runs with --engine native)"),
     (["up", "--stages", "fused", "--scorers", "2"], "--scorers 2: scorer replicas run apart from the engine; "
                                                     "add --stages split"),
+    (["run", "features-faust-0"], "unknown component 'features-faust-0'"),  # Faust has no workers of eddy's
 ])
 def test_a_bad_flag_is_one_line_and_status_2(tmp_path, args, says):
     done = eddy(*args, home=tmp_path)
@@ -39,3 +40,25 @@ def test_a_bad_flag_is_one_line_and_status_2(tmp_path, args, says):
 def test_no_command_prints_the_help(tmp_path):
     done = eddy(home=tmp_path)
     assert done.returncode == 0 and "Usage: eddy" in done.stdout and "produce" in done.stdout
+
+
+@pytest.mark.parametrize(("name", "runs"), [
+    ("features-native-0", "features-native"), ("features-fused-0", "features-fused"),
+    ("features-native", "features-native"), ("features-native-2", "features-native-2"), ("scorer-0", "scorer-0"),
+])
+def test_run_takes_a_workers_index_0_for_the_stage(tmp_path, monkeypatch, name, runs):
+    """A StatefulSet's pods run `eddy run <stage>-<pod index>`: pod 0's features-native-0 is features-native."""
+    from dataclasses import replace
+
+    from deploy import cli, components
+
+    ran: list[str] = []
+    for comp in list(components.COMPONENTS.values()):
+        monkeypatch.setitem(components.COMPONENTS, comp.name,
+                            replace(comp, run=lambda settings, spec, n=comp.name: ran.append(n)))
+    monkeypatch.setattr("deploy.cli_base.setup_logging", lambda *args, **kwargs: None)
+    monkeypatch.setenv("EDDY_HOME", str(tmp_path))
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["run", name])
+    assert done.value.code == 0 and ran == [runs]

@@ -140,6 +140,8 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ $v.objectStorage.lakehouse | quote }}
 - name: EDDY_ENGINE
   value: {{ $v.engine.type | quote }}
+- name: EDDY_STAGES
+  value: {{ $v.engine.stages | quote }}
 - name: EDDY_PARTITIONS   # Faust sizes its changelog by it: it must match the topics' partitions
   value: {{ $v.kafka.topics.partitions | quote }}
 - name: EDDY_INGEST
