@@ -20,9 +20,10 @@ err = Console(stderr=True, soft_wrap=True)
 
 HomeOpt = Annotated[str | None, typer.Option("--home", help="state directory (EDDY_HOME)")]
 PipelineOpt = Annotated[str | None, typer.Option("--pipeline", help="pipeline spec (EDDY_PIPELINE)")]
-StagesOpt = Annotated[str | None, typer.Option("--stages", help="the online path: split (engine, online writer and "
-                                               "scorers apart; the default) or fused (one process and one transaction "
-                                               "per batch; native engine) (EDDY_STAGES)")]
+StagesOpt = Annotated[str | None, typer.Option("--stages", help="the online path: fused (one process and one transaction "
+                                               "per batch; native engine), split (engine, online writer and scorers "
+                                               "apart) or auto (the default: fused with the native engine and one "
+                                               "scorer, else split) (EDDY_STAGES)")]
 InsecureOpt = Annotated[bool, typer.Option("--insecure", help="local broker and Redis in plaintext, with no "
                                            "credentials or ACLs (EDDY_INSECURE; for benchmarks only)")]
 

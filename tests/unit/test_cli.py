@@ -23,7 +23,7 @@ def eddy(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     (["up", "--engine", "foo"], "--engine: 'foo' is not one of faust, flink, native"),
     (["frob"], "No such command 'frob'"),
     (["query", "select 1", "--format", "xml"], "--format: 'xml' is not one of table, json, csv"),
-    (["up", "--stages", "fused", "--engine", "faust"], "--stages: 'fused' is not one of split, fused "
+    (["up", "--stages", "fused", "--engine", "faust"], "--stages: 'fused' is not one of auto, split, fused "
                                                        "(fused runs with --engine native)"),
     (["up", "--stages", "fused", "--scorers", "2"], "--scorers 2: scorer replicas run apart from the engine; "
                                                     "add --stages split"),

@@ -17,8 +17,21 @@ def test_defaults(tmp_path):
     assert s.kafka.bootstrap == "127.0.0.1:9092"
     assert s.redis_url == "redis://127.0.0.1:6379/0"
     assert s.lakehouse == str(tmp_path / "lakehouse")
-    assert s.device == "auto" and s.engine == "native" and not s.fused and s.guarantee == "" and s.partitions == 3
+    assert s.device == "auto" and s.engine == "native" and s.fused and s.guarantee == "" and s.partitions == 3
     assert s.pipeline.name == "fraud.yaml" and s.pipeline.exists()
+
+
+@pytest.mark.parametrize(("environ", "fused"), [
+    ({}, True),                                             # auto: the native engine, one scorer
+    ({"EDDY_SCORERS": "3"}, False),                         # scorers apart from the engine: split
+    ({"EDDY_ENGINE": "faust"}, False),                      # Faust and Flink run split
+    ({"EDDY_STAGES": "split"}, False),
+    ({"EDDY_STAGES": "fused", "EDDY_ENGINE_WORKERS": "2"}, True),
+])
+def test_auto_stages_are_fused_for_the_native_engine_with_one_scorer(tmp_path, environ, fused):
+    s = load_settings(environ={"EDDY_HOME": str(tmp_path), **environ})
+    assert s.fused is fused
+    assert child_environment(s)["EDDY_STAGES"] == ("fused" if fused else "split")  # the stack's shape, resolved
 
 
 def test_flag_wins_over_variable(tmp_path):
