@@ -207,6 +207,34 @@ def test_poison_on_the_engines_changelog_is_refused_at_restore_and_the_state_reb
     assert status(env)["parts"][part]["restarts"] == 2, "the engine crash-looped"
 
 
+def scaled_up(env, settings, spec, args: list[str], seed: int):
+    """A 60 s live stream, and `eddy up ARGS` once it flows: (the parts before, the stream, the parts after)."""
+    before = status(env)["parts"]
+    live = live_producer(EDDY, env, REPO, RATE, LONG_LIVE, seed=seed)  # the scaling and its undoing fall inside it
+    wait_for(lambda: source_records(settings.kafka, spec.topics.source) > BACKLOG + 500 or live.poll() is not None,
+             60, "the live stream")
+    scaled = run_eddy(["up", *args], env)
+    assert scaled.returncode == 0, scaled.stderr
+    return before, live, status(env)["parts"]
+
+
+def scaled_back(env, settings, spec, live, args: list[str], before: dict) -> dict:
+    """`eddy up ARGS` while the live stream still flows, then its end: every group caught up, every event
+    exactly once, and the first parts (the supervisor, the first engine, the writer, the first scorer) still
+    the processes they were before the scaling; returns the parts after."""
+    scaled = run_eddy(["up", *args], env)
+    assert scaled.returncode == 0, scaled.stderr
+    assert live.poll() is None, f"the live stream ended before `eddy up {' '.join(args)}`"
+    _, errors = live.communicate(timeout=180)
+    assert live.returncode == 0, errors
+    caught_up(env, spec, 300)
+    check_exactly_once(settings.kafka, spec, BACKLOG + LONG_LIVE)
+    after = status(env)["parts"]
+    for name in ("supervisor", "features-native", "online-writer", "scorer-0"):
+        assert after[name]["pid"] == before[name]["pid"] and after[name].get("restarts", 0) == 0, (name, after[name])
+    return after
+
+
 def test_the_scorers_scaled_1_3_1_under_load_lose_and_double_nothing(stack):
     """`eddy up --scorers 3`, a rolling restart of the new replicas (SIGKILL, SIGTERM), then `--scorers 1`, on
     the running stack during a live stream: the new replicas join the scorers' group and take partitions,
@@ -214,13 +242,7 @@ def test_the_scorers_scaled_1_3_1_under_load_lose_and_double_nothing(stack):
     supervisor scales, it is not replaced), no replica crash-loops on fencing, and every event has exactly
     one features row and one prediction."""
     env, settings, spec = stack
-    before = status(env)["parts"]
-    live = live_producer(EDDY, env, REPO, RATE, LONG_LIVE, seed=5)  # both changes fall inside it
-    wait_for(lambda: source_records(settings.kafka, spec.topics.source) > BACKLOG + 500 or live.poll() is not None,
-             60, "the live stream")
-    up = run_eddy(["up", "--scorers", "3"], env)
-    assert up.returncode == 0, up.stderr
-    scaled = status(env)["parts"]
+    before, live, scaled = scaled_up(env, settings, spec, ["--scorers", "3"], seed=5)
     assert all(scaled[f"scorer-{i}"]["state"] == "up" for i in range(3)), scaled
     # a rolling restart of the new replicas under load: one killed, one stopped, each back by itself
     assert live.poll() is None, "the live stream ended before the rolling restart"
@@ -229,18 +251,8 @@ def test_the_scorers_scaled_1_3_1_under_load_lose_and_double_nothing(stack):
         wait_for(lambda r=replica: (p := status(env)["parts"][r])["restarts"] == 1 and p["state"] == "up"
                  and p["pid"] != scaled[r]["pid"], 90, f"{replica} back")
     assert not any(p.get("crash_looping") for p in status(env)["parts"].values())
-    down = run_eddy(["up", "--scorers", "1"], env)
-    assert down.returncode == 0, down.stderr
-    assert live.poll() is None, "the live stream ended before the scorers were scaled back"
-    _, errors = live.communicate(timeout=180)
-    assert live.returncode == 0, errors
-    caught_up(env, spec, 300)
-
-    check_exactly_once(settings.kafka, spec, BACKLOG + LONG_LIVE)
-    after = status(env)["parts"]
+    after = scaled_back(env, settings, spec, live, ["--scorers", "1"], before)
     assert "scorer-1" not in after and "scorer-2" not in after, after.keys()
-    for name in ("supervisor", "features-native", "online-writer", "scorer-0"):
-        assert after[name]["pid"] == before[name]["pid"] and after[name].get("restarts", 0) == 0, (name, after[name])
     for replica in ("scorer-1", "scorer-2"):  # each took partitions, then gave them back as it stopped
         log = (settings.logs_dir / f"{replica}.log").read_text()
         assert f"partitions assigned: {spec.topics.features}[" in log and "partitions revoked" in log, log[-2000:]
@@ -253,27 +265,11 @@ def test_the_engine_workers_scaled_1_3_2_under_load_lose_and_double_nothing(stac
     the changelog, the retired one hands its partitions back; nothing else restarts, and every event has
     exactly one features row, equal to an uninterrupted run's, and one prediction."""
     env, settings, spec = stack
-    before = status(env)["parts"]
-    live = live_producer(EDDY, env, REPO, RATE, LONG_LIVE, seed=6)  # both changes fall inside it
-    wait_for(lambda: source_records(settings.kafka, spec.topics.source) > BACKLOG + 500 or live.poll() is not None,
-             60, "the live stream")
-    up = run_eddy(["up", "--engine-workers", "3"], env)
-    assert up.returncode == 0, up.stderr
-    scaled = status(env)["parts"]
+    before, live, scaled = scaled_up(env, settings, spec, ["--engine-workers", "3"], seed=6)
     assert all(scaled[name]["state"] == "up" for name in ("features-native", "features-native-1", "features-native-2"))
     time.sleep(10)  # the three share the stream a while
-    down = run_eddy(["up", "--engine-workers", "2"], env)
-    assert down.returncode == 0, down.stderr
-    assert live.poll() is None, "the live stream ended before the workers were scaled back"
-    _, errors = live.communicate(timeout=180)
-    assert live.returncode == 0, errors
-    caught_up(env, spec, 300)
-
-    check_exactly_once(settings.kafka, spec, BACKLOG + LONG_LIVE)
-    after = status(env)["parts"]
+    after = scaled_back(env, settings, spec, live, ["--engine-workers", "2"], before)
     assert "features-native-2" not in after and after["features-native-1"]["state"] == "up", after.keys()
-    for name in ("supervisor", "features-native", "online-writer", "scorer-0"):
-        assert after[name]["pid"] == before[name]["pid"] and after[name].get("restarts", 0) == 0, (name, after[name])
     for worker in ("features-native-1", "features-native-2"):  # each took partitions and restored their states
         log = (settings.logs_dir / f"{worker}.log").read_text()
         assert f"partitions assigned: {spec.topics.source}[" in log and "restored " in log, log[-2000:]
