@@ -11,7 +11,6 @@ one. A fault the loop waits out redoes everything since the last checkpoint the 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from typing import Any
@@ -155,8 +154,7 @@ class AtLeastOnceLoop(TransactionalLoop):
             if exc.args[0].fatal():
                 raise
             log.warning("checkpoint before a rebalance failed, the next owner redoes it: %s", exc.args[0])
-            with self._watchdog, contextlib.suppress(KafkaException):
-                self.producer.abort_transaction(30)
+            self._abort()
             self._open = False
             self._pending.clear()
             self._span.clear()
@@ -173,8 +171,7 @@ class AtLeastOnceLoop(TransactionalLoop):
             self._redo(step, span, reason)
         else:
             self._faults.waiting(reason)
-            with self._watchdog, contextlib.suppress(KafkaException):
-                self.producer.abort_transaction(30)
+            self._abort()
 
     def _undelivered(self, error: KafkaError | None, _msg: Any) -> None:
         """The outputs producer's report of a record it could not deliver (it reports no other)."""

@@ -7,7 +7,6 @@ batch_size when it backs up (throughput), never a wait for a batch to fill."""
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import time
@@ -364,6 +363,18 @@ class TransactionalLoop:
                     raise
                 self._faults.waiting(f"Kafka: {error.str()}")
 
+    def _abort(self) -> None:
+        """Abort the open transaction, the call made again until it ends as every step of a transaction's
+        end is (_finish): an abort that timed out while the broker was away stays pending, and librdkafka
+        refuses every other call until it is made again. Nothing to abort (none begun, or a commit that
+        went through) is no error here."""
+        try:
+            self._finish(lambda: self.producer.abort_transaction(30))
+        except KafkaException as exc:
+            if exc.args[0].fatal() or conflicting(exc.args[0]):
+                raise
+            log.debug("abort: %s", exc.args[0])
+
     def _redo(self, step: Step, batch: list, reason: str) -> None:
         """Abort what the batch produced, seek back to where the group's committed offsets say the
         batch begins (a stateful step rebuilds its state from the same offsets), and wait before it is
@@ -376,13 +387,7 @@ class TransactionalLoop:
         self.stats.aborted += 1
         if self.metrics is not None and reason.startswith("Kafka"):
             self.metrics.kafka_errors.inc()
-        try:
-            with self._watchdog:
-                self.producer.abort_transaction(30)
-        except KafkaException as exc:  # nothing was begun, the commit went through, or the broker is away
-            if exc.args[0].fatal() or conflicting(exc.args[0]):
-                raise
-            log.debug("abort: %s", exc.args[0])
+        self._abort()
         touched = sorted({(m.topic(), m.partition()) for m in batch})
         committed = self._committed_offsets([TopicPartition(t, p) for t, p in touched])
         aborted = getattr(step, "aborted", None)
@@ -440,8 +445,7 @@ class TransactionalLoop:
             error = exc.args[0]
             if error.fatal() or conflicting(error) or not (error.txn_requires_abort() or error.retriable()):
                 raise
-            with self._watchdog, contextlib.suppress(KafkaException):  # tried again when next idle
-                self.producer.abort_transaction(30)
+            self._abort()  # the idle commit is tried again when next idle
             return
         self._committed.update({(tp.topic, tp.partition): tp.offset for tp in ahead})
 

@@ -46,7 +46,8 @@ def running_stack(env: dict[str, str]):
 @pytest.fixture
 def cluster(tmp_path):
     """The stack on three local brokers (`eddy up` with EDDY_BROKERS=3)."""
-    with running_stack({**stack_environment(tmp_path / "home"), "EDDY_BROKERS": "3"}) as running:
+    with running_stack({**stack_environment(tmp_path / "home"), "EDDY_ENGINE": "native", "EDDY_STAGES": "split",
+                        "EDDY_BROKERS": "3"}) as running:
         yield running
 
 

@@ -49,3 +49,27 @@ def test_an_abortable_fatal_or_conflicting_error_goes_up_at_once(error):
     with pytest.raises(KafkaException) as raised:
         loop()._finish(call)
     assert raised.value.args[0].code() == error.code() and len(calls) == 2
+
+
+class Producer:
+    """abort_transaction raising each of `errors` in turn, then returning."""
+
+    def __init__(self, errors: list[KafkaError]) -> None:
+        self.call, self.calls = failing(errors)
+
+    def abort_transaction(self, _timeout: float) -> None:
+        self.call()
+
+
+def test_an_abort_that_timed_out_is_made_again_until_it_ends_and_nothing_to_abort_is_no_error():
+    timeout = KafkaError(KafkaError._TIMED_OUT, "abort_transaction timed out", retriable=True)
+    bare = loop()
+    bare.producer = Producer([timeout] * 5)  # the broker away for five tries: the abort stays pending till it ends
+    bare._abort()
+    assert len(bare.producer.calls) == 6
+    bare.producer = Producer([KafkaError(KafkaError._STATE, "no transaction in progress")])
+    bare._abort()  # none begun, or the commit went through: nothing to do
+    assert len(bare.producer.calls) == 1
+    bare.producer = Producer([KafkaError(KafkaError._CONFLICT, "Conflicting commit_transaction API call", retriable=True)])
+    with pytest.raises(KafkaException):
+        bare._abort()  # another call pending that this loop cannot resume: the process ends
