@@ -297,8 +297,9 @@ def test_a_partition_from_the_broker_longer_than_the_request_timeouts_is_waited_
 def test_three_brokers_one_killed_then_one_paused_lose_and_double_nothing(cluster):
     """On three brokers (every topic, the internal ones too, on three replicas, min.insync.replicas 2): one
     broker SIGKILLed during a live stream, then another SIGSTOPped for 30 s during a second. Each time the
-    partitions it led move to the others, the killed one comes back by itself, no stage restarts, and
-    every event has exactly one features row and one prediction."""
+    partitions it led move to the others, the killed one comes back by itself, no other broker restarts and no
+    stage restarts but by the watchdog's remedy for a hung librdkafka call, and every event has exactly one
+    features row and one prediction."""
     from streams.kafka import admin
 
     env, settings, spec = cluster
@@ -322,10 +323,15 @@ def test_three_brokers_one_killed_then_one_paused_lose_and_double_nothing(cluste
 
     took_pause = during_a_live_stream(env, settings, spec, pause, seed=5, before=BACKLOG + LIVE)
     check_exactly_once(settings.kafka, spec, BACKLOG + 2 * LIVE)
-    after = restarts(env)
-    assert {k: v for k, v in after.items() if k != "broker-2"} == {k: v for k, v in before.items() if k != "broker-2"}
+    # No other part died, but for one remedy: librdkafka was seen (1 run in 4) to leave a transaction call
+    # unanswered for 90 s after a broker died, despite its 30 s timeout; the watchdog then ends the stage
+    # (status 70) and supervision restarts it, as after a single broker's bounce.
+    parts = status(env)["parts"]
+    restarted = {k: v - before[k] for k, v in restarts(env).items() if k != "broker-2" and v != before[k]}
+    assert all(parts[k]["last_exit_code"] == 70 and k not in ("broker", "broker-3", "redis") for k in restarted), \
+        {k: (parts[k].get("last_reason"), n) for k, n in restarted.items()}
     print(f"three brokers: lag 0 on every group {took_kill:.0f} s after a broker was killed, "
-          f"{took_pause:.0f} s after another was paused (30 s of it)")
+          f"{took_pause:.0f} s after another was paused (30 s of it); restarted by the watchdog: {restarted or 'none'}")
 
 
 # An open defect: in 1 of the last 3 full runs, a broker kill left 104 predictions doubled (features
