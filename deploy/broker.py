@@ -280,7 +280,8 @@ def ensure_broker(settings: Settings, table: ProcessTable) -> BrokerInfo:
             except ServiceError:
                 return False
 
-        took = max(took, table.wait_healthy(record, healthy, START_DEADLINE_S, f"Kafka broker {n}"))
+        what = "the Kafka broker" if len(nodes) == 1 else f"Kafka broker {n}"
+        took = max(took, table.wait_healthy(record, healthy, START_DEADLINE_S, what))
     if pki is not None:
         _create_principals(full, internal_config(settings, pki), pki)
     return BrokerInfo(True, cluster.bootstrap, took, table.get(NAME).pid)  # type: ignore[union-attr]

@@ -152,7 +152,8 @@ def test_every_record_lands_once_across_a_kill_9_and_queries_agree(settings, sta
         writers[0].wait(30)
         # Then two writers with one query id (the same checkpoints): the restart, and a twin started beside it.
         # Delta refuses a writer's commit of a batch the other committed (the query id and batch id are the
-        # transaction's app id and version), and the writer that lost stops with that one line. Each runs a
+        # transaction's app id and version), or Spark's checkpoint refuses a batch the other logged first, and
+        # the writer that lost stops with that one line. Each runs a
         # query per table, so both may lose, on different tables; then one is started again, as supervision does.
         writers += [start_ingestion(env, tmp_path / "ingest.out"), start_ingestion(env, tmp_path / "twin.out")]
 
@@ -173,8 +174,9 @@ def test_every_record_lands_once_across_a_kill_9_and_queries_agree(settings, sta
     assert all(code == 1 for code in stopped), exits  # a writer stops only when Delta refuses it, in one line
     lines = [line for name in ("ingest", "twin") for line in (tmp_path / f"{name}.out").read_text().splitlines()
              if line.startswith("eddy: error:")]
-    assert all("DELTA_CONCURRENT_TRANSACTION" in line for line in lines), lines
-    print(f"two writers with one query id: {len(stopped)} of {len(exits)} stopped, refused by Delta")
+    # refused by Delta's commit, or before it by Spark's checkpoint log (its offsets file for the batch exists)
+    assert all("DELTA_CONCURRENT_TRANSACTION" in line or "CONCURRENT_STREAM_LOG_UPDATE" in line for line in lines), lines
+    print(f"two writers with one query id: {len(stopped)} of {len(exits)} stopped, each refused in one line")
 
     for topic, table in tables.items():
         frame = delta_rows(lake, table.path)
