@@ -34,7 +34,7 @@ from deploy import components, stack
 from deploy.measure import TimedLoad, backlog_start, fill_backlog, percentiles, reader, timed_load, timestamps
 from deploy.peer_jobs import QUIX_DEFAULT_COMMIT_S, Job
 from deploy.processes import Record
-from deploy.settings import Settings, child_environment
+from deploy.settings import Settings, child_environment, inherited_environment
 from features.spec import PipelineSpec, load_spec
 from streams.kafka import KafkaConfig, ensure_topics
 
@@ -237,7 +237,7 @@ def launch_peer(settings: Settings, peer: Peer, source: str, sink: str, work: Pa
     job_file.touch(mode=0o600)
     job_file.write_text(json.dumps(asdict(job)))
     argv = [str(PEERS_PYTHON), "-m", "deploy.peer_jobs", peer.kind, str(job_file)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = inherited_environment({"PYTHONPATH": str(REPO)})
     return lambda: stack.process_table(settings).start(f"peer-{peer.name}", argv, env, cwd=REPO)
 
 

@@ -363,9 +363,15 @@ def local_credentials(settings: Settings) -> Settings:
     return settings.model_copy(update=changes) if changes else settings
 
 
+def inherited_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment with `extra` over it: what a tool eddy runs (podman, a peer engine) is
+    given; the one place besides Settings that reads the environment."""
+    return {**os.environ, **(extra or {})}
+
+
 def child_environment(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for a process eddy starts: the caller's, with the settings made explicit."""
-    env = dict(os.environ)
+    env = inherited_environment()
     env.update(
         EDDY_HOME=str(settings.home),
         EDDY_KAFKA_BOOTSTRAP=settings.kafka.bootstrap,

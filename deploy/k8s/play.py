@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import re
 import secrets
 import shutil
@@ -176,7 +175,7 @@ def main(argv: list[str]) -> int:
 
     from deploy import stack
     from deploy.processes import free_port
-    from deploy.settings import load_settings
+    from deploy.settings import inherited_environment, load_settings
     from models.updates import ensure_baseline
 
     spec_path = REPO / "pipelines" / "fraud.yaml"
@@ -192,7 +191,7 @@ def main(argv: list[str]) -> int:
            "EDDY_INSECURE": "on"}
     settings = load_settings(environ=env)
     manifest = home / "play.yaml"
-    podman_env = {**os.environ, "CONTAINERS_CONF": str(REPO / "deploy/image/containers.conf")}
+    podman_env = inherited_environment({"CONTAINERS_CONF": str(REPO / "deploy/image/containers.conf")})
     t0 = time.monotonic()
     try:
         stack.up(settings, with_components=False)
@@ -223,7 +222,7 @@ def main(argv: list[str]) -> int:
             lines = answer.read().decode().splitlines()
         print(f"[play] scorer /metrics: {sum(1 for x in lines if x and not x.startswith('#'))} samples", flush=True)
         produce = subprocess.run([sys.executable, "-m", "deploy.cli", "produce", "--count", str(args.events)],
-                                 env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True, check=True)
+                                 env=inherited_environment(env), cwd=REPO, capture_output=True, text=True, check=True)
         print(f"[play] {produce.stdout.strip().splitlines()[-1]}", flush=True)
         ids = predictions(settings.kafka.bootstrap, spec.topics.predictions, spec.id_field, args.events, args.timeout)
         print(f"[play] {len(ids)} predictions, {len(set(ids))} distinct events, "
