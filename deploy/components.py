@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from confluent_kafka import KafkaException
 
 from deploy.security import kafka_client_file, local_kafka_properties, local_redis_url, redis_url_file
-from deploy.settings import Settings
+from deploy.settings import MAX_REPLICAS, Settings
 from features.spec import PipelineSpec
 from streams.engines.config import EngineConfig
 
@@ -250,11 +250,11 @@ COMPONENTS: dict[str, Component] = {
         Component("features-faust", _faust, engine="faust", role="features"),
         Component("features-flink", _flink, engine="flink", role="features"),
         *(Component(worker_name("features-native", i), _native(i), engine="native", role="features", fused=False,
-                    worker=i) for i in range(16)),
+                    worker=i) for i in range(MAX_REPLICAS)),
         *(Component(worker_name("features-fused", i), _fused(i), engine="native", role="fused", fused=True, worker=i)
-          for i in range(16)),
+          for i in range(MAX_REPLICAS)),
         Component("online-writer", _online_writer, role="online-writer", fused=False),
-        *(Component(scorer_name(i), _scorer(i), replica=i, role="scorer", fused=False) for i in range(16)),
+        *(Component(scorer_name(i), _scorer(i), replica=i, role="scorer", fused=False) for i in range(MAX_REPLICAS)),
         Component("lakehouse", _lakehouse, ingest=True, role="lakehouse"),
         Component("retrainer", _retrainer, retrain=True, signs=True, role="publisher"),
         Component("rollouts", _rollouts, ingest=True, signs=True, role="publisher"),

@@ -32,6 +32,7 @@ from models.signing import SigningKey, TrustedKeys
 from streams.kafka import KafkaConfig, check_client_security, parse_properties
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+MAX_REPLICAS = 16  # scorer replicas and feature-stage workers: at most this many of each
 Device = Literal["auto", "cpu", "cuda"]
 Engine = Literal["faust", "flink", "native"]
 Stages = Literal["auto", "split", "fused"]
@@ -129,10 +130,11 @@ class Settings(BaseSettings):
     # The delivery guarantee of the native stages; empty: the spec's own (`guarantee:`, exactly_once by default).
     guarantee: Annotated[Guarantee, _LOWER] = Field("", description="exactly_once or at_least_once")
     partitions: PositiveInt = Field(3, description="a positive integer")
-    scorers: int = Field(1, ge=1, le=16, description="a number of scorer replicas from 1 to 16")
+    scorers: int = Field(1, ge=1, le=MAX_REPLICAS, description=f"a number of scorer replicas from 1 to {MAX_REPLICAS}")
     # Native feature-stage workers (the engine, or the fused stage) in one consumer group, each a process
     # with its share of the source's partitions, as they would run on separate hosts.
-    engine_workers: int = Field(1, ge=1, le=16, description="a number of feature-stage workers from 1 to 16")
+    engine_workers: int = Field(1, ge=1, le=MAX_REPLICAS,
+                                description=f"a number of feature-stage workers from 1 to {MAX_REPLICAS}")
     jars_dir: Path = Field(REPO_ROOT / ".jars", validation_alias="EDDY_JARS")
     # The Ed25519 key that signs models (64 hex characters); empty: one generated once into home/model.key.
     # Read only by what signs (signing_key()); scorers get trusted_keys(), public halves only.

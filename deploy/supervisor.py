@@ -30,7 +30,7 @@ from typing import Any
 
 from deploy import broker, components, redis_local
 from deploy.processes import ProcessTable, Record, exit_status, last_error_line, stop_orphans
-from deploy.settings import Settings, child_environment
+from deploy.settings import MAX_REPLICAS, Settings, child_environment
 from features.errors import EddyError
 from streams.telemetry import StageMetrics
 
@@ -39,7 +39,6 @@ NAME = "supervisor"
 STATE_FILE = "supervision.json"
 SCALE_FILE = "scorers"  # run/scorers: how many scorer replicas `eddy up --scorers N` wants of a running supervisor
 WORKERS_FILE = "engine-workers"  # run/engine-workers: how many feature-stage workers `--engine-workers N` wants
-MAX_REPLICAS = 16
 
 
 @dataclass(frozen=True)

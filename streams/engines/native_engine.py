@@ -269,7 +269,6 @@ class NativeStep:
                 produce(topic, marker_value(marker), MARKER_KEY, partition=p)
                 part.marked = marker
 
-
     def _entity_value(self, as_of: int, state: EntityState | bytes) -> bytes:
         """An entity's changelog value; a state still in its restored bytes is written as it came."""
         # as in _apply: `type(state) is bytes` narrows only its own branch
