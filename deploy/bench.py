@@ -151,7 +151,7 @@ def swap_time(settings: Settings, spec: PipelineSpec, rate: int = 1000) -> dict[
     with torch.no_grad():
         [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].bias.add_(0.1)
     version = f"bench-{uuid.uuid4().hex[:6]}"
-    directory = settings.artifacts_dir / spec.name / version
+    directory = settings.artifacts.directory(spec.name, version)
     manifest = save_artifact(directory, model, normaliser, {"version": version, "spec_hash": spec.spec_hash},
                              settings.signing_key())
     now_ms = int(time.time() * 1000)
@@ -161,7 +161,8 @@ def swap_time(settings: Settings, spec: PipelineSpec, rate: int = 1000) -> dict[
     producer.start()
     time.sleep(2)
     published = time.time()
-    publish(settings.kafka, spec.topics.model_updates, manifest, directory.as_uri(), settings.signing_key())
+    publish(settings.kafka, spec.topics.model_updates, manifest, settings.artifacts.publish(directory),
+            settings.signing_key())
     latest: dict[str, Any] = {"auto.offset.reset": "latest"}
     consumer = reader(settings.kafka, [spec.topics.predictions], **latest)
 

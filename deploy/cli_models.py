@@ -38,7 +38,7 @@ def retrain(
     spec = load_spec(settings.pipeline)
     policy = load_policy(settings.rollout_policy) if settings.rollout_policy else None
     with err.status("retraining...") as spinner:
-        result = run_retrain(settings.kafka, spec, settings.artifacts_dir, settings.signing_key(),
+        result = run_retrain(settings.kafka, spec, settings.artifacts, settings.signing_key(),
                              settings.device, publish_mode, epochs=epochs,
                              on_progress=lambda line: spinner.update(f"retraining: {line}"),
                              rows=lakehouse_rows(settings, spec) if source == "lakehouse" else None,
@@ -79,7 +79,7 @@ def models(
     from models.registry import list_models
 
     settings = settings_from("models", home=home, pipeline=pipeline)
-    rows = list_models(settings.kafka, load_spec(settings.pipeline), settings.artifacts_dir,
+    rows = list_models(settings.kafka, load_spec(settings.pipeline), settings.artifacts,
                        settings.trusted_keys(), lakehouse_root=settings.lakehouse)
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
@@ -150,7 +150,7 @@ def promote(
     from models.registry import promote as run_promote
 
     settings = settings_from("promote", home=home, pipeline=pipeline)
-    run_promote(settings.kafka, load_spec(settings.pipeline), settings.artifacts_dir, settings.signing_key(),
+    run_promote(settings.kafka, load_spec(settings.pipeline), settings.artifacts, settings.signing_key(),
                 version)
     out.print(f"published {version}; scorers swap to it between batches")
 
@@ -162,7 +162,7 @@ def rollback(home: HomeOpt = None, pipeline: PipelineOpt = None) -> None:
     from models.registry import rollback as run_rollback
 
     settings = settings_from("rollback", home=home, pipeline=pipeline)
-    previous = run_rollback(settings.kafka, load_spec(settings.pipeline), settings.artifacts_dir,
+    previous = run_rollback(settings.kafka, load_spec(settings.pipeline), settings.artifacts,
                             settings.signing_key())
     out.print(f"rolled back to {previous}")
 

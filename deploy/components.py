@@ -123,7 +123,7 @@ def _scorer(replica: int) -> Callable[[Settings, PipelineSpec], None]:
                                     else {"commit_interval_s": settings.commit_interval_s})
         run_scorer(ScorerConfig(settings.kafka, spec, settings.redis_url, settings.device,
                                 settings.trusted_keys(), replica=replica,
-                                drift_window=settings.drift_window, **interval),
+                                drift_window=settings.drift_window, store=settings.object_store, **interval),
                    metrics=serve_metrics(settings, spec, "scorer", f"scorer-{replica}"))
 
     return run
@@ -173,7 +173,7 @@ def _fused(worker: int) -> Callable[[Settings, PipelineSpec], None]:
         run_fused(engine_config(settings, spec, batch_size=5000, batch_wait_s=0.1,
                                 commit_interval_s=NATIVE_COMMIT_INTERVAL_S),
                   ScorerConfig(settings.kafka, spec, settings.redis_url, settings.device, settings.trusted_keys(),
-                               replica=worker, drift_window=settings.drift_window),
+                               replica=worker, drift_window=settings.drift_window, store=settings.object_store),
                   feast_dir(settings), metrics=serve_metrics(settings, spec, "features", worker_name("features-fused", worker)))
 
     return run

@@ -166,7 +166,7 @@ def run_demo(settings: Settings, console: Console) -> dict:
 
         console.rule("3. first training from the lakehouse (champion: the baseline)")
         from_lake = {"rows": lakehouse_rows(settings, spec), "register": lambda e: register_model(settings.lakehouse, e)}
-        first = retrain(settings.kafka, spec, settings.artifacts_dir, settings.signing_key(), settings.device,
+        first = retrain(settings.kafka, spec, settings.artifacts, settings.signing_key(), settings.device,
                         "auto", on_progress=lambda line: None, **from_lake)
         champion = f"{first.champion_metrics['pr_auc']:.3f}" if first.champion_metrics else "-"
         console.print(f"  {first.version}: holdout PR-AUC {first.metrics['pr_auc']:.3f} against {first.champion} "
@@ -202,7 +202,7 @@ def run_demo(settings: Settings, console: Console) -> dict:
                 if retrainer is None and time.monotonic() - t0 > LIVE_SECONDS / 3:
                     note = "retraining on everything labelled so far..."
                     retrainer = threading.Thread(target=lambda: second_box.append(retrain(
-                        settings.kafka, spec, settings.artifacts_dir, settings.signing_key(), settings.device,
+                        settings.kafka, spec, settings.artifacts, settings.signing_key(), settings.device,
                         "auto", seed=1, rollout_policy=DEMO_POLICY, **from_lake)))
                     retrainer.start()
                 if second_box and "retraining" in note:
@@ -264,8 +264,8 @@ def _on_live_stream(settings: Settings, spec, rows: list[dict], summary: dict) -
     from models.artifacts import load_artifact
     from models.baseline import baseline_model
     from models.scoring import LoadedModel
+    from models.store import fetched
     from models.training import evaluate
-    from models.updates import artifact_path
 
     if not rows or spec.model.kind != "mlp":
         return {}
@@ -279,8 +279,9 @@ def _on_live_stream(settings: Settings, spec, rows: list[dict], summary: dict) -
     for name in ("first", "second"):
         result = summary.get(name)
         if result is not None:
-            models[result.version] = load_artifact(artifact_path(result.uri), settings.trusted_keys(),
-                                                   spec.spec_hash, list(spec.model_inputs))
+            with fetched(result.uri, settings.object_store) as directory:
+                models[result.version] = load_artifact(directory, settings.trusted_keys(), spec.spec_hash,
+                                                       list(spec.model_inputs))
     features = [r["features"] for r in rows]
     return {version: {"events": len(rows), "positives": int(y.sum()), **evaluate(model.score(features), y)}
             for version, model in models.items()}

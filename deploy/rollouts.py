@@ -24,7 +24,7 @@ HOLD_RECORD_S = 60.0  # a "hold" decision is recorded at most this often (every 
 def _updates(settings: Settings, spec: PipelineSpec) -> list[dict]:
     from models.updates import read_updates
 
-    return read_updates(settings.kafka, spec, settings.trusted_keys())
+    return read_updates(settings.kafka, spec, settings.trusted_keys(), settings.object_store)
 
 
 def record(settings: Settings, route: Route, decision: str, reason: str, metrics: dict[str, Any] | None = None) -> None:
@@ -58,14 +58,11 @@ def start(settings: Settings, spec: PipelineSpec, version: str, shadow: bool = F
         raise EddyError("no model serves yet: `eddy up` publishes the baseline")
     if serving["version"] == version:
         raise EddyError(f"{version} already serves; roll out another version")
-    directory = settings.artifacts_dir / spec.name / version
-    if not (directory / "manifest.json").exists():
-        known = ", ".join(sorted(p.parent.name for p in (settings.artifacts_dir / spec.name).glob("*/manifest.json")))
-        raise EddyError(f"no model version {version!r} under {settings.artifacts_dir / spec.name}; known: {known or 'none'}")
+    directory = settings.artifacts.existing(spec.name, version)
     key = settings.signing_key()
     check_publish(spec, verify_artifact(directory, key, spec.spec_hash, list(spec.model_inputs)), key, "rollout")
     route = start_route(serving["version"], version, policy)
-    publish_step(settings.kafka, spec, key, {"uri": directory.resolve().as_uri()}, route)
+    publish_step(settings.kafka, spec, key, {"uri": settings.artifacts.publish(directory)}, route, settings.object_store)
     record(settings, route, "start", f"steps {list(route.steps)} ({'shadow first' if route.percent == 0 else 'canary'})",
            {"policy": route.policy})
     return route
@@ -81,7 +78,7 @@ def _running(settings: Settings, spec: PipelineSpec) -> tuple[Route, dict]:
 def end(settings: Settings, spec: PipelineSpec, outcome: str, reason: str) -> Route:
     """Promote (the challenger serves everything) or abort (the champion serves alone) the rollout in progress."""
     route, message = _running(settings, spec)
-    publish_end(settings.kafka, spec, settings.signing_key(), message, route, outcome, reason)
+    publish_end(settings.kafka, spec, settings.signing_key(), message, route, outcome, reason, settings.object_store)
     record(settings, route, {"promoted": "promote", "aborted": "abort"}.get(outcome, outcome), reason)
     return route
 
@@ -118,11 +115,11 @@ def act(settings: Settings, spec: PipelineSpec, route: Route, message: dict, dec
     if decision.action == "advance":
         following = route.next_step(now)
         assert following is not None
-        publish_step(settings.kafka, spec, key, message, following)
+        publish_step(settings.kafka, spec, key, message, following, settings.object_store)
     elif decision.action == "promote":
-        publish_end(settings.kafka, spec, key, message, route, "promoted", decision.reason)
+        publish_end(settings.kafka, spec, key, message, route, "promoted", decision.reason, settings.object_store)
     elif decision.action == "rollback":
-        publish_end(settings.kafka, spec, key, message, route, "rolled_back", decision.reason)
+        publish_end(settings.kafka, spec, key, message, route, "rolled_back", decision.reason, settings.object_store)
     record(settings, route, decision.action, decision.reason, decision.metrics)
 
 

@@ -46,3 +46,7 @@ class SpecMismatch(ArtifactError):
 
 class IncompatibleWeights(ArtifactError):
     """The tensors in a verified artifact do not fit the model its manifest describes."""
+
+
+class UpdateRefused(EddyError):
+    """A model update that must not be served; the reason is one line."""

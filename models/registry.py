@@ -4,7 +4,6 @@ model-updates topic saying which version serves. `eddy models`, `eddy promote`, 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from features.errors import EddyError
@@ -12,16 +11,18 @@ from features.spec import PipelineSpec
 from models.artifacts import verify_artifact
 from models.policy import check_publish
 from models.signing import SigningKey, TrustedKeys
+from models.store import Artifacts
 from models.updates import publish, read_updates, serves, serving_update, supersedes
 from streams.kafka import KafkaConfig
 
 
-def list_models(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: TrustedKeys,
+def list_models(kafka: KafkaConfig, spec: PipelineSpec, artifacts: Artifacts, key: TrustedKeys,
                 lakehouse_root: str | None = None) -> list[dict[str, Any]]:
     """Every artifact of this pipeline with its manifest's metrics, newest first; `serving` marks the
     one in use; with the lakehouse root, `live` holds each version's quality on live labelled
     predictions and `registered` says whether gold/models lists it."""
-    serving = serving_update(read_updates(kafka, spec, key))
+    serving = serving_update(read_updates(kafka, spec, key, artifacts.store))
+    artifacts.sync(spec.name)
     live: dict[str, Any] = {}
     registered: set[str] = set()
     if lakehouse_root is not None:
@@ -31,33 +32,30 @@ def list_models(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, ke
         live = live_metrics(lakehouse_root, spec)
         registered = {row["version"] for row in registered_models(lakehouse_root)}
     out = []
-    for manifest_file in sorted((artifacts_root / spec.name).glob("*/manifest.json")):
+    for manifest_file in sorted((artifacts.local / spec.name).glob("*/manifest.json")):
         data = json.loads(manifest_file.read_text())
         out.append({"version": data.get("version"), "created_at": data.get("created_at"), "kind": data.get("kind"),
                     "parent": data.get("parent"), "metrics": data.get("metrics", {}),
                     "serving": serving is not None and serving["version"] == data.get("version"),
-                    "uri": manifest_file.parent.resolve().as_uri(),
+                    "uri": artifacts.uri(manifest_file.parent),
                     "live": live.get(data.get("version")), "registered": data.get("version") in registered})
     return sorted(out, key=lambda m: str(m["created_at"]), reverse=True)
 
 
-def promote(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: SigningKey, version: str,
+def promote(kafka: KafkaConfig, spec: PipelineSpec, artifacts: Artifacts, key: SigningKey, version: str,
             action: str = "promote") -> None:
     """Publish an existing version so that scorers serve it, whatever its age."""
-    directory = artifacts_root / spec.name / version
-    if not (directory / "manifest.json").exists():
-        known = ", ".join(sorted(p.parent.name for p in (artifacts_root / spec.name).glob("*/manifest.json")))
-        raise EddyError(f"no model version {version!r} under {artifacts_root / spec.name}; known: {known or 'none'}")
+    directory = artifacts.existing(spec.name, version)
     manifest = verify_artifact(directory, key, spec.spec_hash, list(spec.model_inputs))
     check_publish(spec, manifest, key, action)
-    publish(kafka, spec.topics.model_updates, manifest, directory.resolve().as_uri(), key, action=action)
+    publish(kafka, spec.topics.model_updates, manifest, artifacts.publish(directory), key, action=action)
 
 
-def rollback(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: SigningKey) -> str:
+def rollback(kafka: KafkaConfig, spec: PipelineSpec, artifacts: Artifacts, key: SigningKey) -> str:
     """Serve again the version that served before the current one; returns it."""
     served: list[str] = []
     current = None
-    for message in read_updates(kafka, spec, key):
+    for message in read_updates(kafka, spec, key, artifacts.store):
         if serves(message) and supersedes(message, current):
             current = message
             if not served or served[-1] != message["version"]:
@@ -65,5 +63,5 @@ def rollback(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: 
     if len(served) < 2:
         raise EddyError("nothing to roll back to: only one version has served")
     previous = served[-2]
-    promote(kafka, spec, artifacts_root, key, previous, action="rollback")
+    promote(kafka, spec, artifacts, key, previous, action="rollback")
     return previous

@@ -12,7 +12,6 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -27,8 +26,9 @@ from models.policy import PublishRefused, check_publish
 from models.rollout import Policy, Route, current_rollout, publish_step, start_route
 from models.scoring import LoadedModel, pick_device
 from models.signing import SigningKey
+from models.store import Artifacts, fetched
 from models.training import evaluate, train
-from models.updates import artifact_path, publish, read_updates, serving_update
+from models.updates import publish, read_updates, serving_update
 from streams.kafka import KafkaConfig, json_object, read_topic
 
 PUBLISH_MODES = ("auto", "always", "never")
@@ -138,7 +138,7 @@ def drift_reference(spec: PipelineSpec, records: list[dict], scores: np.ndarray)
     return reference(rows_to_array([r["features"] for r in records], names), names, scores)
 
 
-def retrain(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: SigningKey, device: str,
+def retrain(kafka: KafkaConfig, spec: PipelineSpec, artifacts: Artifacts, key: SigningKey, device: str,
             publish_mode: str = "auto", epochs: int = 8, seed: int = 0,
             on_progress: Callable[[str], None] = lambda line: None,
             rows: Callable[[], TrainingSet] | None = None,
@@ -160,11 +160,12 @@ def retrain(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: S
                         "first (eddy produce --backfill 24h) and let the stack process them")
     split = int(len(records) * 0.8)  # time-ordered: the newest 20% is the holdout
     dev = pick_device(device)
-    updates = read_updates(kafka, spec, key)
+    updates = read_updates(kafka, spec, key, artifacts.store)
     current = serving_update(updates)
     champion = None
     if current is not None:
-        champion = load_artifact(artifact_path(current["uri"]), key, spec.spec_hash, list(spec.model_inputs), dev)
+        with fetched(current["uri"], artifacts.store) as directory:
+            champion = load_artifact(directory, key, spec.spec_hash, list(spec.model_inputs), dev)
     seq_len = champion.seq_len if champion is not None and champion.seq_len else 8
     inputs = _inputs(spec, records, seq_len)
 
@@ -181,14 +182,14 @@ def retrain(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: S
     if champion is not None:
         champion_metrics = evaluate(_score(champion, spec, inputs[split:]), y[split:])
     version = "v" + datetime.now(UTC).strftime("%Y%m%d%H%M%S")
-    directory = artifacts_root / spec.name / version
+    directory = artifacts.directory(spec.name, version)
     manifest = save_artifact(directory, model, normaliser,
                              {"version": version, "spec_hash": spec.spec_hash, "metrics": metrics,
                               "parent": current["version"] if current else None, "name": spec.model.name,
                               "reference": drift_reference(spec, records[split:], holdout_scores)}, key)
     better = champion_metrics is None or (metrics["pr_auc"] or 0) > (champion_metrics["pr_auc"] or 0)
     published = publish_mode == "always" or (publish_mode == "auto" and better)
-    uri = directory.resolve().as_uri()
+    uri = artifacts.publish(directory)  # uploaded even when not served, so any host can promote it later
     route, refused = None, None
     if published:
         try:
@@ -200,7 +201,7 @@ def retrain(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: S
         published = False
         if current_rollout(updates) is None:
             route = start_route(current["version"], version, rollout_policy)
-            publish_step(kafka, spec, key, {"uri": uri}, route)
+            publish_step(kafka, spec, key, {"uri": uri}, route, artifacts.store)
     elif published:
         publish(kafka, spec.topics.model_updates, manifest, uri, key)
     if register is not None:

@@ -27,6 +27,7 @@ from features.spec import PipelineSpec
 from models.artifacts import model_update_message
 from models.manifest import Manifest
 from models.signing import SigningKey
+from models.store import ObjectStore
 from streams.kafka import KafkaConfig
 
 BUCKETS = 10_000                      # a weight is applied in steps of 0.01%
@@ -285,28 +286,31 @@ def current_rollout(updates: Sequence[Mapping[str, Any]]) -> tuple[Route, dict[s
     return state
 
 
-def _manifest_of(message: Mapping[str, Any], spec: PipelineSpec, key: SigningKey) -> Manifest:
+def _manifest_of(message: Mapping[str, Any], spec: PipelineSpec, key: SigningKey, store: ObjectStore | None) -> Manifest:
     from models.artifacts import verify_artifact
-    from models.updates import artifact_path
+    from models.store import fetched
 
-    return verify_artifact(artifact_path(message["uri"]), key, spec.spec_hash, list(spec.model_inputs))
+    with fetched(message["uri"], store) as directory:
+        return verify_artifact(directory, key, spec.spec_hash, list(spec.model_inputs))
 
 
-def publish_step(kafka: KafkaConfig, spec: PipelineSpec, key: SigningKey, message: Mapping[str, Any], route: Route) -> None:
-    """Publish `route` (a next step, or the first) for the challenger of `message` (any update naming it)."""
+def publish_step(kafka: KafkaConfig, spec: PipelineSpec, key: SigningKey, message: Mapping[str, Any], route: Route,
+                 store: ObjectStore | None = None) -> None:
+    """Publish `route` (a next step, or the first) for the challenger of `message` (any update naming it);
+    `store`: where an s3:// artifact is fetched from to check it."""
     from models.updates import publish_messages
 
-    step = rollout_message(_manifest_of(message, spec, key), message["uri"], key, route)
+    step = rollout_message(_manifest_of(message, spec, key, store), message["uri"], key, route)
     publish_messages(kafka, spec.topics.model_updates, [step], key, f"rollout step {route.percent}%")
 
 
 def publish_end(kafka: KafkaConfig, spec: PipelineSpec, key: SigningKey, message: Mapping[str, Any], route: Route,
-                outcome: str, reason: str) -> None:
+                outcome: str, reason: str, store: ObjectStore | None = None) -> None:
     """End the rollout: with `promoted`, the end and then a promote of the challenger (so the registry
     and a scorer that starts later see it as serving), in this order."""
     from models.updates import publish_messages, update_message
 
-    manifest = _manifest_of(message, spec, key)
+    manifest = _manifest_of(message, spec, key, store)
     messages = [rollout_end_message(manifest, message["uri"], key, route, outcome, reason)]
     if outcome == "promoted":
         messages.append(update_message(manifest, message["uri"], key, action="promote"))

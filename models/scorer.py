@@ -33,6 +33,7 @@ from models.rollout import Route, canary_mask
 from models.scoring import LoadedModel, pick_device
 from models.signing import TrustedKeys
 from models.state import HistoryStore, append_once, history_before
+from models.store import ObjectStore
 from models.updates import UpdateListener
 from streams.delivery import loop_for
 from streams.dlq import dead_letter
@@ -66,6 +67,7 @@ class ScorerConfig:
     history: int = 16              # feature rows kept per entity for sequence models
     model_wait_s: float = 120.0    # how long to wait at start for a model on the updates topic
     drift_window: int = WINDOW_ROWS  # rows of the live window drift is measured on (0: no drift)
+    store: ObjectStore | None = None  # where s3:// artifacts are fetched from (None: local ones only)
 
     @property
     def group(self) -> str:
@@ -101,7 +103,8 @@ class Scorer:
         # features record's partition and offset; the fused stage tags by the source record instead.
         self.position: Callable[[Any], tuple[int | str, int]] = features_position
         self.listener = UpdateListener(config.kafka, self.spec, config.model_key, self.device,
-                                       on_ready=self._ready, serving=lambda: self.serving, on_rollout=self._rollout)
+                                       on_ready=self._ready, serving=lambda: self.serving, on_rollout=self._rollout,
+                                       store=config.store)
 
     def _ready(self, loaded: LoadedModel, message: dict) -> None:
         with self._lock:

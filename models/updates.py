@@ -16,9 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import orjson
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
@@ -27,9 +25,11 @@ from features.errors import EddyError
 from features.spec import PipelineSpec
 from features.waiting import poll
 from models.artifacts import load_artifact, model_update_message, next_sequence, sign_message, verify_message
+from models.errors import UpdateRefused
 from models.groups import SEQUENCE_GROUP_PREFIX
 from models.manifest import Manifest
 from models.signing import SigningKey, TrustedKeys
+from models.store import Artifacts, ObjectStore, fetched
 from streams.kafka import KafkaConfig, consumed
 
 if TYPE_CHECKING:
@@ -62,8 +62,9 @@ def supersedes(message: dict, current: dict | None) -> bool:
     return str(message["created_at"]) > str(current["created_at"])
 
 
-def read_updates(kafka: KafkaConfig, spec: PipelineSpec, key: TrustedKeys) -> list[dict]:
-    """Every validly signed update for this spec whose artifact verifies, in topic order (a snapshot)."""
+def read_updates(kafka: KafkaConfig, spec: PipelineSpec, key: TrustedKeys, store: ObjectStore | None = None) -> list[dict]:
+    """Every validly signed update for this spec whose artifact verifies, in topic order (a snapshot);
+    `store`: where s3:// artifacts are fetched from."""
     consumer = Consumer(kafka.client(**{"group.id": f"{spec.stage_id('registry')}-{uuid.uuid4().hex[:8]}",
                                         "enable.auto.commit": False, "isolation.level": "read_committed"}))
     topic = spec.topics.model_updates
@@ -88,7 +89,7 @@ def read_updates(kafka: KafkaConfig, spec: PipelineSpec, key: TrustedKeys) -> li
                     message = orjson.loads(value)
                     fields = {k: v for k, v in message.items() if k != "signature"}
                     if (verify_message(fields, message["signature"], key) and message.get("spec_hash") == spec.spec_hash
-                            and _in_order(message, out[-1] if out else None) and _servable(message, spec, key)):
+                            and _in_order(message, out[-1] if out else None) and _servable(message, spec, key, store)):
                         out.append(message)
                 except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
                     continue
@@ -107,12 +108,13 @@ def _in_order(message: dict, last: dict | None) -> bool:
     return isinstance(seq, int) and not isinstance(seq, bool) and (last is None or seq > last["seq"])
 
 
-def _servable(message: dict, spec: PipelineSpec, key: TrustedKeys) -> bool:
+def _servable(message: dict, spec: PipelineSpec, key: TrustedKeys, store: ObjectStore | None) -> bool:
     """Whether a scorer would load this update's artifact (what a scorer refuses never served)."""
     from models.artifacts import verify_artifact
 
     try:
-        manifest = verify_artifact(artifact_path(message["uri"]), key, spec.spec_hash, list(spec.model_inputs))
+        with fetched(message["uri"], store) as directory:
+            manifest = verify_artifact(directory, key, spec.spec_hash, list(spec.model_inputs))
     except (EddyError, OSError):
         return False
     return manifest.sha256 == message.get("sha256")
@@ -125,19 +127,6 @@ def serving_update(updates: list[dict]) -> dict | None:
         if serves(message) and supersedes(message, current):
             current = message
     return current
-
-
-class UpdateRefused(EddyError):
-    """A model update that must not be served; the reason is one line."""
-
-
-def artifact_path(uri: str) -> Path:
-    """The local path an artifact URI names (a path or file://); UpdateRefused for any other
-    scheme, so an update never makes a scorer fetch from elsewhere."""
-    parts = urlsplit(uri)
-    if parts.scheme not in ("", "file"):
-        raise UpdateRefused(f"artifact URI {uri!r}: only local paths and file:// URIs are served")
-    return Path(parts.path)
 
 
 def update_message(manifest, uri: str, key: SigningKey, action: str = "publish") -> dict:
@@ -217,8 +206,9 @@ class UpdateListener:
 
     def __init__(self, kafka: KafkaConfig, spec: PipelineSpec, key: TrustedKeys, device,
                  on_ready: Callable[[LoadedModel, dict], None], serving: Callable[[], LoadedModel | None],
-                 on_rollout: Callable[[dict, LoadedModel | None], None] = lambda message, loaded: None) -> None:
-        self.kafka, self.spec, self.key, self.device = kafka, spec, key, device
+                 on_rollout: Callable[[dict, LoadedModel | None], None] = lambda message, loaded: None,
+                 store: ObjectStore | None = None) -> None:
+        self.kafka, self.spec, self.key, self.device, self.store = kafka, spec, key, device, store
         self.on_ready, self.serving, self.on_rollout = on_ready, serving, on_rollout
         self._challenger: str | None = None  # the challenger version last handed to on_rollout
         self._last_seq = 0  # the seq of the last message taken
@@ -356,8 +346,8 @@ class UpdateListener:
         """The update's artifact loaded and warmed up (message["load_ms"] set), or None (refused)."""
         started = time.perf_counter()
         try:
-            loaded = load_artifact(artifact_path(message["uri"]), self.key, self.spec.spec_hash,
-                                   list(self.spec.model_inputs), self.device)
+            with fetched(message["uri"], self.store) as directory:
+                loaded = load_artifact(directory, self.key, self.spec.spec_hash, list(self.spec.model_inputs), self.device)
             manifest = loaded.manifest  # load_artifact always sets a Manifest
             if not isinstance(manifest, Manifest) or manifest.sha256 != message["sha256"]:
                 raise UpdateRefused(f"update {message['version']!r}: artifact sha256 differs from the message")
@@ -373,7 +363,7 @@ class UpdateListener:
         return loaded
 
 
-def ensure_baseline(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path, key: SigningKey) -> str | None:
+def ensure_baseline(kafka: KafkaConfig, spec: PipelineSpec, artifacts: Artifacts, key: SigningKey) -> str | None:
     """On a stack where no model was ever published, save and publish the baseline so predictions
     flow from the first event; returns its version, or None when the topic already has updates."""
     from confluent_kafka import Consumer
@@ -402,7 +392,7 @@ def ensure_baseline(kafka: KafkaConfig, spec: PipelineSpec, artifacts_root: Path
             return None
     finally:
         probe.close()
-    directory = artifacts_root / spec.name / "baseline-1"
+    directory = artifacts.directory(spec.name, "baseline-1")
     manifest = baseline_artifact(spec, directory, key, version="baseline-1")
-    publish(kafka, topic, manifest, directory.resolve().as_uri(), key, action="publish")
+    publish(kafka, topic, manifest, artifacts.publish(directory), key, action="publish")
     return manifest.version

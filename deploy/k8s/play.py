@@ -196,7 +196,7 @@ def main(argv: list[str]) -> int:
     try:
         stack.up(settings, with_components=False)
         print(f"[play] broker {settings.kafka.bootstrap}, Redis {env['EDDY_REDIS_URL']}, home {home}", flush=True)
-        ensure_baseline(settings.kafka, spec, settings.artifacts_dir, settings.signing_key())
+        ensure_baseline(settings.kafka, spec, settings.artifacts, settings.signing_key())
         for path in (home, lakehouse, *lakehouse.rglob("*")):  # the pods' user (10001) reads the artifacts
             path.chmod(path.stat().st_mode | 0o055)
         passwords = {role: secrets.token_hex(16) for role in ROLES}

@@ -79,7 +79,7 @@ def train(settings, spec, history: tuple, shuffled: bool, seed: int) -> str:
     if shuffled:
         labels = np.random.default_rng(0).permutation(labels)
     time.sleep(1.1)  # versions are named by the second
-    result = retrain(settings.kafka, spec, settings.artifacts_dir, settings.signing_key(), "cpu",
+    result = retrain(settings.kafka, spec, settings.artifacts, settings.signing_key(), "cpu",
                      "never", epochs=6, seed=seed, rows=lambda: TrainingSet(records, labels),
                      register=lambda entry: register_model(settings.lakehouse, entry))
     return result.version

@@ -72,7 +72,7 @@ def test_a_shifted_amount_drifts_fires_the_alert_and_the_other_features_stay_bel
             return time.time()
 
         segment(TRAIN, TRAIN)
-        trained = retrain(settings.kafka, spec, settings.artifacts_dir, settings.signing_key(), "cpu",
+        trained = retrain(settings.kafka, spec, settings.artifacts, settings.signing_key(), "cpu",
                           "always")
         assert trained.published
         wait_for(lambda: status(env)["parts"]["scorer-0"].get("model_version") == trained.version, 60,

@@ -53,7 +53,7 @@ def test_fused_stage_matches_the_reference_and_scores_each_row_once(settings, st
     spec = case.spec
     home_env = {**stack_env, "EDDY_PIPELINE": str(case.spec_path), "EDDY_HOME": str(tmp_path / "home")}
     mine = load_settings(environ=home_env)
-    version = ensure_baseline(settings.kafka, spec, mine.artifacts_dir, mine.signing_key())
+    version = ensure_baseline(settings.kafka, spec, mine.artifacts, mine.signing_key())
     assert version == "baseline-1"
     env = {**os.environ, **home_env, **as_role(stack_env, "fused"), "EDDY_ENGINE": "native"}
     client = redis.Redis.from_url(settings.redis_url)

@@ -12,6 +12,7 @@ from features.spec import parse_spec
 from models.policy import PublishRefused
 from models.registry import promote
 from models.signing import SigningKey
+from models.store import Artifacts
 from tests.conftest import run_eddy
 from tests.kafka_helpers import count_committed
 
@@ -44,7 +45,7 @@ def test_the_policy_keeps_what_it_refuses_off_the_topic(settings, stack_env, fre
 
     with pytest.raises(PublishRefused, match=r"promote of v-weak refused by model.publish.min_pr_auc: "
                                              r"holdout PR-AUC 0.200 is below 0.500"):
-        promote(settings.kafka, spec, root, key, "v-weak")
+        promote(settings.kafka, spec, Artifacts(root), key, "v-weak")
     assert count_committed(settings.kafka, fresh_topic, idle_s=1) == 0
 
     # the same refusal from the CLI: one line, status 1, nothing published
@@ -57,7 +58,7 @@ def test_the_policy_keeps_what_it_refuses_off_the_topic(settings, stack_env, fre
         "eddy: error: promote of v-weak refused by model.publish.min_pr_auc: holdout PR-AUC 0.200 is below 0.500"]
     assert count_committed(settings.kafka, fresh_topic, idle_s=1) == 0
 
-    promote(settings.kafka, spec, root, key, "v-good")
+    promote(settings.kafka, spec, Artifacts(root), key, "v-good")
     assert count_committed(settings.kafka, fresh_topic, idle_s=1) == 1
 
     # a key the policy does not name may not promote
@@ -65,5 +66,5 @@ def test_the_policy_keeps_what_it_refuses_off_the_topic(settings, stack_env, fre
     _, strict = spec_with(fresh_topic, {"signers": ["0123456789abcdef"]})
     saved(strict, root, stranger, "v-other", 0.9)
     with pytest.raises(PublishRefused, match=f"signers: key {stranger.id} is not among 0123456789abcdef"):
-        promote(settings.kafka, strict, root, stranger, "v-other")
+        promote(settings.kafka, strict, Artifacts(root), stranger, "v-other")
     assert count_committed(settings.kafka, fresh_topic, idle_s=1) == 1
