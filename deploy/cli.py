@@ -18,6 +18,7 @@ from rich.table import Table
 
 from deploy import cli_measure, cli_models  # noqa: F401 - register the measuring, model and rollout commands on the app
 from deploy.cli_base import HomeOpt, InsecureOpt, PipelineOpt, StagesOpt, app, err, out, settings_from
+from deploy.settings import export_store_environment, local_store_flags
 from features.errors import ConfigError, EddyError
 
 
@@ -33,6 +34,12 @@ def up(
     stages: StagesOpt = None,
     ingest: Annotated[bool | None, typer.Option("--ingest/--no-ingest", help="run lakehouse ingestion (EDDY_INGEST, default on)")] = None,
     monitoring: Annotated[bool | None, typer.Option("--monitoring/--no-monitoring", help="a local Prometheus scraping every stage, with eddy's alert rules (EDDY_MONITORING, default off)")] = None,
+    object_store: Annotated[bool, typer.Option("--object-store", help="the lakehouse and the model artifacts on a local "
+                                               "S3-compatible store (S3Proxy), as on a cluster's object storage; later "
+                                               "commands of this home find it (EDDY_LAKEHOUSE=s3a://..., EDDY_S3_ENDPOINT)")] = False,
+    spark_cluster: Annotated[bool, typer.Option("--spark-cluster", help="ingestion and every Spark command on a local "
+                                                "standalone cluster (a master and a worker, each its own process); "
+                                                "later commands of this home use it (EDDY_SPARK_MASTER)")] = False,
     insecure: InsecureOpt = False,
     home: HomeOpt = None,
     pipeline: PipelineOpt = None,
@@ -45,8 +52,11 @@ def up(
                              ingest=None if ingest is None else ("on" if ingest else "off"),
                              monitoring=None if monitoring is None else ("on" if monitoring else "off"),
                              insecure="on" if insecure else None)
+    if object_store:
+        settings = settings.with_overrides(**local_store_flags(settings.home))
+        export_store_environment(settings)
     with err.status("starting the stack..."):
-        report = stack.up(settings)
+        report = stack.up(settings, spark_cluster=spark_cluster)
     for name, part in report.parts.items():
         how = f"started in {part['start_s']}s" if part["start_s"] else ("running" if part["managed"] else "external")
         out.print(f"[green]up[/green]  {name:<8} {part['address']:<28} {how:<18} log: {part['log']}")

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from deploy.logs import setup_logging
-from deploy.settings import Settings, load_settings
+from deploy.settings import Settings, export_store_environment, load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="eddy: event-driven streaming ML (Kafka -> features -> PyTorch scoring -> Delta).")
@@ -32,6 +32,7 @@ def settings_from(process: str, **flags: Any) -> Settings:
     """The Settings of this CLI process (flags over EDDY_* variables over defaults), with logging set
     up for `process`; ConfigError names a bad flag or variable."""
     settings = load_settings(flags)
+    export_store_environment(settings)  # delta-rs and Spark in this process find the lakehouse's store
     setup_logging(settings.logs_dir, process)
     return settings
 

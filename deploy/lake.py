@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deploy.settings import Settings
+from deploy.spark_cluster import cluster_conf
 from features.spec import PipelineSpec
 from lakehouse.ingest import IngestConfig, IngestStats
 from lakehouse.session import SparkConfig, kafka_options, start_session
@@ -48,6 +49,8 @@ def spark_session(settings: Settings, app: str) -> SparkSession:
     conf = {"spark.sql.warehouse.dir": str(settings.home / "spark-warehouse"),
             "spark.ui.showConsoleProgress": "false",
             "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{log4j}",
+            **(settings.object_store.hadoop_conf() if settings.object_store else {}),
+            **cluster_conf(settings),
             **settings.spark_conf}
     config = SparkConfig(settings.jars_dir, master=settings.spark_master, app_name=app, conf=conf)
     with _jvm_output_to(settings.logs_dir / f"{app}.jvm.log"):
@@ -256,7 +259,7 @@ def run_retrain_component(settings: Settings, spec: PipelineSpec) -> None:
                 log.info("retraining: a feature drifted (PSI %.3f above %s)", drift, settings.retrain_on_drift)
             policy.done(labels, time.monotonic())
             try:
-                result = retrain(settings.kafka, spec, settings.artifacts_dir, settings.signing_key(),
+                result = retrain(settings.kafka, spec, settings.artifacts, settings.signing_key(),
                                  settings.device, "auto", rows=rows,
                                  register=lambda entry: register_model(settings.lakehouse, entry),
                                  rollout_policy=load_policy(settings.rollout_policy) if settings.rollout_policy else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections.abc import Iterable, Mapping
@@ -17,6 +18,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     SecretBytes,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -25,14 +27,17 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, InitSettingsSourc
 from pydantic_settings.sources.utils import parse_env_vars
 
 from deploy.kafka_cluster import cluster_bootstrap
-from deploy.security import local_kafka_properties, local_redis_url
+from deploy.security import local_kafka_properties, local_redis_url, passwords
 from features.errors import ConfigError, SpecError
 from features.spec import PipelineSpec, load_spec, parse_duration
 from models.signing import SigningKey, TrustedKeys
+from models.store import Artifacts, ObjectStore, is_object_uri
 from streams.kafka import KafkaConfig, check_client_security, parse_properties
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_REPLICAS = 16  # scorer replicas and feature-stage workers: at most this many of each
+LOCAL_STORE_LAKEHOUSE = "s3a://eddy/lakehouse"  # `eddy up --object-store`: the bucket and prefix of the lake
+LOCAL_STORE_ACCESS_KEY = "eddy"  # the local object store's one identity; its secret is generated per home
 Device = Literal["auto", "cpu", "cuda"]
 Engine = Literal["faust", "flink", "native"]
 Stages = Literal["auto", "split", "fused"]
@@ -117,7 +122,15 @@ class Settings(BaseSettings):
     # online feature or history is ever dropped silently) and the stages wait until there is room.
     redis_maxmemory: Annotated[str, _LOWER] = Field("2gb", pattern=r"^[1-9][0-9]*(b|kb|mb|gb)?$",
                                                     description="a size like 512mb or 2gb")
-    lakehouse: str = ""  # empty: home/lakehouse
+    lakehouse: str = ""  # empty: home/lakehouse; s3a://bucket/prefix: on the object store below
+    # The S3-compatible store of an s3a:// lakehouse and of the model artifacts: its URL (empty: AWS's own),
+    # region and keys (empty: the AWS SDKs' own chain: AWS_* variables, a profile, an instance role). On a
+    # loopback URL it is this home's own store (`eddy up --object-store` starts it) and its generated keys.
+    s3_endpoint: str = Field("", pattern=r"^$|^https?://[A-Za-z0-9.:\[\]-]+/?$",
+                             description="an http(s)://host:port URL, like http://127.0.0.1:9000")
+    s3_region: str = "us-east-1"
+    s3_access_key: str = ""
+    s3_secret_key: SecretStr = Field(SecretStr(""))
     pipeline: Path = Path("pipelines/fraud.yaml")
     device: Annotated[Device, _LOWER] = Field("auto", description=f"one of {', '.join(DEVICES)}")
     engine: Annotated[Engine, _LOWER] = Field("native", description=f"one of {', '.join(ENGINES)}")
@@ -144,7 +157,7 @@ class Settings(BaseSettings):
     ingest: bool = Field(True, description="on or off")  # run lakehouse ingestion in the stack
     ingest_trigger_s: Seconds = Field(2.0, validation_alias="EDDY_INGEST_TRIGGER",
                                       description="a duration like 2s or 500ms")
-    spark_master: str = "local[2]"
+    spark_master: str = ""  # empty: this home's local cluster (`eddy up --spark-cluster`) when it made one, else local[2]
     spark_conf: Annotated[Mapping[str, str], NoDecode] = Field(  # spark.* settings from a properties file
         default_factory=dict, validation_alias="EDDY_SPARK_CONF", repr=False)
     # Continuous retraining, off unless one of these is set.
@@ -228,7 +241,24 @@ class Settings(BaseSettings):
     def _lakehouse_under_home(cls, value: Any, info: ValidationInfo) -> Any:
         if value or "home" not in info.data:
             return value
-        return str(info.data["home"] / "lakehouse")
+        recorded = recorded_store(info.data["home"])  # this home's stack keeps its lake on its object store
+        return recorded["lakehouse"] if recorded else str(info.data["home"] / "lakehouse")
+
+    @field_validator("s3_endpoint", mode="before")
+    @classmethod
+    def _recorded_endpoint(cls, value: Any, info: ValidationInfo) -> Any:
+        if value or "home" not in info.data or not is_object_uri(str(info.data.get("lakehouse", ""))):
+            return value
+        recorded = recorded_store(info.data["home"])
+        return recorded["endpoint"] if recorded and recorded["lakehouse"] == info.data["lakehouse"] else value
+
+    @field_validator("spark_master", mode="before")
+    @classmethod
+    def _recorded_master(cls, value: Any, info: ValidationInfo) -> Any:
+        if value or "home" not in info.data:
+            return value or "local[2]"
+        recorded = recorded_spark_cluster(info.data["home"])
+        return recorded["master"] if recorded else "local[2]"
 
     @field_validator("pipeline")
     @classmethod
@@ -289,9 +319,30 @@ class Settings(BaseSettings):
         return self.home / "run"
 
     @property
+    def object_store(self) -> ObjectStore | None:
+        """The store of an s3a:// lakehouse (None for a local one), with this home's own keys when it is the
+        local store and no keys are given."""
+        if not is_object_uri(self.lakehouse):
+            return None
+        access, secret = self.s3_access_key, self.s3_secret_key.get_secret_value()
+        if not access and (urlsplit(self.s3_endpoint).hostname or "") in ("127.0.0.1", "localhost", "::1"):
+            access, secret = LOCAL_STORE_ACCESS_KEY, passwords(self.home, [LOCAL_STORE_ACCESS_KEY])[LOCAL_STORE_ACCESS_KEY]
+        return ObjectStore(self.s3_endpoint, self.s3_region, access, secret)
+
+    @property
+    def artifacts(self) -> Artifacts:
+        """Model artifacts: under a local lakehouse's root; with an object store, saved under home/models and
+        published to the lakehouse's bucket, beside its tables, where every host fetches them."""
+        store = self.object_store
+        if store is None:
+            return Artifacts(Path(self.lakehouse.removeprefix("file://")) / "models")
+        parts = urlsplit(self.lakehouse)
+        return Artifacts(self.home / "models", f"s3://{parts.netloc}{parts.path.rstrip('/')}/models", store)
+
+    @property
     def artifacts_dir(self) -> Path:
-        """Model artifacts live under the lakehouse root (a local path in the local stack)."""
-        return Path(self.lakehouse.removeprefix("file://")) / "models"
+        """Where this host saves and reads model artifacts (settings.artifacts.local)."""
+        return self.artifacts.local
 
     def with_overrides(self, **changes: Any) -> Settings:
         return self.model_copy(update={k: v for k, v in changes.items() if v is not None})
@@ -365,6 +416,61 @@ def local_credentials(settings: Settings) -> Settings:
     return settings.model_copy(update=changes) if changes else settings
 
 
+def spark_cluster_record(home: Path) -> Path:
+    return home / "spark" / "cluster.json"
+
+
+def recorded_spark_cluster(home: Path) -> dict[str, str] | None:
+    """The master and UI addresses of the local Spark cluster `eddy up --spark-cluster` made for this home."""
+    try:
+        data = json.loads(spark_cluster_record(home).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and {"master", "ui"} <= data.keys() else None
+
+
+def _store_record(home: Path) -> Path:
+    return home / "objectstore" / "store.json"
+
+
+def recorded_store(home: Path) -> dict[str, str] | None:
+    """The lakehouse and endpoint of the local object store `eddy up --object-store` made for this home."""
+    try:
+        record = json.loads(_store_record(home).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and {"lakehouse", "endpoint"} <= record.keys() else None
+
+
+def record_store(settings: Settings) -> None:
+    """Remember this home's local object store, so later commands find the lake on it."""
+    path = _store_record(settings.home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"lakehouse": settings.lakehouse, "endpoint": settings.s3_endpoint}))
+
+
+def local_store_flags(home: Path) -> dict[str, str]:
+    """The flags of `eddy up --object-store`: the lake on the local store, at the endpoint this home
+    recorded, else on a free loopback port."""
+    from deploy.processes import free_port
+
+    recorded = recorded_store(home)
+    endpoint = recorded["endpoint"] if recorded else f"http://127.0.0.1:{free_port()}"
+    return {"lakehouse": LOCAL_STORE_LAKEHOUSE, "s3_endpoint": endpoint}
+
+
+def store_environment(settings: Settings) -> dict[str, str]:
+    """The AWS_* variables that delta-rs and Spark's S3A read for the object store (none without one)."""
+    store = settings.object_store
+    return store.environment() if store is not None else {}
+
+
+def export_store_environment(settings: Settings) -> None:
+    """Put store_environment into this process's environment: delta-rs opens tables by URI alone, and
+    Spark's driver and the JVM it starts inherit it (called once, where a process loads its settings)."""
+    os.environ.update(store_environment(settings))
+
+
 def inherited_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment with `extra` over it: what a tool eddy runs (podman, a peer engine) is
     given; the one place besides Settings that reads the environment."""
@@ -396,8 +502,11 @@ def child_environment(settings: Settings, extra: Mapping[str, str] | None = None
         EDDY_MONITORING="on" if settings.monitoring else "off",
         EDDY_METRICS_PORT=str(settings.metrics_port),
         EDDY_SPARK_MASTER=settings.spark_master,
+        EDDY_S3_ENDPOINT=settings.s3_endpoint,
+        EDDY_S3_REGION=settings.s3_region,
         PYTHONUNBUFFERED="1",
     )
+    env.update(store_environment(settings))
     if settings.spark_master.startswith("local"):  # a driver a cluster must reach binds no loopback
         env["SPARK_LOCAL_IP"] = "127.0.0.1"
     if settings.engine == "flink":  # the JVM PyFlink starts logs beside the engine's data, not into pyflink

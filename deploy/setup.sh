@@ -39,7 +39,7 @@ fi
 
 peers_venv
 
-# 2. JVM jars (Kafka broker, Flink Kafka connector, Spark Kafka + Delta) from Maven Central
+# 2. JVM jars (Kafka broker, Flink Kafka connector, Spark Kafka + Delta + S3A, the local object store) from Maven Central
 command -v java >/dev/null || fail "Java 17+ is needed: apt-get install openjdk-17-jre-headless"
 command -v mvn >/dev/null || fail "Maven is needed to fetch the pinned jars: apt-get install maven"
 want=$(hash_of deploy/jvm/pom.xml deploy/jvm/*/pom.xml)

@@ -13,9 +13,17 @@ from typing import Any, cast
 
 import psutil
 
-from deploy import broker, components, redis_local
+from deploy import broker, components, object_store, redis_local
 from deploy.processes import ProcessTable, port_open
-from deploy.settings import Settings, child_environment, local_credentials, redact_url, stored_key
+from deploy.settings import (
+    Settings,
+    child_environment,
+    local_credentials,
+    record_store,
+    recorded_spark_cluster,
+    redact_url,
+    stored_key,
+)
 from features.errors import ConfigError, EddyError, ServiceError
 from features.spec import PipelineSpec, load_spec
 from features.waiting import poll
@@ -24,12 +32,13 @@ from streams.metrics import read_metrics
 
 COMPONENT_DEADLINE_S = 120.0
 FUSED = "features-fused"
+UNBEATING = ("supervisor", "prometheus", "spark-master", "spark-worker")  # parts with no heartbeat: alive is up
 # What the fused stage's part shows of its scoring (from the heartbeat it sends as the scorer stage).
 SCORING_FIELDS = ("model_version", "device", "rollout", "challenger", "updates_accepted", "updates_refused",
                   "bad_records", "by_version")
 
 # Parts stop in the reverse of this order, so consumers go before the broker they read.
-START_ORDER = ("broker", "redis")
+START_ORDER = ("broker", "redis", "objectstore", "spark-master", "spark-worker")
 
 
 @dataclass
@@ -64,9 +73,11 @@ def process_table(settings: Settings) -> ProcessTable:
     return ProcessTable(settings.run_dir, settings.logs_dir)
 
 
-def up(settings: Settings, spec: PipelineSpec | None = None, with_components: bool = True) -> UpReport:
+def up(settings: Settings, spec: PipelineSpec | None = None, with_components: bool = True,
+       spark_cluster: bool = False) -> UpReport:
     """Start what is missing, wait for health, create the spec's topics, start the components
-    (feature engine, writers; skipped with with_components=False). Safe to run again."""
+    (feature engine, writers; skipped with with_components=False). Safe to run again. With spark_cluster
+    (or when EDDY_SPARK_MASTER names the one this home made), the local Spark master and worker too."""
     spec = spec or settings.pipeline_spec()
     if settings.engine_workers > 1 and settings.engine != "native":
         raise ConfigError(f"--engine-workers {settings.engine_workers}: workers are the native engine's (--engine native); "
@@ -82,6 +93,22 @@ def up(settings: Settings, spec: PipelineSpec | None = None, with_components: bo
     r = redis_local.ensure_redis(settings, table)
     report.parts["redis"] = {"managed": r.managed, "address": r.address, "pid": r.pid,
                              "start_s": round(r.start_s, 2), "log": str(table.log_path("redis"))}
+    o = object_store.ensure_object_store(settings, table)
+    if o is not None:
+        report.parts[object_store.NAME] = {"managed": o.managed, "address": o.address, "pid": o.pid,
+                                           "start_s": round(o.start_s, 2), "log": str(table.log_path(object_store.NAME))}
+        if o.managed:
+            record_store(settings)
+    recorded = recorded_spark_cluster(settings.home)
+    if spark_cluster or (recorded is not None and settings.spark_master == recorded["master"]):
+        from deploy import spark_cluster as cluster
+
+        s = cluster.ensure_spark_cluster(settings, table)
+        settings = settings.with_overrides(spark_master=s.master)
+        report.parts[cluster.MASTER] = {"managed": True, "address": s.master, "pid": s.pids[0], "start_s": round(s.start_s, 2),
+                                        "log": str(table.log_path(cluster.MASTER)), "ui": s.ui}
+        report.parts[cluster.WORKER] = {"managed": True, "address": s.master, "pid": s.pids[-1], "start_s": 0.0,
+                                        "log": str(table.log_path(cluster.WORKER))}
     settings = report.settings = local_credentials(settings)  # admin, where this home made the credentials
     if b.managed and not settings.insecure:
         broker.grant(settings, spec)
@@ -100,7 +127,7 @@ def up(settings: Settings, spec: PipelineSpec | None = None, with_components: bo
     if with_components:
         from models.updates import ensure_baseline
 
-        report.baseline = ensure_baseline(settings.kafka, spec, settings.artifacts_dir, settings.signing_key())
+        report.baseline = ensure_baseline(settings.kafka, spec, settings.artifacts, settings.signing_key())
         _start_components(settings, spec, table, report)
     return report
 
@@ -269,6 +296,11 @@ def status(settings: Settings) -> dict[str, Any]:
     report["parts"]["redis"] = _part(started.get("redis"), redis_up, redact_url(settings.redis_url),
                                      **_redis_memory(settings.redis_url, redis_up))
     full = "memory bound" in report["parts"]["redis"].get("note", "")
+    store = settings.object_store
+    if store is not None:
+        report["parts"][object_store.NAME] = _part(started.get(object_store.NAME),
+                                                   object_store.answers(store, object_store.bucket_of(settings), create=False),
+                                                   store.endpoint or "s3.amazonaws.com", lakehouse=settings.lakehouse)
     client = redis.Redis.from_url(settings.redis_url)
     for name, record in started.items():
         if broker.is_node(name) and name != broker.NAME:  # the cluster's other brokers: alive and listening
@@ -282,7 +314,7 @@ def status(settings: Settings) -> dict[str, Any]:
                 scoring = _sum_beats(read_metrics(client, _pipeline_name(settings), "scorer"))
                 extra.update({k: v for k, v in scoring.items() if k in SCORING_FIELDS},
                              predictions=scoring.get("events", 0))
-            beating = bool(beats) or name in ("supervisor", "prometheus")  # no heartbeat: alive is up
+            beating = bool(beats) or name in UNBEATING  # no heartbeat: alive is up
             if not beating and full:  # a full Redis refuses heartbeats too: alive and waiting is up
                 beating, extra = True, {**extra, "note": "waiting for room in Redis (its heartbeat is refused)"}
             report["parts"][name] = _part(record, record.alive() and beating, record.address, **extra)

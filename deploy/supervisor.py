@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploy import broker, components, redis_local
+from deploy import broker, components, object_store, redis_local, spark_cluster
 from deploy.processes import ProcessTable, Record, exit_status, last_error_line, stop_orphans
 from deploy.settings import MAX_REPLICAS, Settings, child_environment
 from features.errors import EddyError
@@ -266,6 +266,11 @@ def stack_supervisor(settings: Settings, table: ProcessTable) -> Supervisor:
             starters[record.name] = lambda: broker.ensure_broker(settings, table)
     if table.get(redis_local.NAME) is not None:
         starters[redis_local.NAME] = lambda: redis_local.ensure_redis(settings, table)
+    if table.get(object_store.NAME) is not None:
+        starters[object_store.NAME] = lambda: object_store.ensure_object_store(settings, table)
+    for name in (spark_cluster.MASTER, spark_cluster.WORKER):
+        if table.get(name) is not None:
+            starters[name] = lambda: spark_cluster.ensure_spark_cluster(settings, table)
 
     def component(name: str) -> Callable[[], Any]:
         return functools.partial(table.start, name, components.argv(name), components.environment(settings, name, env))
