@@ -79,6 +79,7 @@ def test_a_killed_taskmanager_is_replaced_and_the_job_resumes_exactly_once(setti
         assert len(seen) == len(reference_rows(spec, first)), "the first half did not come through"
         assert [v["parallelism"] for v in cluster.rest.job(job)["vertices"]] == [2] * len(
             cluster.rest.job(job)["vertices"])
+        assert cluster.rest.get(f"/jobs/{job}/checkpoints/config")["state_backend"] == "EmbeddedRocksDBStateBackend"
         before = cluster.rest.checkpoints(job)["counts"]
 
         produce_all(settings.kafka, spec.topics.source, second)
@@ -126,7 +127,7 @@ def test_drain_rate_at_parallelism_1_and_2(settings, cluster, tmp_path):
         assert count == expected
 
 
-DRAIN_ENTITIES, DRAIN_PER_ENTITY = 400, 50
+DRAIN_ENTITIES, DRAIN_PER_ENTITY = 400, 100
 
 
 def drain(settings, topic: str, count: int, timeout_s: float = 600.0) -> tuple[int, float]:
