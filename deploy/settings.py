@@ -184,6 +184,17 @@ class Settings(BaseSettings):
                                         description="a duration like 10s or 1m")
     # The port each stage serves /metrics and /ready on (0: any free one, found through run/targets/).
     metrics_port: int = Field(0, ge=0, le=65535, description="a port number, or 0 for any free one")
+    # A Flink standalone session cluster for the Flink engine (deploy.flink_cluster): its JobManager's REST
+    # host:port, where eddy starts one when the address is a free loopback port. Empty: PyFlink's local
+    # mini-cluster inside the engine's process.
+    flink_cluster: str = Field("", pattern=r"^$|^[A-Za-z0-9.:\[\]-]+:[0-9]{1,5}$",
+                               description="host:port, like 127.0.0.1:8081")
+    flink_taskmanagers: int = Field(2, ge=1, le=8, description="a number of TaskManagers from 1 to 8")
+    # The job's parallelism on the cluster; None: one subtask per TaskManager (each has one slot).
+    flink_parallelism: PositiveInt | None = Field(None, description="a positive integer")
+    # Where the cluster's job checkpoints (a URI every TaskManager reaches: file://, s3://); empty:
+    # home/flink/checkpoints, which only TaskManagers on this host reach.
+    flink_checkpoints: str = ""
     # How often each stage commits (None: each stage's default).
     commit_interval_s: Seconds | None = Field(None, validation_alias="EDDY_COMMIT_INTERVAL",
                                               description="a duration like 50ms or 1s")
@@ -309,6 +320,11 @@ class Settings(BaseSettings):
     def engine_dir(self) -> Path:
         """The feature engine's own folder: Faust's data, Flink's checkpoints and its JVM's log."""
         return self.home / "engines" / self.engine
+
+    @property
+    def flink_checkpoint_uri(self) -> str:
+        """The Flink cluster's checkpoint storage: EDDY_FLINK_CHECKPOINTS, else a folder of this home."""
+        return self.flink_checkpoints or (self.home / "flink" / "checkpoints").as_uri()
 
     @property
     def logs_dir(self) -> Path:
@@ -504,6 +520,11 @@ def child_environment(settings: Settings, extra: Mapping[str, str] | None = None
         EDDY_SPARK_MASTER=settings.spark_master,
         EDDY_S3_ENDPOINT=settings.s3_endpoint,
         EDDY_S3_REGION=settings.s3_region,
+        EDDY_JARS=str(settings.jars_dir),  # a job submitted to a cluster runs from a copy of the code
+        EDDY_FLINK_CLUSTER=settings.flink_cluster,
+        EDDY_FLINK_TASKMANAGERS=str(settings.flink_taskmanagers),
+        EDDY_FLINK_PARALLELISM=str(settings.flink_parallelism or ""),
+        EDDY_FLINK_CHECKPOINTS=settings.flink_checkpoints,
         PYTHONUNBUFFERED="1",
     )
     env.update(store_environment(settings))

@@ -115,7 +115,7 @@ def connector_jars(config: EngineConfig, required: bool = True) -> list[str]:
     if not jars and required:
         raise ConfigError(f"no flink-sql-connector-kafka jar in {folder}; run `make demo` or deploy/setup.sh "
                           "to fetch the JVM jars")
-    return [jars[-1].resolve().as_uri()]
+    return [jars[-1].resolve().as_uri()] if jars else []
 
 
 def flink_configuration(config: EngineConfig, cluster: bool = False,

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import orjson
 import pytest
 import redis
 
@@ -20,13 +19,12 @@ from tests.kafka_helpers import produce_all, read_committed
 from tests.parity import (
     as_role,
     check_engine_output,
+    check_resumed_rows,
     dead_letters,
-    make_stream,
+    halves_with_a_resend,
     parity_case,
     private_copy,
     reference_rows,
-    same_features,
-    valid_record,
 )
 
 pytestmark = [pytest.mark.flink, pytest.mark.kafka, pytest.mark.redis]
@@ -93,11 +91,7 @@ def test_bounded_job_matches_the_naive_reference_exactly_once(settings, stack_en
 
 def test_a_killed_job_resumes_from_its_last_checkpoint_exactly_once(settings, stack_env, tmp_path):
     spec, spec_path = private_copy(settings, PIPELINES / "fraud.yaml", tmp_path / "fraud.yaml")
-    stream = make_stream(spec, seed=5)
-    first, second = stream[: len(stream) // 2], stream[len(stream) // 2:]
-    # The second half ends by resending a record of the first; only the restored dedupe state can tell.
-    key, value, _stamp = next(r for r in first if valid_record(spec, r[1]) is not None)
-    second = [*second, (key, value, second[-1][2])]
+    first, second = halves_with_a_resend(spec, seed=5)
     stream = first + second
     expected = reference_rows(spec, stream)
     data_dir, log = tmp_path / "flink", tmp_path / "job.log"
@@ -118,13 +112,7 @@ def test_a_killed_job_resumes_from_its_last_checkpoint_exactly_once(settings, st
     finally:
         kill(job, signal.SIGTERM)  # as `eddy down` stops it
 
-    got = [orjson.loads(m.value()) for m in rows]
-    assert sorted(r["event_id"] for r in got) == sorted(expected), "a row is missing or came twice"
-    for row in got:
-        features, is_late = expected[row["event_id"]]
-        assert row["late"] is is_late
-        if not is_late:  # entity state came through the restart: windows reach across it
-            assert same_features(row["features"], features), (row, features)
+    check_resumed_rows(expected, rows)
     assert len(letters) == len(dead_letters(spec, stream))
     [flink_log] = (data_dir / "log").glob("flink-*.log")  # the second run's: each run starts it anew
     assert "Restoring job" in flink_log.read_text(errors="replace"), "it did not restore a checkpoint"
