@@ -34,8 +34,10 @@ def cluster_conf(settings: Settings) -> dict[str, str]:
     recorded = recorded_spark_cluster(settings.home)
     if recorded is None or settings.spark_master != recorded["master"]:
         return {}
+    # One core and a small executor per application: ingestion runs all the time, and a query or a
+    # retrain beside it would otherwise wait for cores that ingestion holds.
     return {"spark.authenticate": "true", "spark.authenticate.secret": _secret(settings),
-            "spark.pyspark.python": sys.executable, "spark.executor.memory": "1g", "spark.cores.max": "2"}
+            "spark.pyspark.python": sys.executable, "spark.executor.memory": "768m", "spark.cores.max": "1"}
 
 
 def _secret(settings: Settings) -> str:
@@ -52,9 +54,11 @@ def alive_workers(ui: str) -> int:
     return sum(1 for w in state.get("workers", []) if w.get("state") == "ALIVE")
 
 
-def ensure_spark_cluster(settings: Settings, table: ProcessTable, cores: int = 2, memory: str = "2g") -> SparkClusterInfo:
-    """Start the master and one worker unless they run; returns the master's spark:// URL. The worker's
-    executors run this Python (spark.pyspark.python) and log under EDDY_HOME/spark/work."""
+def ensure_spark_cluster(settings: Settings, table: ProcessTable, cores: int = 4, memory: str = "4g") -> SparkClusterInfo:
+    """Start the master and one worker unless they run; returns the master's spark:// URL. The worker
+    offers `cores` executor slots (more than this host's cores: ingestion, a query and a retrain each hold
+    one at once, mostly waiting on I/O); its executors run this Python (spark.pyspark.python) and log
+    under EDDY_HOME/spark/work."""
     recorded = recorded_spark_cluster(settings.home)
     master, worker = table.get(MASTER), table.get(WORKER)
     if recorded and master is not None and master.alive() and worker is not None and worker.alive():

@@ -20,6 +20,10 @@ def read_snapshot(location: str, columns: list[str] | None = None) -> pa.Table:
     from deltalake import DeltaTable
 
     table = DeltaTable(location)
+    if location.startswith(("s3://", "s3a://")):
+        # On an object store, delta-rs reads the files too: it has the store's endpoint and keys from the
+        # AWS_* environment the process's settings exported, which pyarrow's S3 client does not read.
+        return table.to_pyarrow_dataset().to_table(columns=columns)
     uri = location if "://" in location else os.path.abspath(location)
     filesystem, root = pafs.FileSystem.from_uri(uri)
     dataset = table.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(root, filesystem))
