@@ -32,7 +32,7 @@ from deploy.measure import (
     timed_load,
     timestamps,
 )
-from deploy.settings import Settings
+from deploy.settings import Settings, distributed_flags, export_store_environment
 from features.spec import PipelineSpec, load_spec
 from features.waiting import poll
 from streams.generator import GeneratorConfig, TransactionGenerator
@@ -284,11 +284,15 @@ def run_compare(base: Settings, *, events: int, loads: list[int], load_seconds: 
 
 
 def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: float, engine: str,
-              on_progress, keep: bool = False, ingest: bool = False, with_scoring: bool = True) -> dict[str, Any]:
+              on_progress, keep: bool = False, ingest: bool = False, with_scoring: bool = True,
+              distributed: bool = False) -> dict[str, Any]:
     """The stack measured is broker, Redis, feature engine, online writer and scorers; with
-    ingest, lakehouse ingestion (Spark) runs beside them too."""
+    ingest, lakehouse ingestion (Spark) runs beside them too; distributed: as `eddy up --distributed`."""
     home = Path(tempfile.mkdtemp(prefix="eddy-bench-"))
     settings = stack.private_settings(base, home, engine=engine, ingest=ingest)
+    if distributed:
+        settings = settings.with_overrides(**distributed_flags(settings))
+        export_store_environment(settings)  # the bench reads the lake's tables with delta-rs
     spec = load_spec(settings.pipeline)
     result: dict[str, Any] = {"machine": {"cpus": _cpus(), "python": platform.python_version(),
                                           "platform": platform.platform()}, "engine": engine,
@@ -296,10 +300,11 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
                               "guarantee": settings.guarantee or spec.guarantee,
                               "lakehouse_ingestion": ingest, "scorers": settings.scorers,
                               "engine_workers": settings.engine_workers,
-                              "commit_interval_s": settings.commit_interval_s, "metrics": settings.metrics}
+                              "commit_interval_s": settings.commit_interval_s, "metrics": settings.metrics,
+                              "distributed": distributed, "lakehouse": settings.lakehouse}
     try:
         on_progress(f"starting a private stack in {home}")
-        settings = stack.up(settings, spec).settings or settings
+        settings = stack.up(settings, spec, spark_cluster=distributed).settings or settings
         on_progress("measuring the Kafka passthrough ceiling")
         ceiling = kafka_passthrough(settings.kafka, events, settings.partitions)
         on_progress(f"ceiling {ceiling:,.0f} events/s; draining a backlog of {events:,} through eddy")

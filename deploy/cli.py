@@ -18,7 +18,7 @@ from rich.table import Table
 
 from deploy import cli_measure, cli_models  # noqa: F401 - register the measuring, model and rollout commands on the app
 from deploy.cli_base import HomeOpt, InsecureOpt, PipelineOpt, StagesOpt, app, err, out, settings_from
-from deploy.settings import export_store_environment, local_store_flags
+from deploy.settings import distributed_flags, export_store_environment, local_store_flags
 from features.errors import ConfigError, EddyError
 
 
@@ -40,6 +40,8 @@ def up(
     spark_cluster: Annotated[bool, typer.Option("--spark-cluster", help="ingestion and every Spark command on a local "
                                                 "standalone cluster (a master and a worker, each its own process); "
                                                 "later commands of this home use it (EDDY_SPARK_MASTER)")] = False,
+    distributed: Annotated[bool, typer.Option("--distributed", help="the cluster topology on this machine: --brokers 3 "
+                                              "--engine-workers 2 --object-store --spark-cluster")] = False,
     insecure: InsecureOpt = False,
     home: HomeOpt = None,
     pipeline: PipelineOpt = None,
@@ -52,9 +54,11 @@ def up(
                              ingest=None if ingest is None else ("on" if ingest else "off"),
                              monitoring=None if monitoring is None else ("on" if monitoring else "off"),
                              insecure="on" if insecure else None)
-    if object_store:
+    if distributed:
+        settings, spark_cluster = settings.with_overrides(**distributed_flags(settings)), True
+    elif object_store:
         settings = settings.with_overrides(**local_store_flags(settings.home))
-        export_store_environment(settings)
+    export_store_environment(settings)
     with err.status("starting the stack..."):
         report = stack.up(settings, spark_cluster=spark_cluster)
     for name, part in report.parts.items():

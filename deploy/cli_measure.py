@@ -31,6 +31,9 @@ def bench(
     peers: Annotated[bool, typer.Option("--peers", help="the native feature engine against Quix Streams and Bytewax "
                                                         "running eddy's feature step, on one backlog of --events")] = False,
     sample: Annotated[int, typer.Option("--sample", help="with --peers: rows compared to eddy's per peer (0: all)")] = 2000,
+    distributed: Annotated[bool, typer.Option("--distributed", help="the private stack as `eddy up --distributed` makes "
+                                              "it: 3 brokers, 2 feature-stage workers, the local object store, a Spark "
+                                              "standalone cluster")] = False,
     insecure: InsecureOpt = False,
     pipeline: PipelineOpt = None,
 ) -> None:
@@ -58,7 +61,7 @@ def bench(
         print_compare(result)
     else:
         result = run_bench(settings, events=events, loads=rates, load_seconds=load_seconds, engine=settings.engine,
-                           ingest=ingest, on_progress=progress)
+                           ingest=ingest, on_progress=progress, distributed=distributed)
         print_bench(result)
     if out_file:
         Path(out_file).write_text(json.dumps(result, indent=2))

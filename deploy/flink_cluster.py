@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from deploy.processes import ProcessTable, Record, free_port, is_loopback, port_holder, port_open
+from deploy.security import write_private
 from deploy.settings import REPO_ROOT, Settings, child_environment
 from features.errors import ConfigError, ServiceError
 from features.waiting import poll
@@ -155,12 +156,38 @@ def cluster_config(settings: Settings, rpc_port: int) -> dict[str, str]:
         "parallelism.default": str(parallelism(settings)),
         "state.backend.type": "rocksdb",
         "execution.checkpointing.dir": settings.flink_checkpoint_uri,
-        **MEMORY, **LIVENESS, **RESTART,
+        **_s3(settings), **MEMORY, **LIVENESS, **RESTART,
         # The job's functions run in this virtualenv's Python, embedded in the TaskManager's JVM, which
         # knows nothing of the virtualenv: its site-packages named (pemja, the job's dependencies).
         "python.executable": python, "python.client.executable": python,
         "python.pythonpath": sysconfig.get_paths()["purelib"],
     }
+
+
+def _s3(settings: Settings) -> dict[str, str]:
+    """The S3 file system's settings for s3:// checkpoints on the lakehouse's store (none otherwise)."""
+    store = settings.object_store
+    if store is None or not settings.flink_checkpoint_uri.startswith(("s3://", "s3a://")):
+        return {}
+    conf = {"s3.path.style.access": "true", "s3.endpoint.region": store.region}
+    if store.endpoint:
+        conf["s3.endpoint"] = store.endpoint
+    if store.access_key:  # config.yaml is written private; no key goes into a command line
+        conf |= {"s3.access-key": store.access_key, "s3.secret-key": store.secret_key}
+    return conf
+
+
+def plugins_dir(settings: Settings) -> Path:
+    """The cluster's plugins/: the S3 file system (flink-s3-fs-hadoop, fetched by `make setup`), each
+    plugin in a folder of its own as Flink loads them, as links."""
+    plugins = settings.home / "flink" / "plugins"
+    for jar in (settings.jars_dir / "flink-plugins").glob("flink-s3-fs-hadoop-*.jar"):
+        folder = plugins / "s3-fs-hadoop"
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / jar.name).exists():
+            (folder / jar.name).symlink_to(jar)
+    plugins.mkdir(parents=True, exist_ok=True)
+    return plugins
 
 
 def _write_conf(settings: Settings, name: str, config: dict[str, str]) -> Path:
@@ -170,7 +197,7 @@ def _write_conf(settings: Settings, name: str, config: dict[str, str]) -> Path:
     for shipped in (flink_home() / "conf").iterdir():
         if shipped.name != "config.yaml":
             shutil.copy(shipped, conf / shipped.name)
-    (conf / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
+    write_private(conf / "config.yaml", yaml.safe_dump(config, sort_keys=True))  # it may hold the store's keys
     return conf
 
 
@@ -196,7 +223,8 @@ def _start(settings: Settings, table: ProcessTable, name: str, script: str, conf
     is the JobManager or TaskManager itself."""
     home = node_dir(settings, name)
     env = child_environment(settings, {"FLINK_CONF_DIR": str(conf), "FLINK_LOG_DIR": str(home / "log"),
-                                       "FLINK_PID_DIR": str(home), "FLINK_LIB_DIR": str(lib_dir(settings))})
+                                       "FLINK_PID_DIR": str(home), "FLINK_LIB_DIR": str(lib_dir(settings)),
+                                       "FLINK_PLUGINS_DIR": str(plugins_dir(settings))})
     return table.start(name, [str(flink_home() / "bin" / script), "start-foreground"], env, cwd=home)
 
 

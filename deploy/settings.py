@@ -323,8 +323,14 @@ class Settings(BaseSettings):
 
     @property
     def flink_checkpoint_uri(self) -> str:
-        """The Flink cluster's checkpoint storage: EDDY_FLINK_CHECKPOINTS, else a folder of this home."""
-        return self.flink_checkpoints or (self.home / "flink" / "checkpoints").as_uri()
+        """The Flink cluster's checkpoint storage: EDDY_FLINK_CHECKPOINTS, else beside an object-store lakehouse
+        (s3://<bucket>/<prefix>/_flink/checkpoints), else a folder of this home."""
+        if self.flink_checkpoints:
+            return self.flink_checkpoints
+        if self.object_store is not None:
+            parts = urlsplit(self.lakehouse)
+            return f"s3://{parts.netloc}{parts.path.rstrip('/')}/_flink/checkpoints"
+        return (self.home / "flink" / "checkpoints").as_uri()
 
     @property
     def logs_dir(self) -> Path:
@@ -473,6 +479,14 @@ def local_store_flags(home: Path) -> dict[str, str]:
     recorded = recorded_store(home)
     endpoint = recorded["endpoint"] if recorded else f"http://127.0.0.1:{free_port()}"
     return {"lakehouse": LOCAL_STORE_LAKEHOUSE, "s3_endpoint": endpoint}
+
+
+def distributed_flags(settings: Settings) -> dict[str, Any]:
+    """The flags of `--distributed` over what is already set: three brokers, two feature-stage workers, the
+    lake and the models on the local object store (its Spark cluster is the caller's to ask for)."""
+    return {"brokers": settings.brokers or 3,
+            "engine_workers": settings.engine_workers if settings.engine_workers > 1 else 2,
+            **local_store_flags(settings.home)}
 
 
 def store_environment(settings: Settings) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """The Flink feature job on a standalone session cluster (deploy.flink_cluster): a JobManager and two
-TaskManagers as processes of their own, the job at parallelism 2 with RocksDB state and file://
-checkpoints. A TaskManager killed mid-stream is replaced, the job restores its last checkpoint, and
+TaskManagers as processes of their own, the job at parallelism 2 with RocksDB state and its checkpoints
+on the object store (s3:// beside an s3a:// lakehouse, on the local S3Proxy). A TaskManager killed mid-stream is replaced, the job restores its last checkpoint, and
 every event has its reference row exactly once."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy import flink_cluster
+from deploy import flink_cluster, object_store
 from deploy.processes import ProcessTable, free_port
 from deploy.settings import Settings, load_settings
 from tests.kafka_helpers import produce_all, read_committed
@@ -50,15 +50,18 @@ def cluster(settings, stack_env, tmp_path) -> Iterator[Cluster]:
     role = as_role(stack_env, "features")
     job_settings = load_settings(environ={
         **stack_env, **role, "EDDY_HOME": str(tmp_path / "home"), "EDDY_PIPELINE": str(spec_path),
-        "EDDY_FLINK_CLUSTER": f"127.0.0.1:{free_port()}", "EDDY_FLINK_TASKMANAGERS": "2"})
+        "EDDY_FLINK_CLUSTER": f"127.0.0.1:{free_port()}", "EDDY_FLINK_TASKMANAGERS": "2",
+        "EDDY_LAKEHOUSE": "s3a://eddy/lakehouse", "EDDY_S3_ENDPOINT": f"http://127.0.0.1:{free_port()}"})
     table = ProcessTable(job_settings.run_dir, job_settings.logs_dir)
     try:
         started = time.monotonic()
+        object_store.ensure_object_store(job_settings, table)
         flink_cluster.ensure_cluster(job_settings, table)
         print(f"\nsession cluster up (JobManager + 2 TaskManagers) in {time.monotonic() - started:.1f}s")
         yield Cluster(job_settings, table, role, flink_cluster.rest(job_settings))
     finally:
         flink_cluster.stop_cluster(job_settings, table)
+        table.stop(object_store.NAME)
 
 
 def submit(cluster: Cluster, parallelism: int) -> str:
@@ -105,6 +108,7 @@ def test_a_killed_taskmanager_is_replaced_and_the_job_resumes_exactly_once(setti
     assert len(letters) == len(dead_letters(spec, stream))
     assert restored is not None and not restored["is_savepoint"]
     assert restored["id"] >= before["completed"] >= 1, "it did not restore the checkpoint the first half made"
+    assert restored["external_path"].startswith("s3://eddy/lakehouse/_flink/checkpoints/"), restored["external_path"]
 
 
 @pytest.mark.slow
