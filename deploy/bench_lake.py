@@ -16,6 +16,7 @@ from typing import Any
 from deploy import components, stack
 from deploy.measure import fill_backlog, load_producer, percentiles, settle
 from deploy.settings import Settings, child_environment
+from deploy.supervisor import holding
 from features.spec import PipelineSpec
 from features.waiting import poll
 from lakehouse.ingest import join, row_count
@@ -33,13 +34,14 @@ def _rows(settings: Settings, spec: PipelineSpec) -> dict[str, int]:
 def catch_up(settings: Settings, spec: PipelineSpec, fill, events: int, on_progress) -> dict[str, Any]:
     """Rows/s of ingestion catching up with `events` transactions' worth of records in every topic."""
     table = stack.process_table(settings)
-    table.stop(COMPONENT)
-    before = _rows(settings, spec)
-    fill(events)
-    settle(settings, 300, but="-lakehouse")  # the stream stages; ingestion is stopped
-    on_progress(f"{events:,} events through the stream stages; starting ingestion")
-    started = time.monotonic()
-    record = table.start(COMPONENT, components.argv(COMPONENT), child_environment(settings))
+    with holding(settings.run_dir, COMPONENT):  # the supervisor adopts the one started here, starts none
+        table.stop(COMPONENT)
+        before = _rows(settings, spec)
+        fill(events)
+        settle(settings, 300, but="-lakehouse")  # the stream stages; ingestion is stopped
+        on_progress(f"{events:,} events through the stream stages; starting ingestion")
+        started = time.monotonic()
+        record = table.start(COMPONENT, components.argv(COMPONENT), child_environment(settings))
     import redis
 
     client = redis.Redis.from_url(settings.redis_url)

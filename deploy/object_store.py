@@ -8,25 +8,17 @@ test them, not a place to keep a lake: `eddy down` empties it."""
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from deploy import security
 from deploy.processes import ProcessTable, is_loopback, port_holder, port_open
+from deploy.redis_local import ServiceInfo
 from deploy.settings import Settings, child_environment
 from features.errors import ConfigError, ServiceError
 from models.store import ObjectStore
 
 NAME = "objectstore"
 START_DEADLINE_S = 60.0
-
-
-@dataclass(frozen=True)
-class ObjectStoreInfo:
-    managed: bool
-    address: str
-    start_s: float = 0.0
-    pid: int | None = None
 
 
 def bucket_of(settings: Settings) -> str:
@@ -47,7 +39,7 @@ def answers(store: ObjectStore, bucket: str, create: bool = True) -> bool:
         return False
 
 
-def ensure_object_store(settings: Settings, table: ProcessTable) -> ObjectStoreInfo | None:
+def ensure_object_store(settings: Settings, table: ProcessTable) -> ServiceInfo | None:
     """The object store of an s3a:// lakehouse (None for a local lakehouse): a remote one must answer; on a
     loopback EDDY_S3_ENDPOINT, S3Proxy is started there unless it runs already."""
     store = settings.object_store
@@ -59,17 +51,17 @@ def ensure_object_store(settings: Settings, table: ProcessTable) -> ObjectStoreI
         if not answers(store, bucket):
             raise ServiceError(f"the object store at {store.endpoint or 'AWS S3'} refused a signed request for bucket "
                                f"{bucket!r}: check EDDY_S3_ENDPOINT, the keys and that the bucket exists")
-        return ObjectStoreInfo(False, store.endpoint or "s3.amazonaws.com")
+        return ServiceInfo(False, store.endpoint or "s3.amazonaws.com")
     if parts.scheme != "http":
         raise ConfigError(f"EDDY_S3_ENDPOINT={store.endpoint}: the local object store speaks http on loopback; "
                           f"set it like http://127.0.0.1:{parts.port or 9000}")
     record = table.get(NAME)
     if record is not None and record.alive():
-        return ObjectStoreInfo(True, store.endpoint, pid=record.pid)
+        return ServiceInfo(True, store.endpoint, pid=record.pid)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     if port_open(host, port):
         if answers(store, bucket):
-            return ObjectStoreInfo(False, store.endpoint)
+            return ServiceInfo(False, store.endpoint)
         raise ServiceError(f"{host}:{port} is held by {port_holder(port) or 'another process'}, which does not answer "
                            "as this home's object store: stop it, or set EDDY_S3_ENDPOINT to a free port")
     java = shutil.which("java")
@@ -89,5 +81,5 @@ def ensure_object_store(settings: Settings, table: ProcessTable) -> ObjectStoreI
     record = table.start(NAME, argv, child_environment(settings), address=store.endpoint)
     took = table.wait_healthy(record, lambda: answers(store, bucket), START_DEADLINE_S,
                               "the object store (S3Proxy)")
-    return ObjectStoreInfo(True, store.endpoint, took, record.pid)
+    return ServiceInfo(True, store.endpoint, took, record.pid)
 

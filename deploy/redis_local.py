@@ -19,11 +19,16 @@ START_DEADLINE_S = 30.0
 
 
 @dataclass(frozen=True)
-class RedisInfo:
+class ServiceInfo:
+    """A local service as `eddy up` found it: whether eddy manages it, where it answers, how long its start
+    took, its process."""
+
     managed: bool
     address: str
     start_s: float = 0.0
     pid: int | None = None
+
+
 
 
 def ping(url: str, timeout_s: float = 2.0) -> bool:
@@ -35,7 +40,7 @@ def ping(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def ensure_redis(settings: Settings, table: ProcessTable) -> RedisInfo:
+def ensure_redis(settings: Settings, table: ProcessTable) -> ServiceInfo:
     """Use the Redis EDDY_REDIS_URL names, starting redis-server only on a free loopback port: with a
     user per role (deploy.access) and no anonymous access unless settings.insecure, TLS-only with
     settings.redis_tls."""
@@ -46,7 +51,7 @@ def ensure_redis(settings: Settings, table: ProcessTable) -> RedisInfo:
     if parts.scheme == "unix" or not is_loopback(host):
         if not ping(url, timeout_s=10):
             raise ServiceError(f"Redis at {shown} does not answer PING: check EDDY_REDIS_URL")
-        return RedisInfo(False, shown)
+        return ServiceInfo(False, shown)
     data = settings.home / "redis"
     config = data / "redis.conf"
     record = table.get(NAME)
@@ -55,11 +60,11 @@ def ensure_redis(settings: Settings, table: ProcessTable) -> RedisInfo:
         if secure == settings.insecure:
             running, wanted = ("with ACL users", "--insecure") if secure else ("open (--insecure)", "secure")
             raise ServiceError(f"the local Redis runs {running}: `eddy down` first to start it {wanted}")
-        return RedisInfo(True, shown, pid=record.pid)
+        return ServiceInfo(True, shown, pid=record.pid)
     host, port = listen_address("EDDY_REDIS_LISTEN", settings.redis_listen, host, port, "127.0.0.1:16379")
     if port_open(host, port):
         if not settings.redis_listen and ping(url):
-            return RedisInfo(False, shown)
+            return ServiceInfo(False, shown)
         holder = port_holder(port) or "another process"
         raise ServiceError(
             f"{host}:{port} is held by {holder}, which does not answer as Redis: "
@@ -85,7 +90,7 @@ def ensure_redis(settings: Settings, table: ProcessTable) -> RedisInfo:
     record = table.start(NAME, [server, str(config)], child_environment(settings), address=shown)
     admin_url = local_credentials(settings).redis_url
     took = table.wait_healthy(record, lambda: ping(admin_url, 0.5), START_DEADLINE_S, "redis-server")
-    return RedisInfo(True, shown, took, record.pid)
+    return ServiceInfo(True, shown, took, record.pid)
 
 
 def _secure_lines(settings: Settings, host: str, port: int) -> list[str]:

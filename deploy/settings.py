@@ -442,26 +442,27 @@ def spark_cluster_record(home: Path) -> Path:
     return home / "spark" / "cluster.json"
 
 
-def recorded_spark_cluster(home: Path) -> dict[str, str] | None:
-    """The master and UI addresses of the local Spark cluster `eddy up --spark-cluster` made for this home."""
-    try:
-        data = json.loads(spark_cluster_record(home).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and {"master", "ui"} <= data.keys() else None
-
-
 def _store_record(home: Path) -> Path:
     return home / "objectstore" / "store.json"
 
 
-def recorded_store(home: Path) -> dict[str, str] | None:
-    """The lakehouse and endpoint of the local object store `eddy up --object-store` made for this home."""
+def _recorded(path: Path, keys: set[str]) -> dict[str, str] | None:
+    """A record `eddy up` wrote into the home, when it holds `keys`."""
     try:
-        record = json.loads(_store_record(home).read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and {"lakehouse", "endpoint"} <= record.keys() else None
+    return data if isinstance(data, dict) and keys <= data.keys() else None
+
+
+def recorded_spark_cluster(home: Path) -> dict[str, str] | None:
+    """The master and UI addresses of the local Spark cluster `eddy up --spark-cluster` made for this home."""
+    return _recorded(spark_cluster_record(home), {"master", "ui"})
+
+
+def recorded_store(home: Path) -> dict[str, str] | None:
+    """The lakehouse and endpoint of the local object store `eddy up --object-store` made for this home."""
+    return _recorded(_store_record(home), {"lakehouse", "endpoint"})
 
 
 def record_store(settings: Settings) -> None:

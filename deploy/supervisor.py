@@ -23,7 +23,8 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,9 @@ class Supervisor:
             if part.state != "running" and part.started_at is None:
                 part.state, part.started_at = "running", record.started_at  # found running: adopt it
             return
+        if held(self.table.run_dir, name):  # another process stopped it and will start it: neither twice
+            part.state, part.started_at = "held", None
+            return
         if part.state == "running" or (record is not None and part.started_at is not None):
             self._exited(name, part, record, now)
         if now >= part.next_start_at:
@@ -282,6 +286,28 @@ def stack_supervisor(settings: Settings, table: ProcessTable) -> Supervisor:
     if not settings.fused:
         groups.append(Replicas(SCALE_FILE, components.scorer_name, lambda i: component(components.scorer_name(i))))
     return Supervisor(table, starters, wanted, replicas=tuple(groups))
+
+
+def hold_file(run_dir: Path, name: str) -> Path:
+    return run_dir / "held" / name
+
+
+def held(run_dir: Path, name: str) -> bool:
+    """Whether a part is held: stopped on purpose by another process of eddy (a bench timing a restart),
+    which starts it again itself; the supervisor neither restarts it nor counts its exit meanwhile."""
+    return hold_file(run_dir, name).exists()
+
+
+@contextmanager
+def holding(run_dir: Path, name: str) -> Iterator[None]:
+    """Hold `name` for the length of the block (see held)."""
+    path = hold_file(run_dir, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def read_scale(run_dir: Path, file: str = SCALE_FILE) -> int | None:

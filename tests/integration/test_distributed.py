@@ -1,6 +1,6 @@
-"""The loop on the distributed topology's storage and batch side: `eddy up --object-store --spark-cluster`
-keeps the lakehouse and the model artifacts on an S3-compatible store and runs ingestion and every Spark
-command on a standalone master and worker. Events become one prediction and one row per table each;
+"""The loop on the distributed topology: `eddy up --distributed` runs three brokers, two feature-stage
+workers, keeps the lakehouse and the model artifacts on an S3-compatible store and runs ingestion and
+every Spark command on a standalone master and worker. Events become one prediction and one row per table each;
 delta-rs reads every table from the store with Spark's numbers; a retrain's artifact lands in the store,
 and the fused stage, which did not write it and has no copy of it on disk, fetches, verifies and serves it."""
 
@@ -38,12 +38,15 @@ def test_the_loop_keeps_the_lake_and_the_models_on_the_object_store_and_runs_spa
     home = tmp_path / "home"
     env = {**stack_environment(home), "EDDY_STAGES": "fused", "EDDY_INGEST": "on", "EDDY_INGEST_TRIGGER": "1s"}
     try:
-        up = run_eddy(["up", "--object-store", "--spark-cluster"], env, timeout=420)
+        up = run_eddy(["up", "--distributed"], env, timeout=420)
         assert up.returncode == 0, up.stderr
         settings = load_settings(environ=env)  # later commands find the store and the cluster this home made
         assert settings.lakehouse == "s3a://eddy/lakehouse" and settings.spark_master.startswith("spark://127.0.0.1:")
+        assert len(settings.kafka.bootstrap.split(",")) == 3
         status = json.loads(run_eddy(["status", "--json"], env).stdout)["parts"]
-        assert {status[p]["state"] for p in ("objectstore", "spark-master", "spark-worker", "lakehouse")} == {"up"}
+        parts = ("broker", "broker-2", "broker-3", "objectstore", "spark-master", "spark-worker", "lakehouse",
+                 "features-fused", "features-fused-1")
+        assert {status[p]["state"] for p in parts} == {"up"}, {p: status.get(p, {}).get("state") for p in parts}
         assert status["objectstore"]["lakehouse"] == "s3a://eddy/lakehouse"
         assert not (home / "lakehouse").exists(), "nothing of the lake is kept on local disk"
 

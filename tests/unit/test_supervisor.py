@@ -140,3 +140,26 @@ def test_the_scorers_scale_to_what_run_scorers_asks_and_the_others_are_left_alon
         supervisor.stop()
         thread.join(30)
     assert table.get("engine") is None and table.get("scorer-0") is None
+
+
+def test_a_held_part_is_left_stopped_and_the_one_started_by_its_holder_is_adopted(table):
+    from deploy.supervisor import holding
+
+    supervisor = Supervisor(table, {"sleeper": starter(table, "sleeper", "sleep", "60")}, ["sleeper"], FAST, 0.02)
+    thread = running(supervisor)
+    try:
+        first = wait_until(lambda: (r := table.get("sleeper")) and r.alive() and r, 10, "the part to start")
+        with holding(table.run_dir, "sleeper"):
+            table.stop("sleeper")
+            time.sleep(1.0)  # twenty backoffs: a supervisor not holding would have started it again
+            assert table.get("sleeper") is None
+            assert wait_until(lambda: read_state(table.run_dir).get("sleeper", {}).get("state") == "held", 5, "held")
+            mine = table.start("sleeper", ["sleep", "60"], dict(os.environ))
+        time.sleep(0.5)
+        assert table.get("sleeper").pid == mine.pid != first.pid  # adopted, not started twice
+        state = wait_until(lambda: read_state(table.run_dir)["sleeper"]["state"] == "running"
+                           and read_state(table.run_dir)["sleeper"], 5, "adopted")
+        assert state["restarts"] == 0
+    finally:
+        supervisor.stop()
+        thread.join(30)
