@@ -21,6 +21,7 @@ from features.spec import PipelineSpec
 from features.waiting import poll
 from lakehouse.ingest import join, row_count
 from lakehouse.tables import ingested_tables
+from models.store import object_key
 from streams.generator import GeneratorConfig, TransactionGenerator
 from streams.metrics import read_metrics
 
@@ -71,6 +72,7 @@ class _Watcher:
 
     def __init__(self, settings: Settings, paths: list[str], since_ms: int) -> None:
         self.root, self.paths, self.since_ms = settings.lakehouse, paths, since_ms
+        self.store = settings.object_store  # the files of an object-store lakehouse are read through it
         self.freshness_ms: dict[str, list[float]] = {p: [] for p in paths}
         self._seen: dict[str, set[str]] = {p: set() for p in paths}
         self._stop = threading.Event()
@@ -82,6 +84,7 @@ class _Watcher:
         import pyarrow.parquet as pq
         from deltalake import DeltaTable
 
+        filesystem = self.store.filesystem() if self.store is not None else None
         while not self._stop.wait(0.2):
             for path in self.paths:
                 location = join(self.root, path)
@@ -94,7 +97,8 @@ class _Watcher:
                     if f in self._seen[path]:
                         continue
                     self._seen[path].add(f)
-                    ts = pq.read_table(str(Path(location) / f), columns=["kafka_timestamp"]).column("kafka_timestamp")
+                    file = f"{object_key(location)}/{f}" if filesystem is not None else str(Path(location) / f)
+                    ts = pq.read_table(file, columns=["kafka_timestamp"], filesystem=filesystem).column("kafka_timestamp")
                     ms = pc.cast(pc.cast(ts, pa.timestamp("ms")), pa.int64()).to_numpy()
                     self.freshness_ms[path].extend((now_ms - ms[ms >= self.since_ms]).tolist())
 

@@ -80,7 +80,7 @@ def is_object_uri(location: str) -> bool:
     return urlsplit(location).scheme in OBJECT_SCHEMES
 
 
-def _key(uri: str) -> str:
+def object_key(uri: str) -> str:
     """pyarrow's bucket/key path of an s3:// or s3a:// URI."""
     parts = urlsplit(uri)
     return f"{parts.netloc}/{parts.path.strip('/')}".rstrip("/")
@@ -124,7 +124,7 @@ class Artifacts:
         # the weights first, the manifest last: a reader that sees a manifest sees its weights
         for name in (WEIGHTS_FILE, MANIFEST_FILE):
             try:
-                with open(directory / name, "rb") as src, fs.open_output_stream(f"{_key(uri)}/{name}") as dst:
+                with open(directory / name, "rb") as src, fs.open_output_stream(f"{object_key(uri)}/{name}") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
             except OSError as exc:
                 raise StoreError(f"could not upload {name} to {uri}: {exc}") from None
@@ -137,7 +137,7 @@ class Artifacts:
             return
         from pyarrow.fs import FileSelector, FileType
 
-        base = f"{_key(self.remote)}/{name}"
+        base = f"{object_key(self.remote)}/{name}"
         try:
             infos = self._filesystem().get_file_info(FileSelector(base, allow_not_found=True, recursive=True))
         except OSError as exc:
@@ -166,7 +166,7 @@ def fetched(uri: str, store: ObjectStore | None) -> Iterator[Path]:
         raise UpdateRefused(f"artifact URI {uri!r}: only local paths, file:// and, with an object store "
                             "configured (EDDY_S3_ENDPOINT or an s3a:// EDDY_LAKEHOUSE), s3:// URIs are served")
     with tempfile.TemporaryDirectory(prefix="eddy-artifact-") as folder:
-        _download(store.filesystem(), _key(uri), Path(folder))
+        _download(store.filesystem(), object_key(uri), Path(folder))
         yield Path(folder)
 
 

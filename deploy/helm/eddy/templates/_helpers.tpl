@@ -180,6 +180,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and .objectStorage $v.objectStorage.endpoint }}
 - name: AWS_ENDPOINT_URL_S3
   value: {{ $v.objectStorage.endpoint | quote }}
+- name: EDDY_S3_ENDPOINT
+  value: {{ $v.objectStorage.endpoint | quote }}
 {{- end }}
 {{- end -}}
 
