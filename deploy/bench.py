@@ -301,7 +301,7 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
                               "lakehouse_ingestion": ingest, "scorers": settings.scorers,
                               "engine_workers": settings.engine_workers,
                               "commit_interval_s": settings.commit_interval_s, "metrics": settings.metrics,
-                              "distributed": distributed, "lakehouse": settings.lakehouse}
+                              "distributed": distributed, "lake_root": settings.lakehouse}
     try:
         on_progress(f"starting a private stack in {home}")
         settings = stack.up(settings, spec, spark_cluster=distributed).settings or settings
