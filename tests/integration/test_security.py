@@ -179,7 +179,7 @@ def test_credentials_names_the_roles_it_knows(stack_env) -> None:
 
 
 def test_eddy_on_a_secure_cluster_of_ones_own(settings, stack_env, tmp_path) -> None:
-    """As docs/operations.md shows for existing clusters: EDDY_KAFKA_CONFIG with SCRAM over TLS, and a
+    """As docs/clusters.md shows for existing clusters: EDDY_KAFKA_CONFIG with SCRAM over TLS, and a
     Redis that speaks TLS only with ACL users (rediss:// with its CA), used by a process of another home."""
     from deploy import redis_local, stack
     from deploy.settings import load_settings, local_credentials
