@@ -99,6 +99,8 @@ def up(settings: Settings, spec: PipelineSpec | None = None, with_components: bo
                                            "start_s": round(o.start_s, 2), "log": str(table.log_path(object_store.NAME))}
         if o.managed:
             record_store(settings)
+            if o.start_s:  # started now, so empty (it keeps objects in memory): this home's models go back
+                report.parts[object_store.NAME]["republished"] = len(settings.artifacts.republish())
     recorded = recorded_spark_cluster(settings.home)
     if spark_cluster or (recorded is not None and settings.spark_master == recorded["master"]):
         from deploy import spark_cluster as cluster

@@ -149,6 +149,21 @@ class Artifacts:
                 if not (target / MANIFEST_FILE).exists():
                     _download(self._filesystem(), f"{base}/{version}", target)
 
+    def republish(self) -> list[str]:
+        """Upload every artifact saved here that the store lacks (a store that lost its objects, as the
+        local in-memory one does when it restarts); returns their URIs."""
+        if not self.remote:
+            return []
+        from pyarrow.fs import FileType
+
+        fs = self._filesystem()
+        uploaded = []
+        for manifest in sorted(self.local.glob(f"*/*/{MANIFEST_FILE}")):
+            uri = self.uri(manifest.parent)
+            if fs.get_file_info(f"{object_key(uri)}/{MANIFEST_FILE}").type == FileType.NotFound:
+                uploaded.append(self.publish(manifest.parent))
+        return uploaded
+
     def _filesystem(self) -> S3FileSystem:
         return (self.store or ObjectStore()).filesystem()
 
