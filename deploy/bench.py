@@ -32,7 +32,7 @@ from deploy.measure import (
     timed_load,
     timestamps,
 )
-from deploy.settings import Settings, distributed_flags, export_store_environment
+from deploy.settings import Settings, distributed_flags, export_store_environment, local_store_flags
 from features.spec import PipelineSpec, load_spec
 from features.waiting import poll
 from streams.generator import GeneratorConfig, TransactionGenerator
@@ -285,13 +285,14 @@ def run_compare(base: Settings, *, events: int, loads: list[int], load_seconds: 
 
 def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: float, engine: str,
               on_progress, keep: bool = False, ingest: bool = False, with_scoring: bool = True,
-              distributed: bool = False) -> dict[str, Any]:
+              distributed: bool = False, object_store: bool = False) -> dict[str, Any]:
     """The stack measured is broker, Redis, feature engine, online writer and scorers; with
-    ingest, lakehouse ingestion (Spark) runs beside them too; distributed: as `eddy up --distributed`."""
+    ingest, lakehouse ingestion (Spark) runs beside them too; distributed: as `eddy up --distributed`;
+    object_store: the lake and the models on the local object store only."""
     home = Path(tempfile.mkdtemp(prefix="eddy-bench-"))
     settings = stack.private_settings(base, home, engine=engine, ingest=ingest)
-    if distributed:
-        settings = settings.with_overrides(**distributed_flags(settings))
+    if distributed or object_store:
+        settings = settings.with_overrides(**(distributed_flags(settings) if distributed else local_store_flags(home)))
         export_store_environment(settings)  # the bench reads the lake's tables with delta-rs
     spec = load_spec(settings.pipeline)
     result: dict[str, Any] = {"machine": {"cpus": _cpus(), "python": platform.python_version(),

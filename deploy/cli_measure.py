@@ -34,6 +34,8 @@ def bench(
     distributed: Annotated[bool, typer.Option("--distributed", help="the private stack as `eddy up --distributed` makes "
                                               "it: 3 brokers, 2 feature-stage workers, the local object store, a Spark "
                                               "standalone cluster")] = False,
+    object_store: Annotated[bool, typer.Option("--object-store", help="the private stack's lake and models on the local "
+                                               "object store, the rest as on one box")] = False,
     insecure: InsecureOpt = False,
     pipeline: PipelineOpt = None,
 ) -> None:
@@ -61,7 +63,7 @@ def bench(
         print_compare(result)
     else:
         result = run_bench(settings, events=events, loads=rates, load_seconds=load_seconds, engine=settings.engine,
-                           ingest=ingest, on_progress=progress, distributed=distributed)
+                           ingest=ingest, on_progress=progress, distributed=distributed, object_store=object_store)
         print_bench(result)
     if out_file:
         Path(out_file).write_text(json.dumps(result, indent=2))
