@@ -118,6 +118,7 @@ class Supervisor:
         self.parts = {name: PartState(recent=deque(maxlen=policy.crash_loop_restarts)) for name in starters}
         self.services = [name for name in starters if name not in components]
         self._stop = threading.Event()
+        self._still_mine: Callable[[], bool] = lambda: True  # run()'s
         self.metrics: StageMetrics | None = None
 
     def stop(self) -> None:
@@ -127,6 +128,7 @@ class Supervisor:
         """Watch and restart until stopped, or until still_mine() says this supervisor is no longer
         the stack's (its record replaced or removed, its EDDY_HOME gone); then stop every component."""
         log.info("supervising %s", ", ".join(self.parts))
+        self._still_mine = still_mine
         try:
             while not self._stop.is_set():
                 if not still_mine():
@@ -174,7 +176,9 @@ class Supervisor:
             return
         if part.state == "running" or (record is not None and part.started_at is not None):
             self._exited(name, part, record, now)
-        if now >= part.next_start_at:
+        # `eddy down` forgets this supervisor's record before it stops the rest: asked again right before a
+        # start, so that a supervisor being retired brings back nothing down has just stopped
+        if now >= part.next_start_at and self._still_mine():
             self._start(name, part, now)
 
     def _exited(self, name: str, part: PartState, record: Record | None, now: float) -> None:
