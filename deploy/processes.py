@@ -28,26 +28,38 @@ class Record:
     log: str
     started_at: float
     address: str = ""
-    created: float | None = None  # psutil's create_time: with the pid, the identity of the process
+    created: float | None = None  # seconds from boot to its start (_since_boot): with the pid, its identity
 
     def alive(self) -> bool:
         return pid_matches(self.pid, self.created)
 
 
+def _since_boot(proc: psutil.Process) -> float:
+    """Seconds from boot to the process's start. Its creation time since the epoch is that plus the boot
+    time, which moves whenever the wall clock is stepped (seen here: records of live processes taken
+    for dead); this difference does not."""
+    return proc.create_time() - psutil.boot_time()
+
+
 def _created(pid: int) -> float | None:
     try:
-        return psutil.Process(pid).create_time()
+        return _since_boot(psutil.Process(pid))
     except psutil.NoSuchProcess:
         return None
 
 
 def pid_matches(pid: int, created: float | None) -> bool:
-    """True when pid runs (a zombie counts as gone) and is still the process we started: same creation
-    time, so no reused pid. Creation times count from the boot time in whole seconds, which the kernel
-    may move by one as the clock is disciplined, hence the tolerance."""
+    """True when pid runs (a zombie counts as gone) and is still the process we started: the same start,
+    so no reused pid (within a second: the start is counted in clock ticks). A record of an older eddy
+    holds its creation time since the epoch instead, compared as such."""
     try:
         proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and (created is None or abs(proc.create_time() - created) < 2)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if created is None:
+            return True
+        started = proc.create_time() if created > 1e9 else _since_boot(proc)
+        return abs(started - created) < 2
     except psutil.NoSuchProcess:
         return False
 
