@@ -23,6 +23,7 @@ import orjson
 from confluent_kafka import Producer
 
 from deploy import stack
+from deploy.home_records import distributed_flags, local_store_flags
 from deploy.measure import (
     LOAD_LINGER_MS,
     fill_backlog,
@@ -32,7 +33,7 @@ from deploy.measure import (
     timed_load,
     timestamps,
 )
-from deploy.settings import Settings, distributed_flags, export_store_environment, local_store_flags
+from deploy.settings import Settings, export_store_environment
 from features.spec import PipelineSpec, load_spec
 from features.waiting import poll
 from streams.generator import GeneratorConfig, TransactionGenerator
@@ -292,7 +293,7 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
     home = Path(tempfile.mkdtemp(prefix="eddy-bench-"))
     settings = stack.private_settings(base, home, engine=engine, ingest=ingest)
     if distributed or object_store:
-        settings = settings.with_overrides(**(distributed_flags(settings) if distributed else local_store_flags(home)))
+        settings = settings.with_overrides(**(distributed_flags(home, settings.brokers, settings.engine_workers) if distributed else local_store_flags(home)))
         export_store_environment(settings)  # the bench reads the lake's tables with delta-rs
     spec = load_spec(settings.pipeline)
     result: dict[str, Any] = {"machine": {"cpus": _cpus(), "python": platform.python_version(),

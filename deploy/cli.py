@@ -18,7 +18,8 @@ from rich.table import Table
 
 from deploy import cli_measure, cli_models  # noqa: F401 - register the measuring, model and rollout commands on the app
 from deploy.cli_base import HomeOpt, InsecureOpt, PipelineOpt, StagesOpt, app, err, out, settings_from
-from deploy.settings import distributed_flags, export_store_environment, local_store_flags
+from deploy.home_records import distributed_flags, local_store_flags
+from deploy.settings import export_store_environment
 from features.errors import ConfigError, EddyError
 
 
@@ -55,7 +56,7 @@ def up(
                              monitoring=None if monitoring is None else ("on" if monitoring else "off"),
                              insecure="on" if insecure else None)
     if distributed:
-        settings, spark_cluster = settings.with_overrides(**distributed_flags(settings)), True
+        settings, spark_cluster = settings.with_overrides(**distributed_flags(settings.home, settings.brokers, settings.engine_workers)), True
     elif object_store:
         settings = settings.with_overrides(**local_store_flags(settings.home))
     export_store_environment(settings)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 from collections.abc import Iterable, Mapping
@@ -26,6 +25,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, EnvSettingsSource, InitSettingsSource, NoDecode, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
+from deploy.home_records import recorded_spark_cluster, recorded_store
 from deploy.kafka_cluster import cluster_bootstrap
 from deploy.security import local_kafka_properties, local_redis_url, passwords
 from features.errors import ConfigError, SpecError
@@ -36,7 +36,6 @@ from streams.kafka import KafkaConfig, check_client_security, parse_properties
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_REPLICAS = 16  # scorer replicas and feature-stage workers: at most this many of each
-LOCAL_STORE_LAKEHOUSE = "s3a://eddy/lakehouse"  # `eddy up --object-store`: the bucket and prefix of the lake
 LOCAL_STORE_ACCESS_KEY = "eddy"  # the local object store's one identity; its secret is generated per home
 Device = Literal["auto", "cpu", "cuda"]
 Engine = Literal["faust", "flink", "native"]
@@ -436,58 +435,6 @@ def local_credentials(settings: Settings) -> Settings:
     if (url := local_redis_url(settings.home, settings.redis_url)) is not None:
         changes["redis_url"] = url
     return settings.model_copy(update=changes) if changes else settings
-
-
-def spark_cluster_record(home: Path) -> Path:
-    return home / "spark" / "cluster.json"
-
-
-def _store_record(home: Path) -> Path:
-    return home / "objectstore" / "store.json"
-
-
-def _recorded(path: Path, keys: set[str]) -> dict[str, str] | None:
-    """A record `eddy up` wrote into the home, when it holds `keys`."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and keys <= data.keys() else None
-
-
-def recorded_spark_cluster(home: Path) -> dict[str, str] | None:
-    """The master and UI addresses of the local Spark cluster `eddy up --spark-cluster` made for this home."""
-    return _recorded(spark_cluster_record(home), {"master", "ui"})
-
-
-def recorded_store(home: Path) -> dict[str, str] | None:
-    """The lakehouse and endpoint of the local object store `eddy up --object-store` made for this home."""
-    return _recorded(_store_record(home), {"lakehouse", "endpoint"})
-
-
-def record_store(settings: Settings) -> None:
-    """Remember this home's local object store, so later commands find the lake on it."""
-    path = _store_record(settings.home)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"lakehouse": settings.lakehouse, "endpoint": settings.s3_endpoint}))
-
-
-def local_store_flags(home: Path) -> dict[str, str]:
-    """The flags of `eddy up --object-store`: the lake on the local store, at the endpoint this home
-    recorded, else on a free loopback port."""
-    from deploy.processes import free_port
-
-    recorded = recorded_store(home)
-    endpoint = recorded["endpoint"] if recorded else f"http://127.0.0.1:{free_port()}"
-    return {"lakehouse": LOCAL_STORE_LAKEHOUSE, "s3_endpoint": endpoint}
-
-
-def distributed_flags(settings: Settings) -> dict[str, Any]:
-    """The flags of `--distributed` over what is already set: three brokers, two feature-stage workers, the
-    lake and the models on the local object store (its Spark cluster is the caller's to ask for)."""
-    return {"brokers": settings.brokers or 3,
-            "engine_workers": settings.engine_workers if settings.engine_workers > 1 else 2,
-            **local_store_flags(settings.home)}
 
 
 def store_environment(settings: Settings) -> dict[str, str]:

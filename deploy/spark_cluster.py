@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy import security
+from deploy.home_records import recorded_spark_cluster, spark_cluster_record
 from deploy.processes import ProcessTable, free_port
-from deploy.settings import Settings, child_environment, recorded_spark_cluster, spark_cluster_record
+from deploy.settings import Settings, child_environment
 
 MASTER, WORKER = "spark-master", "spark-worker"
 START_DEADLINE_S = 90.0

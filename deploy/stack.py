@@ -14,13 +14,12 @@ from typing import Any, cast
 import psutil
 
 from deploy import broker, components, object_store, redis_local
+from deploy.home_records import record_store, recorded_spark_cluster
 from deploy.processes import ProcessTable, port_open
 from deploy.settings import (
     Settings,
     child_environment,
     local_credentials,
-    record_store,
-    recorded_spark_cluster,
     redact_url,
     stored_key,
 )
@@ -98,7 +97,7 @@ def up(settings: Settings, spec: PipelineSpec | None = None, with_components: bo
         report.parts[object_store.NAME] = {"managed": o.managed, "address": o.address, "pid": o.pid,
                                            "start_s": round(o.start_s, 2), "log": str(table.log_path(object_store.NAME))}
         if o.managed:
-            record_store(settings)
+            record_store(settings.home, settings.lakehouse, settings.s3_endpoint)
             if o.start_s:  # started now, so empty (it keeps objects in memory): this home's models go back
                 report.parts[object_store.NAME]["republished"] = len(settings.artifacts.republish())
     recorded = recorded_spark_cluster(settings.home)
