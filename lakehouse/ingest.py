@@ -25,6 +25,22 @@ log = logging.getLogger("eddy.lakehouse.ingest")
 QUERY_NAME = "eddy-ingest"
 
 
+# How Spark and Delta refuse a second writer on one checkpoint, whichever of them notices first: Delta's
+# commit (the query id and batch id are its transaction), the checkpoint's offsets or commit log (the
+# batch's file exists), or the log's rename racing the other writer's.
+CONCURRENT_WRITER_MARKS = ("DELTA_CONCURRENT_TRANSACTION", "CONCURRENT_STREAM_LOG_UPDATE",
+                           "Multiple streaming queries are concurrently using")
+CONCURRENT_WRITER = "another writer with the same checkpoint committed this batch first"
+
+
+def failure_reason(message: str) -> str:
+    """Spark's reason for a stopped query in one line, naming a concurrent writer when it was one."""
+    line = first_line(message)
+    if any(mark in message for mark in CONCURRENT_WRITER_MARKS):
+        return f"{CONCURRENT_WRITER} ({line})"
+    return line
+
+
 @dataclass(frozen=True)
 class IngestConfig:
     """How ingestion runs: the lakehouse root, how to reach Kafka, the trigger, the largest batch,
@@ -128,7 +144,7 @@ class Ingestion:
         for path, query in self._queries.items():
             failure = query.exception()
             if failure is not None:
-                raise ServiceError(f"lakehouse ingestion into {path} stopped: {first_line(str(failure))}")
+                raise ServiceError(f"lakehouse ingestion into {path} stopped: {failure_reason(str(failure))}")
             for progress in query.recentProgress:
                 # recentProgress repeats earlier reports; count each batch once
                 batch = progress.get("batchId", -1)

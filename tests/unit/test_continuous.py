@@ -58,3 +58,15 @@ def test_settings_read_the_retraining_and_ingestion_variables(tmp_path):
                         ("EDDY_INGEST_TRIGGER", "0s"), ("EDDY_INGEST", "maybe")]:
         with pytest.raises(ConfigError, match=name):
             load_settings(environ={**base, name: value})
+
+
+def test_a_second_writer_on_one_checkpoint_is_named_however_spark_or_delta_refuses_it():
+    from lakehouse.ingest import CONCURRENT_WRITER, failure_reason
+
+    refusals = ["[DELTA_CONCURRENT_TRANSACTION] ConcurrentTransactionException: This error occurs when\nmore",
+                "[CONCURRENT_STREAM_LOG_UPDATE] Concurrent update to the log. Multiple streaming jobs detected for 7",
+                "Multiple streaming queries are concurrently using file:/lake/_checkpoints/ingest/bronze/dlq/offsets."]
+    for message in refusals:
+        reason = failure_reason(message)
+        assert reason.startswith(CONCURRENT_WRITER) and "\n" not in reason and message.split("\n")[0] in reason
+    assert failure_reason("[DELTA_SCHEMA_CHANGED] the schema changed\nat ...") == "[DELTA_SCHEMA_CHANGED] the schema changed"
