@@ -293,7 +293,7 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
     home = Path(tempfile.mkdtemp(prefix="eddy-bench-"))
     settings = stack.private_settings(base, home, engine=engine, ingest=ingest)
     if distributed or object_store:
-        settings = settings.with_overrides(**(distributed_flags(home, settings.brokers, settings.engine_workers) if distributed else local_store_flags(home)))
+        settings = settings.with_overrides(**(distributed_flags(home, settings.brokers, settings.engine, settings.engine_workers) if distributed else local_store_flags(home)))
         export_store_environment(settings)  # the bench reads the lake's tables with delta-rs
     spec = load_spec(settings.pipeline)
     result: dict[str, Any] = {"machine": {"cpus": _cpus(), "python": platform.python_version(),
@@ -306,7 +306,8 @@ def run_bench(base: Settings, *, events: int, loads: list[int], load_seconds: fl
                               "distributed": distributed, "lake_root": settings.lakehouse}
     try:
         on_progress(f"starting a private stack in {home}")
-        settings = stack.up(settings, spec, spark_cluster=distributed).settings or settings
+        settings = stack.up(settings, spec, spark_cluster=distributed,
+                            flink_cluster=distributed and bool(settings.flink_cluster)).settings or settings
         on_progress("measuring the Kafka passthrough ceiling")
         ceiling = kafka_passthrough(settings.kafka, events, settings.partitions)
         on_progress(f"ceiling {ceiling:,.0f} events/s; draining a backlog of {events:,} through eddy")

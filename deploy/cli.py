@@ -18,7 +18,7 @@ from rich.table import Table
 
 from deploy import cli_measure, cli_models  # noqa: F401 - register the measuring, model and rollout commands on the app
 from deploy.cli_base import HomeOpt, InsecureOpt, PipelineOpt, StagesOpt, app, err, out, settings_from
-from deploy.home_records import distributed_flags, local_store_flags
+from deploy.home_records import distributed_flags, local_flink_flags, local_store_flags
 from deploy.settings import export_store_environment
 from features.errors import ConfigError, EddyError
 
@@ -41,8 +41,12 @@ def up(
     spark_cluster: Annotated[bool, typer.Option("--spark-cluster", help="ingestion and every Spark command on a local "
                                                 "standalone cluster (a master and a worker, each its own process); "
                                                 "later commands of this home use it (EDDY_SPARK_MASTER)")] = False,
+    flink_cluster: Annotated[bool, typer.Option("--flink-cluster", help="the Flink engine's job on a local session cluster "
+                                                "(a JobManager and EDDY_FLINK_TASKMANAGERS TaskManagers, each its own "
+                                                "process, RocksDB state); implies --engine flink")] = False,
     distributed: Annotated[bool, typer.Option("--distributed", help="the cluster topology on this machine: --brokers 3 "
-                                              "--engine-workers 2 --object-store --spark-cluster")] = False,
+                                              "--object-store --spark-cluster, and --engine-workers 2 (with --engine "
+                                              "flink: --flink-cluster)")] = False,
     insecure: InsecureOpt = False,
     home: HomeOpt = None,
     pipeline: PipelineOpt = None,
@@ -50,18 +54,24 @@ def up(
     """Start the stack (broker, Redis, topics, feature engine, writer, scorers, lakehouse ingestion); waits until healthy."""
     from deploy import stack
 
-    settings = settings_from("up", engine=engine, partitions=partitions, scorers=scorers, engine_workers=engine_workers,
+    if flink_cluster and engine not in (None, "flink"):
+        raise ConfigError(f"--flink-cluster runs the Flink engine's job; drop --engine {engine} or use --engine flink")
+    settings = settings_from("up", engine="flink" if flink_cluster else engine, partitions=partitions, scorers=scorers, engine_workers=engine_workers,
                              brokers=brokers, stages=stages, home=home, pipeline=pipeline,
                              ingest=None if ingest is None else ("on" if ingest else "off"),
                              monitoring=None if monitoring is None else ("on" if monitoring else "off"),
                              insecure="on" if insecure else None)
     if distributed:
-        settings, spark_cluster = settings.with_overrides(**distributed_flags(settings.home, settings.brokers, settings.engine_workers)), True
-    elif object_store:
-        settings = settings.with_overrides(**local_store_flags(settings.home))
+        flags = distributed_flags(settings.home, settings.brokers, settings.engine, settings.engine_workers)
+        settings, spark_cluster, flink_cluster = settings.with_overrides(**flags), True, "flink_cluster" in flags
+    else:
+        if object_store:
+            settings = settings.with_overrides(**local_store_flags(settings.home))
+        if flink_cluster:
+            settings = settings.with_overrides(**local_flink_flags(settings.home))
     export_store_environment(settings)
     with err.status("starting the stack..."):
-        report = stack.up(settings, spark_cluster=spark_cluster)
+        report = stack.up(settings, spark_cluster=spark_cluster, flink_cluster=flink_cluster)
     for name, part in report.parts.items():
         how = f"started in {part['start_s']}s" if part["start_s"] else ("running" if part["managed"] else "external")
         out.print(f"[green]up[/green]  {name:<8} {part['address']:<28} {how:<18} log: {part['log']}")

@@ -209,7 +209,13 @@ def _flink(settings: Settings, spec: PipelineSpec) -> None:
     if metrics is not None:  # the job's Python functions run in workers of their own: their counts come by Redis
         threading.Thread(target=mirror_flink_counts, args=(settings, spec, metrics), name="flink-counts",
                          daemon=True).start()
-    run_job(engine_config(settings, spec))
+    config = engine_config(settings, spec)
+    if settings.flink_cluster:  # the job runs on the session cluster; this process keeps it running
+        from deploy.flink_keeper import keep_job
+
+        keep_job(settings, spec, config.app_id)
+        return
+    run_job(config)
 
 
 def mirror_flink_counts(settings: Settings, spec: PipelineSpec, metrics: StageMetrics, every_s: float = 1.0) -> None:

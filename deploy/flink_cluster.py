@@ -238,9 +238,19 @@ def start_jobmanager(settings: Settings, table: ProcessTable) -> float:
         holder = port_holder(address.port) or "another process"
         raise ServiceError(f"{settings.flink_cluster} is held by {holder}: stop it, or set EDDY_FLINK_CLUSTER "
                            "to a free port")
-    conf = _write_conf(settings, JOBMANAGER, cluster_config(settings, free_port()))
+    conf = _write_conf(settings, JOBMANAGER, cluster_config(settings, _rpc_port(settings, address.host)))
     record = _start(settings, table, JOBMANAGER, "jobmanager.sh", conf)
     return table.wait_healthy(record, address.answers, START_DEADLINE_S, "the Flink JobManager")
+
+
+def _rpc_port(settings: Settings, host: str) -> int:
+    """The JobManager's RPC port: the one it had before when that is free (its TaskManagers reconnect to it
+    after a restart), else a free one."""
+    try:
+        port = int(_read_conf(settings, JOBMANAGER)["jobmanager.rpc.port"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return free_port()
+    return free_port() if port_open(host, port) else port
 
 
 def start_taskmanager(settings: Settings, table: ProcessTable, index: int) -> Record:
@@ -296,14 +306,17 @@ def package(settings: Settings) -> Path:
     return path
 
 
-def submit_job(settings: Settings, extra_env: dict[str, str] | None = None) -> str:
+def submit_job(settings: Settings, extra_env: dict[str, str] | None = None, restore: str | None = None) -> str:
     """Submit eddy's feature job (deploy.flink_main) to the cluster, detached, with `flink run` as a user
-    would; returns its job id. extra_env: variables for the job (the role it signs in as)."""
+    would; returns its job id. extra_env: variables for the job (the role it signs in as); restore: a
+    retained checkpoint (or savepoint) to start from, its state and source offsets."""
     conf = node_dir(settings, JOBMANAGER) / "conf"
     client = node_dir(settings, "client")
-    env = child_environment(settings, {**(extra_env or {}), "FLINK_CONF_DIR": str(conf),
+    env = child_environment(settings, {"EDDY_PIPELINE": str(settings.pipeline.resolve()),  # the client runs elsewhere
+                                       **(extra_env or {}), "FLINK_CONF_DIR": str(conf),
                                        "FLINK_LOG_DIR": str(client / "log")})
     argv = [str(flink_home() / "bin" / "flink"), "run", "--detached", "--parallelism", str(parallelism(settings)),
+            *(["--fromSavepoint", restore] if restore else []),
             "--pyModule", "deploy.flink_main", "--pyFiles", str(package(settings))]
     client.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(argv, env=env, cwd=client, capture_output=True, text=True, timeout=SUBMIT_DEADLINE_S)

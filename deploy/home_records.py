@@ -1,5 +1,6 @@
 """What `eddy up` records in a home so that later commands find the parts it made there: the local object
-store (objectstore/store.json) and the local Spark cluster (spark/cluster.json)."""
+store (objectstore/store.json), the local Spark cluster (spark/cluster.json) and the local Flink session
+cluster (flink/cluster.json)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ LOCAL_STORE_LAKEHOUSE = "s3a://eddy/lakehouse"  # `eddy up --object-store`: the 
 
 def spark_cluster_record(home: Path) -> Path:
     return home / "spark" / "cluster.json"
+
+
+def flink_cluster_record(home: Path) -> Path:
+    return home / "flink" / "cluster.json"
 
 
 def _store_record(home: Path) -> Path:
@@ -30,6 +35,26 @@ def _recorded(path: Path, keys: set[str]) -> dict[str, str] | None:
 def recorded_spark_cluster(home: Path) -> dict[str, str] | None:
     """The master and UI addresses of the local Spark cluster `eddy up --spark-cluster` made for this home."""
     return _recorded(spark_cluster_record(home), {"master", "ui"})
+
+
+def recorded_flink_cluster(home: Path) -> dict[str, str] | None:
+    """The JobManager's REST address of the Flink session cluster `eddy up --flink-cluster` made for this home."""
+    return _recorded(flink_cluster_record(home), {"rest"})
+
+
+def record_flink_cluster(home: Path, rest: str) -> None:
+    path = flink_cluster_record(home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"rest": rest}))
+
+
+def local_flink_flags(home: Path) -> dict[str, str]:
+    """The flags of `eddy up --flink-cluster` (with the Flink engine): its session cluster at the address this
+    home recorded, else on a free loopback port."""
+    from deploy.processes import free_port
+
+    recorded = recorded_flink_cluster(home)
+    return {"flink_cluster": recorded["rest"] if recorded else f"127.0.0.1:{free_port()}"}
 
 
 def recorded_store(home: Path) -> dict[str, str] | None:
@@ -54,8 +79,10 @@ def local_store_flags(home: Path) -> dict[str, str]:
     return {"lakehouse": LOCAL_STORE_LAKEHOUSE, "s3_endpoint": endpoint}
 
 
-def distributed_flags(home: Path, brokers: int | None, engine_workers: int) -> dict[str, Any]:
-    """The flags of `--distributed` over what is already set: three brokers, two feature-stage workers, the
-    lake and the models on the local object store (its Spark cluster is the caller's to ask for)."""
-    return {"brokers": brokers or 3, "engine_workers": engine_workers if engine_workers > 1 else 2,
-            **local_store_flags(home)}
+def distributed_flags(home: Path, brokers: int | None, engine: str, engine_workers: int) -> dict[str, Any]:
+    """The flags of `--distributed` over what is already set: three brokers, the feature stage spread (two
+    native workers, or the Flink job on a session cluster), the lake and the models on the local object
+    store (its Spark cluster is the caller's to ask for)."""
+    spread = (local_flink_flags(home) if engine == "flink"
+              else {"engine_workers": engine_workers if engine_workers > 1 else 2})
+    return {"brokers": brokers or 3, **spread, **local_store_flags(home)}

@@ -25,7 +25,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, EnvSettingsSource, InitSettingsSource, NoDecode, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
-from deploy.home_records import recorded_spark_cluster, recorded_store
+from deploy.home_records import recorded_flink_cluster, recorded_spark_cluster, recorded_store
 from deploy.kafka_cluster import cluster_bootstrap
 from deploy.security import local_kafka_properties, local_redis_url, passwords
 from features.errors import ConfigError, SpecError
@@ -269,6 +269,14 @@ class Settings(BaseSettings):
             return value or "local[2]"
         recorded = recorded_spark_cluster(info.data["home"])
         return recorded["master"] if recorded else "local[2]"
+
+    @field_validator("flink_cluster", mode="before")
+    @classmethod
+    def _recorded_flink(cls, value: Any, info: ValidationInfo) -> Any:
+        if value or "home" not in info.data:
+            return value or ""
+        recorded = recorded_flink_cluster(info.data["home"])
+        return recorded["rest"] if recorded else ""
 
     @field_validator("pipeline")
     @classmethod

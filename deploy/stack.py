@@ -14,7 +14,7 @@ from typing import Any, cast
 import psutil
 
 from deploy import broker, components, object_store, redis_local
-from deploy.home_records import record_store, recorded_spark_cluster
+from deploy.home_records import record_flink_cluster, record_store, recorded_flink_cluster, recorded_spark_cluster
 from deploy.processes import ProcessTable, port_open
 from deploy.settings import (
     Settings,
@@ -31,13 +31,14 @@ from streams.metrics import read_metrics
 
 COMPONENT_DEADLINE_S = 120.0
 FUSED = "features-fused"
-UNBEATING = ("supervisor", "prometheus", "spark-master", "spark-worker")  # parts with no heartbeat: alive is up
+# parts with no heartbeat of their own: alive is up (the Flink cluster's JobManager: alive and answering)
+UNBEATING = ("supervisor", "prometheus", "spark-master", "spark-worker", "flink-jobmanager", "flink-taskmanager-")
 # What the fused stage's part shows of its scoring (from the heartbeat it sends as the scorer stage).
 SCORING_FIELDS = ("model_version", "device", "rollout", "challenger", "updates_accepted", "updates_refused",
                   "bad_records", "by_version")
 
 # Parts stop in the reverse of this order, so consumers go before the broker they read.
-START_ORDER = ("broker", "redis", "objectstore", "spark-master", "spark-worker")
+START_ORDER = ("broker", "redis", "objectstore", "spark-master", "spark-worker", "flink-jobmanager")  # TaskManagers after
 
 
 @dataclass
@@ -73,10 +74,12 @@ def process_table(settings: Settings) -> ProcessTable:
 
 
 def up(settings: Settings, spec: PipelineSpec | None = None, with_components: bool = True,
-       spark_cluster: bool = False) -> UpReport:
+       spark_cluster: bool = False, flink_cluster: bool = False) -> UpReport:
     """Start what is missing, wait for health, create the spec's topics, start the components
     (feature engine, writers; skipped with with_components=False). Safe to run again. With spark_cluster
-    (or when EDDY_SPARK_MASTER names the one this home made), the local Spark master and worker too."""
+    (or when EDDY_SPARK_MASTER names the one this home made), the local Spark master and worker too; with
+    flink_cluster (or when EDDY_FLINK_CLUSTER names the one this home made), the Flink engine's session
+    cluster at settings.flink_cluster, the job kept on it by the features-flink part."""
     spec = spec or settings.pipeline_spec()
     if settings.engine_workers > 1 and settings.engine != "native":
         raise ConfigError(f"--engine-workers {settings.engine_workers}: workers are the native engine's (--engine native); "
@@ -110,6 +113,10 @@ def up(settings: Settings, spec: PipelineSpec | None = None, with_components: bo
                                         "log": str(table.log_path(cluster.MASTER)), "ui": s.ui}
         report.parts[cluster.WORKER] = {"managed": True, "address": s.master, "pid": s.pids[-1], "start_s": 0.0,
                                         "log": str(table.log_path(cluster.WORKER))}
+    recorded_flink = recorded_flink_cluster(settings.home)
+    if settings.engine == "flink" and settings.flink_cluster and (
+            flink_cluster or (recorded_flink is not None and settings.flink_cluster == recorded_flink["rest"])):
+        _start_flink_cluster(settings, table, report)
     settings = report.settings = local_credentials(settings)  # admin, where this home made the credentials
     if b.managed and not settings.insecure:
         broker.grant(settings, spec)
@@ -131,6 +138,20 @@ def up(settings: Settings, spec: PipelineSpec | None = None, with_components: bo
         report.baseline = ensure_baseline(settings.kafka, spec, settings.artifacts, settings.signing_key())
         _start_components(settings, spec, table, report)
     return report
+
+
+def _start_flink_cluster(settings: Settings, table: ProcessTable, report: UpReport) -> None:
+    """The Flink session cluster at settings.flink_cluster: its JobManager and TaskManagers, recorded in the
+    home so that later commands (and the supervisor, which brings each back) find it."""
+    from deploy import flink_cluster as cluster
+
+    took = cluster.ensure_cluster(settings, table)
+    record_flink_cluster(settings.home, settings.flink_cluster)
+    for name in (cluster.JOBMANAGER, *(cluster.taskmanager_name(i) for i in range(1, settings.flink_taskmanagers + 1))):
+        record = table.get(name)
+        report.parts[name] = {"managed": True, "address": settings.flink_cluster, "pid": record.pid if record else None,
+                              "start_s": round(took, 2) if name == cluster.JOBMANAGER else 0.0,
+                              "log": str(table.log_path(name))}
 
 
 def _start_components(settings: Settings, spec: PipelineSpec, table: ProcessTable, report: UpReport) -> None:
@@ -251,10 +272,11 @@ def _sum_beats(beats: list[dict[str, Any]]) -> dict[str, Any]:
     """One line for all replicas of a component: counters summed, other fields from the first replica."""
     if not beats:
         return {"replicas": 0}
-    out: dict[str, Any] = {"replicas": len(beats)}
+    # a Flink job's keeper beats beside the job's subtasks: they are the replicas
+    out: dict[str, Any] = {"replicas": sum(1 for b in beats if not b.get("keeper"))}
     for beat in beats:
         for k, v in beat.items():
-            if k in ("replica", "pid", "updated_at"):
+            if k in ("replica", "pid", "updated_at", "keeper"):
                 continue
             if isinstance(v, int | float) and not isinstance(v, bool):
                 out[k] = round(out.get(k, 0) + v, 1)
@@ -315,7 +337,7 @@ def status(settings: Settings) -> dict[str, Any]:
                 scoring = _sum_beats(read_metrics(client, _pipeline_name(settings), "scorer"))
                 extra.update({k: v for k, v in scoring.items() if k in SCORING_FIELDS},
                              predictions=scoring.get("events", 0))
-            beating = bool(beats) or name in UNBEATING  # no heartbeat: alive is up
+            beating = bool(beats) or name.startswith(UNBEATING)  # no heartbeat: alive is up
             if not beating and full:  # a full Redis refuses heartbeats too: alive and waiting is up
                 beating, extra = True, {**extra, "note": "waiting for room in Redis (its heartbeat is refused)"}
             report["parts"][name] = _part(record, record.alive() and beating, record.address, **extra)

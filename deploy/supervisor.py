@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploy import broker, components, object_store, redis_local, spark_cluster
+from deploy import broker, components, flink_cluster, object_store, redis_local, spark_cluster
 from deploy.processes import ProcessTable, Record, exit_status, last_error_line, stop_orphans
 from deploy.settings import MAX_REPLICAS, Settings, child_environment
 from features.errors import EddyError
@@ -279,6 +279,10 @@ def stack_supervisor(settings: Settings, table: ProcessTable) -> Supervisor:
     for name in (spark_cluster.MASTER, spark_cluster.WORKER):
         if table.get(name) is not None:
             starters[name] = lambda: spark_cluster.ensure_spark_cluster(settings, table)
+
+    for record in table.all():  # the Flink session cluster: a JobManager keeps its address, TaskManagers re-register
+        if record.name == flink_cluster.JOBMANAGER or record.name.startswith(flink_cluster.TASKMANAGER):
+            starters[record.name] = lambda: flink_cluster.ensure_cluster(settings, table)
 
     def component(name: str) -> Callable[[], Any]:
         return functools.partial(table.start, name, components.argv(name), components.environment(settings, name, env))

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import pickle
 import subprocess
+import time
 from pathlib import Path
 
 from tests.kafka_helpers import read_committed
+from tests.stack_helpers import group_lag, wait_for
+
+BACKLOG, RATE, LIVE = 5_000, 1_000, 8_000   # the live stream lasts 8 s; the fault falls inside it
 
 
 class _Trap:
@@ -94,3 +98,28 @@ def check_scores(kafka, spec, model_dir, key, rows: dict[str, dict], at_least_on
     got = np.array([np.nan if p["score"] is None else p["score"] for p in predictions], dtype=np.float32)
     assert np.allclose(got, want, rtol=1e-5, atol=1e-6, equal_nan=True), float(np.nanmax(np.abs(got - want)))
     return total
+
+
+def during_a_live_stream(env, settings, spec, fault, seed: int = 4, before: int = BACKLOG) -> float:
+    """Start a live stream (on `before` source records), inject `fault` once it flows, wait for it to end
+    and every stage to catch up; returns the seconds from the fault's start to lag 0 on every group."""
+    from tests.conftest import EDDY, REPO
+
+    live = live_producer(EDDY, env, REPO, RATE, LIVE, seed=seed)
+    wait_for(lambda: source_records(settings.kafka, spec.topics.source) > before + 500 or live.poll() is not None,
+             60, "the live stream")
+    assert live.poll() is None, "the live stream ended before the fault"
+    started = time.monotonic()
+    fault()
+    _, errors = live.communicate(timeout=180)
+    assert live.returncode == 0, errors
+    caught_up(env, spec, 300)
+    return time.monotonic() - started
+
+
+def caught_up(env, spec, timeout_s: float) -> None:
+    """Wait until every stage's consumer group is at lag 0."""
+    for stage, topic in (("features", spec.topics.source), ("scorer", spec.topics.features),
+                         ("online-writer", spec.topics.features)):
+        group = spec.stage_id(stage)
+        wait_for(lambda g=group, t=topic: group_lag(env, g, t) == 0, timeout_s, f"{stage} to catch up")

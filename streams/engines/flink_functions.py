@@ -78,9 +78,10 @@ class _Reporter:
         self._heartbeat.field = replica
         self._counts, self._pid = counts, pid
 
-    def beat(self) -> None:
+    def beat(self, force: bool = False) -> None:
+        """At most once a second unless forced: each of the subtask's tick keys has a timer that calls it."""
         c = self._counts
-        self._heartbeat.beat(c["valid"] + c["dlq"] + c["duplicates"], force=True, engine="flink", pid=self._pid, **c)
+        self._heartbeat.beat(c["valid"] + c["dlq"] + c["duplicates"], force=force, engine="flink", pid=self._pid, **c)
 
 
 class Featurize(KeyedProcessFunction):
@@ -130,7 +131,7 @@ class Featurize(KeyedProcessFunction):
     def close(self) -> None:
         """Called by Flink when the subtask ends: one last heartbeat, so status shows the final counts."""
         if self.reporter is not None:
-            self.reporter.beat()
+            self.reporter.beat(force=True)
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> Iterator:
         """The heartbeat, about once a second; the timer is state, so a restored job keeps beating."""
@@ -144,7 +145,7 @@ class Featurize(KeyedProcessFunction):
         """One source row: an invalid record, an ambiguous key or an event the apply step refuses goes to
         the DLQ side output, a seen id is dropped, and any other event updates its entity's state and
         yields its features record (key, value)."""
-        if row[TOPIC] is None:  # the one tick flink_job adds at the start: it starts the heartbeat timer
+        if row[TOPIC] is None:  # a tick flink_job adds at the start: it starts a heartbeat timer
             timers = ctx.timer_service()
             timers.register_processing_time_timer(timers.current_processing_time())
             return

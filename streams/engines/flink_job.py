@@ -26,6 +26,7 @@ SHADED = "org.apache.flink.kafka.shaded."
 PYTHON_MODE = "thread"
 STATE_BACKEND = "hashmap"
 SOURCE, TICKS, FEATURES, DLQ = "eddy_source", "eddy_ticks", "eddy_features", "eddy_dlq"
+TICK_KEYS, TICK_PREFIX = 128, "~tick-"  # as many as the default max parallelism's key groups
 # The source table's columns; flink_functions reads (K, V, TOPIC, PARTITION, OFFSET, HEADERS, ARRIVAL).
 SOURCE_COLUMNS = """
     k BYTES,
@@ -75,9 +76,11 @@ def table_ddl(config: EngineConfig) -> list[str]:
                 "sink.transaction-naming-strategy": "POOLING",
                 "properties.transaction.timeout.ms": str(TRANSACTION_TIMEOUT_MS)}
 
-    # A single row that starts Featurize's heartbeat timer, so an idle job reports itself too. It is a
-    # source of its own (not a timer set in open()) because keyed timers need a key.
-    ticks = {"connector": "datagen", "number-of-rows": "1"}
+    # Rows that start Featurize's heartbeat timers, so an idle job reports itself too. They are a source of
+    # their own (not a timer set in open()) because keyed timers need a key; TICK_KEYS keys of their own, so
+    # that every subtask holds some (key groups are spread by hash) and each subtask beats.
+    ticks = {"connector": "datagen", "fields.n.kind": "sequence", "fields.n.start": "0",
+             "fields.n.end": str(TICK_KEYS - 1)}
     return [
         f"CREATE TEMPORARY TABLE {SOURCE} ({SOURCE_COLUMNS}\n) WITH (\n{_with(source)}\n)",
         f"CREATE TEMPORARY TABLE {TICKS} (n INT) WITH (\n{_with(ticks)}\n)",
@@ -217,7 +220,7 @@ def _key_by_entity(t_env, key_field: str):
     pairs = t_env.sql_query(
         f"SELECT COALESCE(JSON_VALUE(CAST(v AS STRING), '$.{key_field}'), '') AS entity, "
         f"ROW({columns}) AS record FROM {SOURCE} "
-        f"UNION ALL SELECT '' AS entity, ROW({nothing}) AS record FROM {TICKS}")
+        f"UNION ALL SELECT CONCAT('{TICK_PREFIX}', CAST(n AS STRING)) AS entity, ROW({nothing}) AS record FROM {TICKS}")
     stream = t_env.to_append_stream(pairs, Types.ROW([Types.STRING(), SOURCE_ROW]))
     j_keyed = stream._j_data_stream.keyBy(get_gateway().jvm.KeyByKeySelector(),
                                           Types.ROW([Types.STRING()]).get_java_type_info())

@@ -15,12 +15,21 @@ from contextlib import contextmanager
 import pytest
 
 from tests.conftest import EDDY, REPO, run_eddy, stack_environment
-from tests.faults import check_exactly_once, live_producer, pickle_trap, source_records
+from tests.faults import (
+    BACKLOG,
+    LIVE,
+    RATE,
+    caught_up,
+    check_exactly_once,
+    during_a_live_stream,
+    live_producer,
+    pickle_trap,
+    source_records,
+)
 from tests.proxy import FaultProxy
 from tests.stack_helpers import group_lag, status, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow, pytest.mark.chaos]
-BACKLOG, RATE, LIVE = 5_000, 1_000, 8_000   # the live stream lasts 8 s; the fault falls inside it
 LONG_LIVE = 60_000  # 60 s, for faults that take a while to inject
 
 
@@ -89,29 +98,6 @@ def redis_behind_a_proxy(tmp_path):
 
     with through_a_proxy(tmp_path, "EDDY_REDIS_LISTEN", lambda env: urlsplit(env["EDDY_REDIS_URL"]).port) as stack:
         yield stack
-
-
-def during_a_live_stream(env, settings, spec, fault, seed: int = 4, before: int = BACKLOG) -> float:
-    """Start a live stream (on `before` source records), inject `fault` once it flows, wait for it to end
-    and every stage to catch up; returns the seconds from the fault's start to lag 0 on every group."""
-    live = live_producer(EDDY, env, REPO, RATE, LIVE, seed=seed)
-    wait_for(lambda: source_records(settings.kafka, spec.topics.source) > before + 500 or live.poll() is not None,
-             60, "the live stream")
-    assert live.poll() is None, "the live stream ended before the fault"
-    started = time.monotonic()
-    fault()
-    _, errors = live.communicate(timeout=180)
-    assert live.returncode == 0, errors
-    caught_up(env, spec, 300)
-    return time.monotonic() - started
-
-
-def caught_up(env, spec, timeout_s: float) -> None:
-    """Wait until every stage's consumer group is at lag 0."""
-    for stage, topic in (("features", spec.topics.source), ("scorer", spec.topics.features),
-                         ("online-writer", spec.topics.features)):
-        group = spec.stage_id(stage)
-        wait_for(lambda g=group, t=topic: group_lag(env, g, t) == 0, timeout_s, f"{stage} to catch up")
 
 
 def restarts(env) -> dict[str, int]:
