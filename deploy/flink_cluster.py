@@ -311,6 +311,10 @@ def submit_job(settings: Settings, extra_env: dict[str, str] | None = None, rest
     would; returns its job id. extra_env: variables for the job (the role it signs in as); restore: a
     retained checkpoint (or savepoint) to start from, its state and source offsets."""
     conf = node_dir(settings, JOBMANAGER) / "conf"
+    if not (conf / "config.yaml").is_file():  # a cluster eddy did not start: the client needs its address only
+        address = rest(settings)
+        conf = _write_conf(settings, "client", {"rest.address": address.host, "rest.port": str(address.port),
+                                                "jobmanager.rpc.address": address.host})
     client = node_dir(settings, "client")
     env = child_environment(settings, {"EDDY_PIPELINE": str(settings.pipeline.resolve()),  # the client runs elsewhere
                                        **(extra_env or {}), "FLINK_CONF_DIR": str(conf),

@@ -13,10 +13,10 @@ from confluent_kafka import Consumer, KafkaException
 
 log = logging.getLogger(__name__)
 
-# A transaction call that has not returned after this long (each is given 30 s) is stuck: seen with
-# librdkafka's send_offsets_to_transaction after the only broker was killed and came back. The
+# A transaction call that has not returned after this long (each is given 30 s, so twice that) is stuck:
+# seen with librdkafka's send_offsets_to_transaction after the only broker was killed and came back. The
 # process ends, supervision starts it again, and its new producer fences the stuck transaction.
-STUCK_CALL_S = 90.0
+STUCK_CALL_S = 60.0
 # A consumer with readable records that receives none for this long is stalled: seen with librdkafka
 # after the only broker restarted, a group member whose session had timed out rejoined and was
 # assigned its partitions again, then never fetched. Longer than a transaction's timeout (60 s), so

@@ -28,6 +28,7 @@ def eddy(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     (["up", "--stages", "fused", "--scorers", "2"], "--scorers 2: scorer replicas run apart from the engine; "
                                                     "add --stages split"),
     (["run", "features-faust-0"], "unknown component 'features-faust-0'"),  # Faust has no workers of eddy's
+    (["up", "--flink-cluster", "--engine", "native"], "--flink-cluster runs the Flink engine's job; drop --engine native"),
 ])
 def test_a_bad_flag_is_one_line_and_status_2(tmp_path, args, says):
     done = eddy(*args, home=tmp_path)
