@@ -262,21 +262,16 @@ class Settings(BaseSettings):
         recorded = recorded_store(info.data["home"])
         return recorded["endpoint"] if recorded and recorded["lakehouse"] == info.data["lakehouse"] else value
 
-    @field_validator("spark_master", mode="before")
+    @field_validator("spark_master", "flink_cluster", mode="before")
     @classmethod
-    def _recorded_master(cls, value: Any, info: ValidationInfo) -> Any:
+    def _recorded_cluster(cls, value: Any, info: ValidationInfo) -> Any:
+        """Unset: the cluster `eddy up --spark-cluster` / `--flink-cluster` made for this home, else the default."""
+        default, read, key = (("local[2]", recorded_spark_cluster, "master") if info.field_name == "spark_master"
+                              else ("", recorded_flink_cluster, "rest"))
         if value or "home" not in info.data:
-            return value or "local[2]"
-        recorded = recorded_spark_cluster(info.data["home"])
-        return recorded["master"] if recorded else "local[2]"
-
-    @field_validator("flink_cluster", mode="before")
-    @classmethod
-    def _recorded_flink(cls, value: Any, info: ValidationInfo) -> Any:
-        if value or "home" not in info.data:
-            return value or ""
-        recorded = recorded_flink_cluster(info.data["home"])
-        return recorded["rest"] if recorded else ""
+            return value or default
+        recorded = read(info.data["home"])
+        return recorded[key] if recorded else default
 
     @field_validator("pipeline")
     @classmethod
