@@ -137,17 +137,17 @@ class JobKeeper:
         self._faults = Backoff(log, first_s=0.5, most_s=5.0)
 
     def tick(self) -> None:
-        """Adopt or submit the job, record its latest checkpoint, beat while it runs."""
+        """Adopt or submit the job (recording its id when it is new to this home), beat while it runs."""
         job = live_job(self.rest, self.name)
         if job is None:
             job = self._submit()
         elif job != self.job:
             log.info("keeping job %s (already on the cluster)", job)
+            if read_job(self.settings).get("job") != job:
+                _record(self.settings, {**read_job(self.settings), "job": job})
         self.job = job
-        latest = (self.rest.checkpoints(job).get("latest") or {}).get("completed") or {}
-        if read_job(self.settings).get("job") != job:
-            _record(self.settings, {**read_job(self.settings), "job": job})
         if self.rest.running(job):
+            latest = (self.rest.checkpoints(job).get("latest") or {}).get("completed") or {}
             self.heartbeat.beat(0, engine="flink", keeper=True, job=job, submits=self.submits,
                                 checkpoint_id=latest.get("id"))
 
@@ -155,9 +155,8 @@ class JobKeeper:
         """Submit the job, from the newest checkpoint the last job left (or the one that job started from,
         when it completed none)."""
         recorded = read_job(self.settings)
-        restore = (latest_checkpoint(self.settings, recorded["job"]) if recorded.get("job") else None) \
-            or recorded.get("restored_from")
-        if restore and not checkpoint_exists(self.settings, restore):
+        restore = latest_checkpoint(self.settings, recorded["job"]) if recorded.get("job") else None
+        if restore is None and (restore := recorded.get("restored_from")) and not checkpoint_exists(self.settings, restore):
             log.warning("the job's last checkpoint %s is gone: starting from the group's committed offsets "
                         "with empty state", restore)
             restore = None

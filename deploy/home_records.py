@@ -32,6 +32,11 @@ def _recorded(path: Path, keys: set[str]) -> dict[str, str] | None:
     return data if isinstance(data, dict) and keys <= data.keys() else None
 
 
+def write_record(path: Path, data: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
 def recorded_spark_cluster(home: Path) -> dict[str, str] | None:
     """The master and UI addresses of the local Spark cluster `eddy up --spark-cluster` made for this home."""
     return _recorded(spark_cluster_record(home), {"master", "ui"})
@@ -43,9 +48,7 @@ def recorded_flink_cluster(home: Path) -> dict[str, str] | None:
 
 
 def record_flink_cluster(home: Path, rest: str) -> None:
-    path = flink_cluster_record(home)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"rest": rest}))
+    write_record(flink_cluster_record(home), {"rest": rest})
 
 
 def local_flink_flags(home: Path) -> dict[str, str]:
@@ -64,9 +67,7 @@ def recorded_store(home: Path) -> dict[str, str] | None:
 
 def record_store(home: Path, lakehouse: str, endpoint: str) -> None:
     """Remember this home's local object store, so later commands find the lake on it."""
-    path = _store_record(home)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"lakehouse": lakehouse, "endpoint": endpoint}))
+    write_record(_store_record(home), {"lakehouse": lakehouse, "endpoint": endpoint})
 
 
 def local_store_flags(home: Path) -> dict[str, str]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy import security
-from deploy.home_records import recorded_spark_cluster, spark_cluster_record
+from deploy.home_records import recorded_spark_cluster, spark_cluster_record, write_record
 from deploy.processes import ProcessTable, free_port
 from deploy.settings import Settings, child_environment
 
@@ -93,7 +93,7 @@ def ensure_spark_cluster(settings: Settings, table: ProcessTable, cores: int = 4
                                       "--webui-port", str(free_port()), "--properties-file", str(properties), url],
                              env, address=url)
     pids.append(worker.pid)
-    spark_cluster_record(settings.home).write_text(json.dumps({"master": url, "ui": ui}))
+    write_record(spark_cluster_record(settings.home), {"master": url, "ui": ui})
     took = table.wait_healthy(worker, lambda: alive_workers(ui) >= 1, START_DEADLINE_S, "the Spark worker")
     return SparkClusterInfo(url, ui, took, tuple(pids))
 
