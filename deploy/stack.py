@@ -30,6 +30,9 @@ from streams.kafka import ensure_topics, group_lag, wait_for_broker
 from streams.metrics import read_metrics
 
 COMPONENT_DEADLINE_S = 120.0
+# A job on a session cluster is compiled by a Flink client, then deployed to TaskManagers that each start
+# Python workers before the first beat: on 2 cores beside three brokers and Spark, a submission alone took 74 s.
+CLUSTER_JOB_DEADLINE_S = 300.0
 FUSED = "features-fused"
 # parts with no heartbeat of their own: alive is up (the Flink cluster's JobManager: alive and answering)
 UNBEATING = ("supervisor", "prometheus", "spark-master", "spark-worker", "flink-jobmanager", "flink-taskmanager-")
@@ -217,11 +220,12 @@ def _healthy(settings: Settings, spec: PipelineSpec, table: ProcessTable, client
         record = table.get(name)
         return record if record is not None and record.alive() and _beats_from(client, spec, name, record.pid) else None
 
-    record = poll(check, COMPONENT_DEADLINE_S)
+    deadline_s = CLUSTER_JOB_DEADLINE_S if name == "features-flink" and settings.flink_cluster else COMPONENT_DEADLINE_S
+    record = poll(check, deadline_s)
     if record is None:
         state = supervisor.read_state(settings.run_dir).get(name, {})
         why = f" (last exit: {state['last_reason']})" if state.get("last_reason") else ""
-        raise ServiceError(f"{name} did not become healthy within {COMPONENT_DEADLINE_S:.0f}s{why}; "
+        raise ServiceError(f"{name} did not become healthy within {deadline_s:.0f}s{why}; "
                            f"log: {table.log_path(name)}")
     return record
 

@@ -1,8 +1,10 @@
-"""The loop on the distributed topology: `eddy up --distributed` runs three brokers, two feature-stage
-workers, keeps the lakehouse and the model artifacts on an S3-compatible store and runs ingestion and
-every Spark command on a standalone master and worker. Events become one prediction and one row per table each;
-delta-rs reads every table from the store with Spark's numbers; a retrain's artifact lands in the store,
-and the fused stage, which did not write it and has no copy of it on disk, fetches, verifies and serves it."""
+"""The loop on the distributed topology: `eddy up --distributed --engine flink` runs three brokers, the Flink
+feature job on a session cluster (a JobManager and two TaskManagers, parallelism 2), keeps the lakehouse
+and the model artifacts on an S3-compatible store and runs ingestion and every Spark command on a
+standalone master and worker. Every event has exactly one features row and one prediction, equal to an
+uninterrupted run's, and one row per table; delta-rs reads every table from the store with Spark's
+numbers; a retrain's artifact lands in the store, and the scorer, which did not write it and has no
+copy of it on disk, fetches, verifies and serves it."""
 
 from __future__ import annotations
 
@@ -13,11 +15,14 @@ import pytest
 
 from deploy.settings import load_settings
 from tests.conftest import run_eddy, stack_environment
+from tests.faults import check_exactly_once
 from tests.stack_helpers import wait_for
 
-pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.spark, pytest.mark.distributed, pytest.mark.slow]
+# 663 s alone on 2 cores with 6,000 events (the Flink job drains ~500 events/s on this topology)
+pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.spark, pytest.mark.flink, pytest.mark.distributed,
+              pytest.mark.slow, pytest.mark.timeout(1500)]
 
-EVENTS = 6000
+EVENTS = 4000
 TABLES = ("bronze.transactions", "bronze.labels", "silver.features", "gold.predictions")
 
 
@@ -34,18 +39,19 @@ def lake_rows(settings, path: str, columns: list[str]) -> list[dict]:
     return table.to_pyarrow_dataset().to_table(columns=columns).to_pylist()
 
 
-def test_the_loop_keeps_the_lake_and_the_models_on_the_object_store_and_runs_spark_on_the_cluster(tmp_path):
+def test_the_loop_runs_flink_and_spark_on_their_clusters_and_keeps_the_lake_and_the_models_on_the_store(tmp_path):
     home = tmp_path / "home"
-    env = {**stack_environment(home), "EDDY_STAGES": "fused", "EDDY_INGEST": "on", "EDDY_INGEST_TRIGGER": "1s"}
+    env = {**stack_environment(home), "EDDY_ENGINE": "flink", "EDDY_INGEST": "on", "EDDY_INGEST_TRIGGER": "1s"}
     try:
-        up = run_eddy(["up", "--distributed"], env, timeout=420)
+        up = run_eddy(["up", "--distributed"], env, timeout=600)
         assert up.returncode == 0, up.stderr
         settings = load_settings(environ=env)  # later commands find the store and the cluster this home made
         assert settings.lakehouse == "s3a://eddy/lakehouse" and settings.spark_master.startswith("spark://127.0.0.1:")
-        assert len(settings.kafka.bootstrap.split(",")) == 3
+        assert settings.flink_cluster.startswith("127.0.0.1:") and len(settings.kafka.bootstrap.split(",")) == 3
         status = json.loads(run_eddy(["status", "--json"], env).stdout)["parts"]
         parts = ("broker", "broker-2", "broker-3", "objectstore", "spark-master", "spark-worker", "lakehouse",
-                 "features-fused", "features-fused-1")
+                 "flink-jobmanager", "flink-taskmanager-1", "flink-taskmanager-2", "features-flink", "scorer-0",
+                 "online-writer")
         assert {status[p]["state"] for p in parts} == {"up"}, {p: status.get(p, {}).get("state") for p in parts}
         assert status["objectstore"]["lakehouse"] == "s3a://eddy/lakehouse"
         assert not (home / "lakehouse").exists(), "nothing of the lake is kept on local disk"
@@ -56,8 +62,9 @@ def test_the_loop_keeps_the_lake_and_the_models_on_the_object_store_and_runs_spa
 
         def counts() -> dict[str, int]:
             return {name: len(lake_rows(settings, name.replace(".", "/"), ["event_id"])) for name in TABLES}
-        wait_for(lambda: min(counts().values()) >= EVENTS, 300, "every event in every table on the store")
-        for name in TABLES:  # exactly once through the fused stage and ingestion
+        wait_for(lambda: min(counts().values()) >= EVENTS, 420, "every event in every table on the store")
+        check_exactly_once(settings.kafka, settings.pipeline_spec(), EVENTS)  # through the Flink job and the scorer
+        for name in TABLES:  # exactly once through the stages and ingestion
             ids = [r["event_id"] for r in lake_rows(settings, name.replace(".", "/"), ["event_id"])]
             assert len(ids) == len(set(ids)) == EVENTS, name
 
@@ -70,7 +77,7 @@ def test_the_loop_keeps_the_lake_and_the_models_on_the_object_store_and_runs_spa
         assert spark == {name: (EVENTS, EVENTS) for name in TABLES}
 
         # A retrain on the cluster: its artifact is published to the store, then this host's copy is removed,
-        # so the fused stage can only have it from the store.
+        # so the scorer can only have it from the store.
         retrained = run_eddy(["retrain", "--publish", "always", "--epochs", "2"], env, timeout=600)
         assert retrained.returncode == 0, retrained.stderr
         registry = lake_rows(settings, "gold/models", ["version", "uri", "sha256"])
@@ -83,8 +90,8 @@ def test_the_loop_keeps_the_lake_and_the_models_on_the_object_store_and_runs_spa
         shutil.rmtree(home / "models")
 
         def serving() -> str | None:
-            return json.loads(run_eddy(["status", "--json"], env).stdout)["parts"]["features-fused"].get("model_version")
-        wait_for(lambda: serving() == version, 120, f"the fused stage to serve {version} from the store")
+            return json.loads(run_eddy(["status", "--json"], env).stdout)["parts"]["scorer-0"].get("model_version")
+        wait_for(lambda: serving() == version, 120, f"the scorer to serve {version} from the store")
 
         # `eddy models` on this host lists it again, mirrored from the store.
         listed = run_eddy(["models", "--json"], env)
