@@ -23,6 +23,7 @@ import orjson
 from confluent_kafka import Producer
 
 from deploy import stack
+from deploy.environment import export_store_environment
 from deploy.home_records import distributed_flags, local_store_flags
 from deploy.measure import (
     LOAD_LINGER_MS,
@@ -33,7 +34,7 @@ from deploy.measure import (
     timed_load,
     timestamps,
 )
-from deploy.settings import Settings, export_store_environment
+from deploy.settings import Settings
 from features.spec import PipelineSpec, load_spec
 from features.waiting import poll
 from streams.generator import GeneratorConfig, TransactionGenerator

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from deploy import components, stack
+from deploy.environment import child_environment
 from deploy.measure import fill_backlog, load_producer, percentiles, settle
-from deploy.settings import Settings, child_environment
+from deploy.settings import Settings
 from deploy.supervisor import holding
 from features.spec import PipelineSpec
 from features.waiting import poll

@@ -31,10 +31,11 @@ import confluent_kafka
 import orjson
 
 from deploy import components, stack
+from deploy.environment import child_environment, inherited_environment
 from deploy.measure import TimedLoad, backlog_start, fill_backlog, percentiles, reader, timed_load, timestamps
 from deploy.peer_jobs import QUIX_DEFAULT_COMMIT_S, Job
 from deploy.processes import Record
-from deploy.settings import Settings, child_environment, inherited_environment
+from deploy.settings import Settings
 from features.spec import PipelineSpec, load_spec
 from streams.kafka import KafkaConfig, ensure_topics
 

@@ -14,10 +14,11 @@ from confluent_kafka import KafkaException
 
 from deploy import security
 from deploy.access import ROLES, kafka_acls
+from deploy.environment import child_environment
 from deploy.kafka_cluster import Cluster, record_cluster, recorded_cluster
 from deploy.processes import ProcessTable, Record, free_port, is_loopback, listen_address, port_holder, port_open
 from deploy.security import ADMIN, BROKER_PRINCIPAL, SCRAM_MECHANISM, Pki
-from deploy.settings import Settings, child_environment, local_credentials
+from deploy.settings import Settings, local_credentials
 from features.errors import ConfigError, ServiceError
 from features.spec import PipelineSpec
 from streams.kafka import KafkaConfig, admin, wait_for_broker

@@ -27,7 +27,8 @@ from typing import Any
 
 from deploy import stack
 from deploy.checker import Verdict, check
-from deploy.settings import Settings, child_environment
+from deploy.environment import child_environment
+from deploy.settings import Settings
 from features.errors import ConfigError, EddyError
 from features.spec import PipelineSpec
 from features.waiting import poll

@@ -18,8 +18,8 @@ from rich.table import Table
 
 from deploy import cli_measure, cli_models  # noqa: F401 - register the measuring, model and rollout commands on the app
 from deploy.cli_base import HomeOpt, InsecureOpt, PipelineOpt, StagesOpt, app, err, out, settings_from
+from deploy.environment import export_store_environment
 from deploy.home_records import distributed_flags, local_flink_flags, local_store_flags
-from deploy.settings import export_store_environment
 from features.errors import ConfigError, EddyError
 
 

@@ -8,8 +8,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from deploy.environment import export_store_environment
 from deploy.logs import setup_logging
-from deploy.settings import Settings, export_store_environment, load_settings
+from deploy.settings import Settings, load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="eddy: event-driven streaming ML (Kafka -> features -> PyTorch scoring -> Delta).")

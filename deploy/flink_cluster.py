@@ -24,9 +24,10 @@ from typing import Any
 
 import yaml
 
+from deploy.environment import child_environment
 from deploy.processes import ProcessTable, Record, free_port, is_loopback, port_holder, port_open
 from deploy.security import write_private
-from deploy.settings import REPO_ROOT, Settings, child_environment
+from deploy.settings import REPO_ROOT, Settings
 from features.errors import ConfigError, ServiceError
 from features.waiting import poll
 

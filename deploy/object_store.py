@@ -11,9 +11,10 @@ import shutil
 from urllib.parse import urlsplit
 
 from deploy import security
+from deploy.environment import child_environment
 from deploy.processes import ProcessTable, is_loopback, port_holder, port_open
 from deploy.redis_local import ServiceInfo
-from deploy.settings import Settings, child_environment
+from deploy.settings import Settings
 from features.errors import ConfigError, ServiceError
 from models.store import ObjectStore
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
+from deploy.environment import child_environment
 from deploy.processes import ProcessTable, free_port
-from deploy.settings import REPO_ROOT, Settings, child_environment
+from deploy.settings import REPO_ROOT, Settings
 from features.errors import ServiceError
 from features.spec import parse_duration
 

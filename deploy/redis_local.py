@@ -9,8 +9,9 @@ from urllib.parse import urlsplit
 
 from deploy import security
 from deploy.access import ROLES, redis_acls
+from deploy.environment import child_environment
 from deploy.processes import ProcessTable, is_loopback, listen_address, port_holder, port_open
-from deploy.settings import Settings, child_environment, local_credentials, redact_url
+from deploy.settings import Settings, local_credentials, redact_url
 from features.errors import ServiceError
 from features.spec import load_spec
 

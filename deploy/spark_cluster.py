@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy import security
+from deploy.environment import child_environment
 from deploy.home_records import recorded_spark_cluster, spark_cluster_record, write_record
 from deploy.processes import ProcessTable, free_port
-from deploy.settings import Settings, child_environment
+from deploy.settings import Settings
 
 MASTER, WORKER = "spark-master", "spark-worker"
 START_DEADLINE_S = 90.0

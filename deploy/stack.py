@@ -14,15 +14,10 @@ from typing import Any, cast
 import psutil
 
 from deploy import broker, components, object_store, redis_local
+from deploy.environment import child_environment
 from deploy.home_records import record_flink_cluster, record_store, recorded_flink_cluster, recorded_spark_cluster
 from deploy.processes import ProcessTable, port_open
-from deploy.settings import (
-    Settings,
-    child_environment,
-    local_credentials,
-    redact_url,
-    stored_key,
-)
+from deploy.settings import Settings, local_credentials, redact_url, stored_key
 from features.errors import ConfigError, EddyError, ServiceError
 from features.spec import PipelineSpec, load_spec
 from features.waiting import poll

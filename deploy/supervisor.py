@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from deploy import broker, components, flink_cluster, object_store, redis_local, spark_cluster
+from deploy.environment import child_environment
 from deploy.processes import ProcessTable, Record, exit_status, last_error_line, stop_orphans
-from deploy.settings import MAX_REPLICAS, Settings, child_environment
+from deploy.settings import MAX_REPLICAS, Settings
 from features.errors import EddyError
 from streams.telemetry import StageMetrics
 

@@ -174,8 +174,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from deploy import stack
+    from deploy.environment import inherited_environment
     from deploy.processes import free_port
-    from deploy.settings import inherited_environment, load_settings
+    from deploy.settings import load_settings
     from models.updates import ensure_baseline
 
     spec_path = REPO / "pipelines" / "fraud.yaml"

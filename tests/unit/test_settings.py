@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.settings import child_environment, load_settings, redact_url
+from deploy.environment import child_environment
+from deploy.settings import load_settings, redact_url
 from features.errors import ConfigError
 from models.signing import SigningKey
 from streams.kafka import KafkaConfig, parse_properties
