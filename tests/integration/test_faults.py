@@ -320,9 +320,13 @@ def test_three_brokers_one_killed_then_one_paused_lose_and_double_nothing(cluste
           f"{took_pause:.0f} s after another was paused (30 s of it); restarted by the watchdog: {restarted or 'none'}")
 
 
-# An open defect: in 1 of the last 3 full runs, a broker kill left 104 predictions doubled (features
-# exact). Kept running, reported as XFAIL/XPASS, until the scorer's path after a bounce is fixed.
-BROKER_DOUBLES = pytest.mark.xfail(reason="open defect: predictions doubled after a broker bounce", strict=False)
+# An open defect, in Kafka (docs/reliability.md): in some runs (2 of 3 alone on 2026-12-04), the lone
+# combined broker's restart splits a transaction that was committing when it died. Its transaction
+# coordinator skips the markers of partitions that are leaderless for the half second the controller takes
+# to re-register the broker. Seen as 104 doubled predictions once and as 168 lost events once (offsets
+# committed, features aborted). Kept running, reported as XFAIL/XPASS. The three-broker test holds.
+BROKER_DOUBLES = pytest.mark.xfail(reason="open defect in Kafka: a lone broker's restart can split a committing "
+                                          "transaction (docs/reliability.md)", strict=False)
 
 
 @pytest.mark.parametrize("service", ["redis", pytest.param("broker", marks=BROKER_DOUBLES)])
