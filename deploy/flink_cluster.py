@@ -221,12 +221,14 @@ def lib_dir(settings: Settings) -> Path:
 
 def _start(settings: Settings, table: ProcessTable, name: str, script: str, conf: Path) -> Record:
     """bin/<script> start-foreground with its config folder: it execs the JVM, so the process recorded
-    is the JobManager or TaskManager itself."""
+    is the JobManager or TaskManager itself, recorded at the cluster's REST address (where `eddy status`
+    says it runs, as a Spark worker is recorded at its master's)."""
     home = node_dir(settings, name)
     env = child_environment(settings, {"FLINK_CONF_DIR": str(conf), "FLINK_LOG_DIR": str(home / "log"),
                                        "FLINK_PID_DIR": str(home), "FLINK_LIB_DIR": str(lib_dir(settings)),
                                        "FLINK_PLUGINS_DIR": str(plugins_dir(settings))})
-    return table.start(name, [str(flink_home() / "bin" / script), "start-foreground"], env, cwd=home)
+    return table.start(name, [str(flink_home() / "bin" / script), "start-foreground"], env, cwd=home,
+                       address=settings.flink_cluster)
 
 
 def start_jobmanager(settings: Settings, table: ProcessTable) -> float:

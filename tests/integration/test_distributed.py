@@ -54,6 +54,8 @@ def test_the_loop_runs_flink_and_spark_on_their_clusters_and_keeps_the_lake_and_
                  "online-writer")
         assert {status[p]["state"] for p in parts} == {"up"}, {p: status.get(p, {}).get("state") for p in parts}
         assert status["objectstore"]["lakehouse"] == "s3a://eddy/lakehouse"
+        assert {status[p]["address"] for p in ("flink-jobmanager", "flink-taskmanager-1", "flink-taskmanager-2")} \
+            == {settings.flink_cluster}
         assert not (home / "lakehouse").exists(), "nothing of the lake is kept on local disk"
 
         produced = run_eddy(["produce", "--count", str(EVENTS), "--backfill", "12h", "--label-delay", "0", "--seed", "5",
