@@ -72,9 +72,11 @@ def up(
     export_store_environment(settings)
     with err.status("starting the stack..."):
         report = stack.up(settings, spark_cluster=spark_cluster, flink_cluster=flink_cluster)
+    names = max(map(len, report.parts), default=0)
+    addresses = max((len(part["address"]) for part in report.parts.values()), default=0)
     for name, part in report.parts.items():
         how = f"started in {part['start_s']}s" if part["start_s"] else ("running" if part["managed"] else "external")
-        out.print(f"[green]up[/green]  {name:<8} {part['address']:<28} {how:<18} log: {part['log']}")
+        out.print(f"[green]up[/green]  {name:<{names}}  {part['address']:<{addresses}}  {how:<18} log: {part['log']}")
     if report.topics_created:
         out.print(f"created topics: {', '.join(report.topics_created)}")
     if report.baseline:
