@@ -38,6 +38,7 @@ class Component:
     signs: bool = False                              # publishes models: the only ones given the private key
     role: str = "admin"                              # its Kafka principal and Redis user (deploy.access)
     fused: bool | None = None                        # only when the online path is fused (True) or split (False)
+    cluster_job: bool = False                        # submits its job to the Flink session cluster when one is set
 
 
 def engine_config(settings: Settings, spec: PipelineSpec, **defaults) -> EngineConfig:
@@ -254,7 +255,7 @@ def mirror_flink_counts(settings: Settings, spec: PipelineSpec, metrics: StageMe
 COMPONENTS: dict[str, Component] = {
     c.name: c for c in (
         Component("features-faust", _faust, engine="faust", role="features"),
-        Component("features-flink", _flink, engine="flink", role="features"),
+        Component("features-flink", _flink, engine="flink", role="features", cluster_job=True),
         *(Component(worker_name("features-native", i), _native(i), engine="native", role="features", fused=False,
                     worker=i) for i in range(MAX_REPLICAS)),
         *(Component(worker_name("features-fused", i), _fused(i), engine="native", role="fused", fused=True, worker=i)

@@ -192,14 +192,15 @@ def _start_components(settings: Settings, spec: PipelineSpec, table: ProcessTabl
     client = redis.Redis.from_url(settings.redis_url)
     for comp in wanted:
         started = time.monotonic()
-        record = _healthy(settings, spec, table, client, comp.name)
+        deadline_s = CLUSTER_JOB_DEADLINE_S if comp.cluster_job and settings.flink_cluster else COMPONENT_DEADLINE_S
+        record = _healthy(settings, spec, table, client, comp.name, deadline_s)
         took = time.monotonic() - started
         report.parts[comp.name] = {"managed": True, "address": "", "pid": record.pid,
                                    "start_s": round(took, 2) if took > 0.5 else 0.0,
                                    "log": str(table.log_path(comp.name))}
 
 
-def _healthy(settings: Settings, spec: PipelineSpec, table: ProcessTable, client, name: str):
+def _healthy(settings: Settings, spec: PipelineSpec, table: ProcessTable, client, name: str, deadline_s: float):
     """The component's record once the process the supervisor runs for it has sent a heartbeat;
     ServiceError with its last exit when it crash-loops, or when the deadline passes."""
     from deploy import supervisor
@@ -215,7 +216,6 @@ def _healthy(settings: Settings, spec: PipelineSpec, table: ProcessTable, client
         record = table.get(name)
         return record if record is not None and record.alive() and _beats_from(client, spec, name, record.pid) else None
 
-    deadline_s = CLUSTER_JOB_DEADLINE_S if name == "features-flink" and settings.flink_cluster else COMPONENT_DEADLINE_S
     record = poll(check, deadline_s)
     if record is None:
         state = supervisor.read_state(settings.run_dir).get(name, {})
