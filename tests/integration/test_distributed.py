@@ -18,7 +18,7 @@ from tests.conftest import run_eddy, stack_environment
 from tests.faults import check_exactly_once
 from tests.stack_helpers import wait_for
 
-# 663 s alone on 2 cores with 6,000 events (the Flink job drains ~500 events/s on this topology)
+# 461-537 s on 2 cores with 4,000 events (the Flink job drains ~500 events/s on this topology)
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.spark, pytest.mark.flink, pytest.mark.distributed,
               pytest.mark.slow, pytest.mark.timeout(1500)]
 

@@ -325,11 +325,11 @@ def test_three_brokers_one_killed_then_one_paused_lose_and_double_nothing(cluste
 # coordinator skips the markers of partitions that are leaderless for the half second the controller takes
 # to re-register the broker. Seen as 104 doubled predictions once and as 168 lost events once (offsets
 # committed, features aborted). Kept running, reported as XFAIL/XPASS. The three-broker test holds.
-BROKER_DOUBLES = pytest.mark.xfail(reason="open defect in Kafka: a lone broker's restart can split a committing "
+LONE_BROKER_SPLIT = pytest.mark.xfail(reason="open defect in Kafka: a lone broker's restart can split a committing "
                                           "transaction (docs/reliability.md)", strict=False)
 
 
-@pytest.mark.parametrize("service", ["redis", pytest.param("broker", marks=BROKER_DOUBLES)])
+@pytest.mark.parametrize("service", ["redis", pytest.param("broker", marks=LONE_BROKER_SPLIT)])
 def test_a_service_killed_mid_stream_comes_back_and_nothing_is_lost_or_doubled(stack, service):
     env, settings, spec = stack
     pid = status(env)["parts"][service]["pid"]
