@@ -320,7 +320,7 @@ def test_three_brokers_one_killed_then_one_paused_lose_and_double_nothing(cluste
           f"{took_pause:.0f} s after another was paused (30 s of it); restarted by the watchdog: {restarted or 'none'}")
 
 
-# An open defect, in Kafka (docs/reliability.md): in some runs (2 of 3 alone on 2026-12-04), the lone
+# An open defect, in Kafka (docs/reliability.md): in some runs (2 of 4 alone on 2026-12-04), the lone
 # combined broker's restart splits a transaction that was committing when it died. Its transaction
 # coordinator skips the markers of partitions that are leaderless for the half second the controller takes
 # to re-register the broker. Seen as 104 doubled predictions once and as 168 lost events once (offsets
