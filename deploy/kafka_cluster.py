@@ -14,6 +14,9 @@ CLUSTER_FILE = "cluster.json"
 class Cluster:
     cluster_id: str
     addresses: tuple[str, ...]  # broker i's clients' address is addresses[i - 1]
+    # A controller of its own beside the lone broker (deploy.broker); False: every broker is a controller too
+    # (three brokers, or a home formatted before the lone broker had one).
+    controller: bool = False
 
     @property
     def bootstrap(self) -> str:
@@ -28,7 +31,7 @@ def recorded_cluster(home: Path) -> Cluster | None:
     """The local cluster `eddy up` recorded in `home`; None when there is none (or the record is unreadable)."""
     try:
         data = json.loads(cluster_path(home).read_text())
-        return Cluster(str(data["cluster_id"]), tuple(str(a) for a in data["addresses"]))
+        return Cluster(str(data["cluster_id"]), tuple(str(a) for a in data["addresses"]), bool(data.get("controller")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -36,7 +39,8 @@ def recorded_cluster(home: Path) -> Cluster | None:
 def record_cluster(home: Path, cluster: Cluster) -> None:
     path = cluster_path(home)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"cluster_id": cluster.cluster_id, "addresses": list(cluster.addresses)}) + "\n")
+    path.write_text(json.dumps({"cluster_id": cluster.cluster_id, "addresses": list(cluster.addresses),
+                                "controller": cluster.controller}) + "\n")
 
 
 def cluster_bootstrap(home: Path, bootstrap: str) -> str:

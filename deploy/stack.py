@@ -90,6 +90,11 @@ def up(settings: Settings, spec: PipelineSpec | None = None, with_components: bo
     b = broker.ensure_broker(settings, table)
     report.parts["broker"] = {"managed": b.managed, "address": b.address, "pid": b.pid,
                               "start_s": round(b.start_s, 2), "log": str(table.log_path("broker"))}
+    controller = table.get(broker.CONTROLLER) if b.managed else None
+    if controller is not None:  # the lone broker's own controller
+        report.parts[broker.CONTROLLER] = {"managed": True, "address": controller.address, "pid": controller.pid,
+                                           "start_s": round(b.controller_s, 2),
+                                           "log": str(table.log_path(broker.CONTROLLER))}
     r = redis_local.ensure_redis(settings, table)
     report.parts["redis"] = {"managed": r.managed, "address": r.address, "pid": r.pid,
                              "start_s": round(r.start_s, 2), "log": str(table.log_path("redis"))}
@@ -256,11 +261,15 @@ def down(settings: Settings, timeout_s: float = 20.0) -> list[str]:
     rank = {name: i for i, name in enumerate(START_ORDER)}
     records.sort(key=lambda r: rank.get(r.name, len(rank)), reverse=True)
     stopped += [r.name for r in records if not broker.is_node(r.name) and table.stop(r.name, timeout_s)]
-    # The brokers last and together: one stopped after the others would wait for a quorum that is gone.
-    nodes = [r.name for r in records if broker.is_node(r.name)]
+    # The brokers last and together: one stopped after the others would wait for a quorum that is gone. A
+    # lone broker's own controller after it, so the broker's controlled shutdown has a controller to ask.
+    nodes = [r.name for r in records if broker.is_node(r.name) and r.name != broker.CONTROLLER]
     with ThreadPoolExecutor(max(1, len(nodes))) as pool:
-        return stopped + [name for name, done in zip(nodes, pool.map(lambda n: table.stop(n, timeout_s), nodes),
-                                                     strict=True) if done]
+        stopped += [name for name, done in zip(nodes, pool.map(lambda n: table.stop(n, timeout_s), nodes),
+                                               strict=True) if done]
+    if table.stop(broker.CONTROLLER, timeout_s):
+        stopped.append(broker.CONTROLLER)
+    return stopped
 
 
 def _pipeline_name(settings: Settings) -> str:

@@ -320,16 +320,9 @@ def test_three_brokers_one_killed_then_one_paused_lose_and_double_nothing(cluste
           f"{took_pause:.0f} s after another was paused (30 s of it); restarted by the watchdog: {restarted or 'none'}")
 
 
-# An open defect, in Kafka (docs/reliability.md): in some runs (2 of 4 alone on 2026-12-04), the lone
-# combined broker's restart splits a transaction that was committing when it died. Its transaction
-# coordinator skips the markers of partitions that are leaderless for the half second the controller takes
-# to re-register the broker. Seen as 104 doubled predictions once and as 168 lost events once (offsets
-# committed, features aborted). Kept running, reported as XFAIL/XPASS. The three-broker test holds.
-LONE_BROKER_SPLIT = pytest.mark.xfail(reason="open defect in Kafka: a lone broker's restart can split a committing "
-                                          "transaction (docs/reliability.md)", strict=False)
-
-
-@pytest.mark.parametrize("service", ["redis", pytest.param("broker", marks=LONE_BROKER_SPLIT)])
+# The broker case held only once the lone broker had a controller of its own: a combined broker and
+# controller, killed, split a committing transaction in some runs (docs/reliability.md).
+@pytest.mark.parametrize("service", ["redis", "broker"])
 def test_a_service_killed_mid_stream_comes_back_and_nothing_is_lost_or_doubled(stack, service):
     env, settings, spec = stack
     pid = status(env)["parts"][service]["pid"]
