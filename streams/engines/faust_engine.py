@@ -14,7 +14,8 @@ from collections import Counter as Tally
 from typing import Any
 
 from features.apply import Refused
-from features.windows import EntityState
+from features.errors import SpecError
+from features.windows import EntityState, FeatureLogic
 from streams.dedupe import Deduper
 from streams.dlq import dead_letter
 from streams.engines.config import STAGE, EngineConfig
@@ -144,6 +145,88 @@ async def _all_or_exit(partition: int):
         os._exit(70 if not isinstance(exc, asyncio.CancelledError) else 0)
 
 
+class _Repairs:
+    """The entity-state changelog records a restore refused, and the keys to write again.
+
+    A record that is not a state this engine wrote (pickled bytes, NaN, JSON of another shape: anything
+    the engine's own loads cannot read) is refused with its reason instead of restored, so its key keeps
+    its last good state and nothing is ever unpickled. Restored, such a record made the worker exit at the
+    key's next event, after every restart: a crash loop. The agent writes each refused key's good state
+    again in its next transaction on the key's own partition, so the poison stops being the key's latest
+    record there before compaction can drop the good one behind it. Elsewhere nothing is written: the table
+    is one dict across partitions, and a tombstone on another partition could delete the key's state at a
+    later restore. A state written for another feature layout is not poison but a changed spec: it is
+    restored, and its first use says how to rebuild."""
+
+    def __init__(self, logic: FeatureLogic, changelog: str) -> None:
+        self.logic = logic
+        self.changelog = changelog
+        self.pending: dict[int, dict[bytes, str]] = {}  # partition -> refused key -> reason
+        self.reported: set[int] = set()
+        self.refused = 0
+
+    def reason(self, value: bytes) -> str | None:
+        try:
+            self.logic.loads(value)
+        except SpecError:
+            return None
+        except (ValueError, TypeError) as exc:  # orjson's JSONDecodeError is a ValueError
+            return f"{type(exc).__name__}: {exc}"[:200]
+        return None
+
+    def checked(self, batch):
+        """The changelog events of `batch` that restore: tombstones, and values the engine can read."""
+        for event in batch:
+            message = event.message
+            why = None if message.value is None else self.reason(message.value)
+            if why is None:
+                yield event
+                continue
+            self.pending.setdefault(message.partition, {})[message.key] = why
+            self.refused += 1
+
+    def report(self) -> None:
+        """Log each partition's refusals once, when its restore is complete."""
+        for partition, keys in sorted(self.pending.items()):
+            if partition not in self.reported:
+                self.reported.add(partition)
+                log.warning("%s[%d]: %d changelog records are not the engine's (%s); refused, nothing unpickled: "
+                            "each key keeps its last good state, written again on its own partition with the "
+                            "next batch", self.changelog, partition, len(keys), next(iter(keys.values())))
+
+    def take(self, partition: int, home) -> list[bytes]:
+        """The refused keys of `partition` whose good state lives there (`home(key)` is that partition), to
+        write again now; the partition's refusals are then settled."""
+        self.reported.discard(partition)
+        return [key for key in self.pending.pop(partition, {}) if home(key) == partition]
+
+
+def _checked_table(app, name: str, repairs: _Repairs, **options):
+    """A Faust table in memory whose restore goes through `repairs` (faust.Table with its store's changelog
+    batches filtered); its store's home(key) is the partition the key's restored state came from."""
+    import faust
+    from faust.stores.memory import Store
+
+    class CheckedStore(Store):
+        def _create_batch_iterator(self, mark_as_delete, to_key, to_value, batch):
+            return super()._create_batch_iterator(mark_as_delete, to_key, to_value, repairs.checked(batch))
+
+        async def on_recovery_completed(self, active_tps, standby_tps) -> None:
+            await super().on_recovery_completed(active_tps, standby_tps)
+            repairs.report()
+
+        def home(self, key: bytes) -> int | None:
+            return self._key_partition.get(key) if key in self.data else None
+
+    class CheckedTable(faust.Table):
+        def _new_store_by_url(self, url):
+            return CheckedStore(url, self.app, self, table_name=self.name, key_type=self.key_type,
+                                key_serializer=self.key_serializer, value_serializer=self.value_serializer,
+                                value_type=self.value_type, loop=self.loop, options=self.options)
+
+    return CheckedTable(app, name=name, beacon=app.tables.beacon, **options)
+
+
 def _credentials(kafka: KafkaConfig):
     """Faust credentials from the shared client properties (SASL and/or SSL)."""
     import ssl
@@ -194,11 +277,13 @@ def build_app(config: EngineConfig, metrics: StageMetrics | None = None):
         value_serializer="raw",
     )
     source = app.topic(spec.topics.source, key_type=bytes, value_type=bytes, partitions=config.partitions)
-    states = app.Table("entity-state", default=None, partitions=config.partitions,
-                       key_type=bytes, value_type=bytes)
     door = FrontDoor(spec, Deduper(redis_client(config.redis_url), spec.name), stage=STAGE)
     featurize = Featurizer(spec)
     logic, apply = featurize.logic, featurize.step.apply
+    repairs = _Repairs(logic, f"{config.app_id}-entity-state-changelog")
+    states = _checked_table(app, "entity-state", repairs, default=None, partitions=config.partitions,
+                            key_type=bytes, value_type=bytes)
+    app.tables.add(states)
 
     def transactional_id(partition: int) -> str:
         # The id Faust commits the source partition's offsets under. Faust picks the id of a send from
@@ -223,6 +308,8 @@ def build_app(config: EngineConfig, metrics: StageMetrics | None = None):
             tid = transactional_id(partition)
             async with gate, _all_or_exit(partition):
                 sink = _Collect()
+                for key in repairs.take(partition, store.home):  # first: a state this batch changes comes after
+                    await send(changelog, key, store[key], partition, None, None, transactional_id=tid)
                 live: dict[bytes, EntityState] = {}  # states this batch changed, parsed once, written once
                 started = time.perf_counter()
                 messages = [_Message(e.message) for e in batch]
@@ -264,7 +351,7 @@ def build_app(config: EngineConfig, metrics: StageMetrics | None = None):
         counts = door.counts
         heartbeat.beat(counts.valid + counts.invalid + counts.duplicates, force=True, engine="faust",
                        valid=counts.valid - refused[0], dlq=counts.invalid + refused[0],
-                       duplicates=counts.duplicates)
+                       duplicates=counts.duplicates, changelog_refused=repairs.refused)
         if metrics is not None:
             metrics.total(metrics.records_out.labels(spec.name, STAGE, spec.topics.features),
                           counts.valid - refused[0])

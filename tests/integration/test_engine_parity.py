@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 import redis
 
@@ -85,12 +86,80 @@ def test_fused_stage_matches_the_reference_and_scores_each_row_once(settings, st
         assert stored is not None and any(same_features(stored, r["features"]) for r in newest[key]), key
 
 
-def run_until(env: dict, part: str, done, what: str) -> None:
-    """`eddy run part` in a process of its own until done(), then SIGTERM (SIGKILL after 60 s)."""
+def test_faust_refuses_poison_on_its_changelog_at_restore_and_each_key_keeps_its_state(settings, stack_env,
+                                                                                        tmp_path):
+    """Between two runs of the Faust worker, pickled bytes and NaN written as a real card's state on every
+    partition of its table's changelog, and values that are not JSON under other keys. The restore refuses
+    each with its reason (nothing unpickled) where restoring one made the worker exit at the card's next
+    event, after every restart; the card keeps its last good state, so the second half's rows are the
+    reference's (windows reach across the restart), and that state is written again on its own partition,
+    where it is the latest record once more."""
+    from confluent_kafka import Producer
+
+    from features.windows import FeatureLogic
+    from tests.faults import pickle_trap
+    from tests.kafka_helpers import produce_all, read_committed
+    from tests.parity import check_resumed_rows, halves_with_a_resend, private_copy, reference_rows, valid_record
+
+    spec, spec_path = private_copy(settings, PIPELINES / "fraud.yaml", tmp_path / "fraud.yaml")
+    first, second = halves_with_a_resend(spec, seed=5)
+    expected = reference_rows(spec, first + second)
+    home = tmp_path / "home"
+    env = {**os.environ, **stack_env, **as_role(stack_env, "features"), "EDDY_PIPELINE": str(spec_path),
+           "EDDY_HOME": str(home)}
+    client = redis.Redis.from_url(settings.redis_url)
+    log = home / "logs" / "features-faust.log"
+    warning = "changelog records are not the engine's"
+
+    def seen(count: int):
+        return lambda: any(b["valid"] + b["dlq"] + b["duplicates"] == count for b in read_metrics(client, spec.name, STAGE))
+
+    produce_all(settings.kafka, spec.topics.source, first)
+    run_until(env, "features-faust", seen(len(first)), "the first half")
+    check_resumed_rows(reference_rows(spec, first), read_committed(settings.kafka, spec.topics.features,
+                                                                   len(reference_rows(spec, first)), idle_s=1.0))
+
+    changelog = f"{spec.stage_id(STAGE)}-entity-state-changelog"
+    card = str(next(r[spec.key] for _, v, _ in second if (r := valid_record(spec, v)) is not None)).encode()
+    marker = tmp_path / "unpickled"
+    producer = Producer(settings.kafka.client())
+    for partition in range(3):
+        for key, value in [(card, pickle_trap(marker)), (card, b'["x", NaN]'), (b"poison-card", b"short")]:
+            producer.produce(changelog, value, key, partition=partition)
+    assert producer.flush(30) == 0
+
+    def restored_then_second_half() -> None:  # produced once the restore is over: none of it meets the restore
+        wait_for(lambda: log.exists() and log.read_text().count(warning) == 3, 120, "the restore to refuse the poison")
+        produce_all(settings.kafka, spec.topics.source, second)
+
+    run_until(env, "features-faust", seen(len(second)), "the second half, the card's events in it",
+              restored_then_second_half)
+    text = log.read_text()
+    assert text.count(warning) == 3 and "JSONDecodeError" in text, text[-3000:]
+    assert not marker.exists(), "something unpickled a changelog record"
+    check_resumed_rows(expected, read_committed(settings.kafka, spec.topics.features, len(expected), idle_s=3.0))
+
+    rows = read_committed(settings.kafka, spec.topics.features, len(expected), idle_s=3.0)
+    check_resumed_rows(expected, rows)
+    [home_partition] = {m.partition() for m in rows if orjson.loads(m.value())[spec.key] == card.decode()}
+    latest = {(m.partition(), m.key()): m.value() for m in read_committed(settings.kafka, changelog, 10**9, timeout_s=10)}
+    FeatureLogic(spec).loads(latest[(home_partition, card)])  # its own partition's latest: a good state again
+    assert all(latest[(p, card)] == b'["x", NaN]' for p in range(3) if p != home_partition)  # the others untouched
+
+
+def run_until(env: dict, part: str, done, what: str, meanwhile=lambda: None) -> None:
+    """`eddy run part` in a process of its own, meanwhile() once it is started, until done(); then SIGTERM
+    (SIGKILL after 60 s)."""
     worker = subprocess.Popen([sys.executable, "-m", "deploy.cli", "run", part], env=env, cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def done_or_exited() -> bool:
+        if worker.poll() is not None:
+            pytest.fail(f"{part} exited with status {worker.returncode} before {what}")
+        return done()
+
     try:
-        wait_for(done, 180, what)
+        meanwhile()
+        wait_for(done_or_exited, 180, what)
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
