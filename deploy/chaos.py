@@ -76,6 +76,7 @@ FAULTS = {f.name: f for f in (
     Fault("writer", "SIGKILL of the online writer", _named("online-writer"), _kill),
     Fault("scorer", "SIGKILL of a scorer", _named("scorer-"), _kill),
     Fault("broker", "SIGKILL of the broker", _named("broker"), _kill),
+    Fault("controller", "SIGKILL of the lone broker's controller", _named("controller"), _kill),
     Fault("redis", "SIGKILL of Redis", _named("redis"), _kill),
     Fault("redis-pause", f"SIGSTOP of Redis for {PAUSE_S:.0f} s", _named("redis"), _pause, restarts=False),
 )}

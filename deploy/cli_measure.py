@@ -194,7 +194,8 @@ def chaos(
     minutes: Annotated[float, typer.Option("--minutes", help="how long the live stream runs")] = 10.0,
     rate: Annotated[int, typer.Option("--rate", help="events/s of the live stream")] = 500,
     every: Annotated[float, typer.Option("--every", help="seconds between faults, on average, after each recovery")] = 60.0,
-    faults: Annotated[str, typer.Option("--faults", help="comma separated, from: engine, writer, scorer, broker, redis, redis-pause")] = "engine,writer,scorer,broker,redis,redis-pause",
+    faults: Annotated[str, typer.Option("--faults", help="comma separated, from: engine, writer, scorer, broker, controller, redis, "
+                                                          "redis-pause")] = "engine,writer,scorer,broker,controller,redis,redis-pause",
     seed: Annotated[int, typer.Option("--seed", help="random seed of the fault sequence and the events")] = 0,
     out_file: Annotated[str | None, typer.Option("--out", help="write the JSON summary here")] = None,
     home: HomeOpt = None,

@@ -322,7 +322,7 @@ def test_three_brokers_one_killed_then_one_paused_lose_and_double_nothing(cluste
 
 # The broker case held only once the lone broker had a controller of its own: a combined broker and
 # controller, killed, split a committing transaction in some runs (docs/reliability.md).
-@pytest.mark.parametrize("service", ["redis", "broker"])
+@pytest.mark.parametrize("service", ["redis", "broker", "controller"])
 def test_a_service_killed_mid_stream_comes_back_and_nothing_is_lost_or_doubled(stack, service):
     env, settings, spec = stack
     pid = status(env)["parts"][service]["pid"]
