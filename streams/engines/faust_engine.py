@@ -158,9 +158,9 @@ class _Repairs:
     later restore. A state written for another feature layout is not poison but a changed spec: it is
     restored, and its first use says how to rebuild."""
 
-    def __init__(self, logic: FeatureLogic, changelog: str) -> None:
+    def __init__(self, logic: FeatureLogic) -> None:
         self.logic = logic
-        self.changelog = changelog
+        self.changelog = ""  # the table's changelog topic, named once the table exists
         self.pending: dict[int, dict[bytes, str]] = {}  # partition -> refused key -> reason
         self.reported: set[int] = set()
         self.refused = 0
@@ -280,7 +280,7 @@ def build_app(config: EngineConfig, metrics: StageMetrics | None = None):
     door = FrontDoor(spec, Deduper(redis_client(config.redis_url), spec.name), stage=STAGE)
     featurize = Featurizer(spec)
     logic, apply = featurize.logic, featurize.step.apply
-    repairs = _Repairs(logic, f"{config.app_id}-entity-state-changelog")
+    repairs = _Repairs(logic)
     states = _checked_table(app, "entity-state", repairs, default=None, partitions=config.partitions,
                             key_type=bytes, value_type=bytes)
     app.tables.add(states)
@@ -291,7 +291,7 @@ def build_app(config: EngineConfig, metrics: StageMetrics | None = None):
         # transaction; so every write here names the source partition's transaction itself.
         return f"{app.conf.id}-{app.assignor.group_for_topic(spec.topics.source)}-{partition}"
 
-    changelog = states.changelog_topic.get_topic_name()
+    changelog = repairs.changelog = states.changelog_topic.get_topic_name()
     gate = _CommitGate()
     refused = [0]  # valid records the apply step refused (dead-lettered)
     refusals: Tally[str] = Tally()  # ... by reason class
