@@ -33,14 +33,11 @@ from models.errors import (
     SpecMismatch,
 )
 from models.inputs import Normaliser
-from models.manifest import FORMAT, MANIFEST_FILE, Manifest, short
+from models.manifest import FORMAT, MANIFEST_FILE, MAX_MANIFEST_BYTES, MAX_WEIGHTS_BYTES, WEIGHTS_FILE, Manifest, short
 from models.modules import ScorerModule, build_model
 from models.scoring import LoadedModel
 from models.signing import SigningKey, TrustedKeys
 
-WEIGHTS_FILE = "model.safetensors"
-MAX_MANIFEST_BYTES = 1 << 20
-MAX_WEIGHTS_BYTES = 1 << 31
 MAX_HEADER_BYTES = 1 << 24
 # The dtypes eddy writes (and may write); anything else in a header is refused.
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "U8": 1}

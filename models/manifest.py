@@ -6,11 +6,14 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from features.spec import MODEL_KINDS as KINDS
 from models.errors import BadManifest
-from models.modules import KINDS
 
 FORMAT = "eddy-model/1"
 MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "model.safetensors"
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_WEIGHTS_BYTES = 1 << 31
 _SIGNATURE = re.compile(r"^ed25519:[0-9a-f]{16}:[0-9a-f]{128}$")
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 

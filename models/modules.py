@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from features.spec import MODEL_KINDS as KINDS
 from models.errors import ModelError
 
-KINDS = ("mlp", "sequence")
 DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": {"hidden": [64, 32], "dropout": 0.0},
     "sequence": {"hidden": 32, "layers": 1, "head": [32], "seq_len": 8, "dropout": 0.0},

@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from features.errors import EddyError
-from models.artifacts import MAX_MANIFEST_BYTES, MAX_WEIGHTS_BYTES, WEIGHTS_FILE
 from models.errors import UpdateRefused
-from models.manifest import MANIFEST_FILE
+from models.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, MAX_WEIGHTS_BYTES, WEIGHTS_FILE
 
 if TYPE_CHECKING:
     from pyarrow.fs import S3FileSystem

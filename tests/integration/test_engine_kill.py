@@ -27,10 +27,11 @@ LIVE_RATE, LIVE_EVENTS = 2_000, 6_000
 # An open defect of the Faust engine: after a restart, Faust hands a partition's records over while its
 # table is still being restored, and around the seek that ends the restore some records of the partition
 # are handed over twice or never (seen here: a second row, a row computed on an empty state, a record
-# skipped with the commit then stuck behind it, one event lost in CI). Kept running, reported as
-# XFAIL/XPASS, until the Faust path restarts reliably; the native and Flink engines hold.
-FAUST_RESTORE = pytest.mark.xfail(reason="open defect: Faust hands records over during its table restore",
-                                  strict=False)
+# skipped with the commit then stuck behind it, one event lost in CI). An expected failure that may pass
+# tells CI nothing, so this case is out of `make test` and fails plainly when run by hand, until the Faust
+# path restarts reliably: `pytest -m known_defect tests/integration/test_engine_kill.py`. The native and
+# Flink engines hold, in CI.
+FAUST_RESTORE = pytest.mark.known_defect
 
 
 @pytest.mark.parametrize(("engine", "stages", "guarantee"), [
