@@ -63,3 +63,13 @@ def test_run_takes_a_workers_index_0_for_the_stage(tmp_path, monkeypatch, name, 
     with pytest.raises(SystemExit) as done:
         cli.main(["run", name])
     assert done.value.code == 0 and ran == [runs]
+
+
+def test_the_cli_starts_without_torch_or_spark():
+    """`eddy status` and the other light commands import no torch (1.8 s of the 2.1 s `import deploy.cli`
+    took) and no pyspark: each command pulls in what it uses, inside it."""
+    probe = ("import sys, deploy.cli, deploy.stack; "
+             "print(sorted({'torch', 'pyspark', 'deltalake'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
