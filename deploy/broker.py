@@ -329,15 +329,14 @@ def ensure_broker(settings: Settings, table: ProcessTable) -> BrokerInfo:
     controller = launched = None
     if cluster.controller:
         root = _controller_root(settings.home)
-        controller = _kept_ports(root / "server.properties", taken, controller_up, ("CONTROLLER",))["CONTROLLER"]
+        quorum = controller = _kept_ports(root / "server.properties", taken, controller_up, ("CONTROLLER",))["CONTROLLER"]
         if not controller_up:
-            launched = _launch(full, table, CONTROLLER, root, _controller_properties(full, controller, root / "data", pki),
-                               cluster.cluster_id, f"127.0.0.1:{controller}", CONTROLLER_JVM_OPTS)
+            launched = _launch(full, table, CONTROLLER, root, _controller_properties(full, quorum, root / "data", pki),
+                               cluster.cluster_id, f"127.0.0.1:{quorum}", CONTROLLER_JVM_OPTS)
     # The brokers start beside the controller: each waits for the quorum by itself, so the two JVMs boot at once.
     started = [(n, _start_node(full, table, n, ports, binds[n], pki, cluster.cluster_id, controller))
                for n in nodes if n not in running]
-    if launched is not None and controller is not None:
-        quorum = controller
+    if launched is not None:
         controller_s = table.wait_healthy(launched, lambda: port_open("127.0.0.1", quorum), START_DEADLINE_S,
                                           "the Kafka controller")
     for n, record in started:
