@@ -1,7 +1,13 @@
 """The Faust feature engine: an agent per source partition over the shared front door and Featurizer.
 
 Entity state lives in a Faust table (changelog in Kafka) and the app runs with exactly-once processing,
-so outputs, DLQ records, state changes and offsets commit together; a killed worker loses nothing."""
+so outputs, DLQ records, state changes and offsets commit together; a killed worker loses nothing.
+
+Faust alone is not exactly once across a restart: it hands a partition's records over around the seek
+that ends a table restore, and some come twice or not at all (upstream faust-streaming #221 and #323). So
+the table also keeps, per source partition, the next offset its state covers (`_Positions`), committed in
+the same transaction as the rows: a batch waits for the restore to end, drops what its partition's
+position already covers, and reads a skipped stretch back from Kafka itself."""
 
 from __future__ import annotations
 
@@ -145,6 +151,64 @@ async def _all_or_exit(partition: int):
         os._exit(70 if not isinstance(exc, asyncio.CancelledError) else 0)
 
 
+POSITION = b"\x00eddy.position."  # + the source partition's number: a table key no entity has
+
+
+def position_key(partition: int) -> bytes:
+    return POSITION + str(partition).encode()
+
+
+class _Positions:
+    """Per source partition, the next source offset the table's state covers, kept in the table itself.
+
+    It is written with each batch's state, in the transaction that commits the batch's source offsets, so
+    after a restore it says exactly which records the restored state has seen, whatever Faust hands over:
+    - a record below the position was processed and committed already (Faust hands some over twice, around
+      the seek that ends a restore and at the end of a quiet partition): it is acked and dropped, its row
+      is out already;
+    - a record above it follows a stretch Faust skipped (its read offset had moved past it), or transaction
+      markers: the stretch is read back from the source with a consumer of our own, read_committed, and
+      processed before it, in the same transaction."""
+
+    def __init__(self, kafka: KafkaConfig, topic: str) -> None:
+        self.kafka = kafka
+        self.topic = topic
+        self.redelivered = 0  # records dropped because the position already covered them
+        self.recovered = 0  # skipped records read back from Kafka
+        self._consumer: Any = None  # a confluent_kafka.Consumer, made at the first stretch to read back
+
+    @staticmethod
+    def of(store, partition: int) -> int | None:
+        value = store.get(position_key(partition))
+        return None if value is None else int(value)
+
+    def skipped(self, partition: int, start: int, end: int) -> list:
+        """The committed source records of `partition` in [start, end), read from Kafka (blocking: run it in
+        a thread). Transaction markers fill the rest of such a stretch and come back as nothing."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        if self._consumer is None:
+            self._consumer = Consumer(self.kafka.client(**{
+                "group.id": f"eddy-faust-gaps-{os.getpid()}", "enable.auto.commit": False,
+                "isolation.level": "read_committed", "enable.partition.eof": True}))
+        consumer = self._consumer
+        consumer.assign([TopicPartition(self.topic, partition, start)])
+        out: list = []
+        deadline = time.monotonic() + 120
+        try:
+            while time.monotonic() < deadline:
+                for msg in consumer.consume(1000, 1.0):
+                    if msg.error() is not None:  # partition EOF: the batch's own record is not committed yet
+                        continue
+                    if msg.offset() >= end:
+                        return out
+                    out.append(msg)
+            raise TimeoutError(f"{self.topic}[{partition}]: offsets {start} to {end} could not be read back "
+                               "within 120 s")
+        finally:
+            consumer.unassign()
+
+
 class _Repairs:
     """The entity-state changelog records a restore refused, and the keys to write again.
 
@@ -165,7 +229,9 @@ class _Repairs:
         self.reported: set[int] = set()
         self.refused = 0
 
-    def reason(self, value: bytes) -> str | None:
+    def reason(self, key: bytes | None, value: bytes) -> str | None:
+        if key is not None and key.startswith(POSITION):
+            return None if value.isdigit() else "a source position that is not a number"
         try:
             self.logic.loads(value)
         except SpecError:
@@ -178,7 +244,7 @@ class _Repairs:
         """The changelog events of `batch` that restore: tombstones, and values the engine can read."""
         for event in batch:
             message = event.message
-            why = None if message.value is None else self.reason(message.value)
+            why = None if message.value is None else self.reason(message.key, message.value)
             if why is None:
                 yield event
                 continue
@@ -296,6 +362,56 @@ def build_app(config: EngineConfig, metrics: StageMetrics | None = None):
     refused = [0]  # valid records the apply step refused (dead-lettered)
     refusals: Tally[str] = Tally()  # ... by reason class
 
+    positions = _Positions(config.kafka, spec.topics.source)
+
+    async def restored(partition: int) -> None:
+        """Until the table's restore has ended and the streams are sought to their committed offsets (Faust
+        may hand records over before that, and the state they meet is then not the restored one)."""
+        recovery = app.tables.recovery  # type: ignore[attr-defined]  # faust.tables.Recovery (0.15.3, pinned)
+        rebalances = app.rebalancing_count
+        while app.in_recovery or not recovery.completed.is_set():
+            if app.rebalancing_count != rebalances:
+                # Faust's rebalance waits for this batch to be acked, and the batch for the restore that
+                # rebalance holds up: end the process without a commit instead, for supervision to restart
+                log.critical("a rebalance began while a batch of partition %d waited for the table's restore: "
+                             "exiting without a commit, to resume from the last committed offsets", partition)
+                logging.shutdown()
+                os._exit(70)
+            await asyncio.sleep(0.05)
+
+    async def unseen(batch, partition: int) -> list:
+        """The batch's records the table's state has not seen, in offset order, each as a streams.kafka.Record:
+        those Faust handed over again are dropped, and a stretch Faust skipped is read back from Kafka."""
+        expect = positions.of(states.data, partition)
+        if expect is None:  # a table from before positions were kept: from the batch's first record on
+            expect = batch[0].message.offset
+        out: list = []
+        again = 0
+        for event in batch:
+            message = event.message
+            if message.offset < expect:
+                again += 1
+                continue
+            if message.offset > expect:  # a skipped stretch, or transaction markers (they read back as nothing)
+                back = await asyncio.to_thread(positions.skipped, partition, expect, message.offset)
+                if back:
+                    positions.recovered += len(back)
+                    log.warning("%s[%d]: %d records at offsets %d to %d were skipped by Faust; read back from "
+                                "Kafka and processed in order", spec.topics.source, partition, len(back), expect,
+                                message.offset - 1)
+                    # Faust commits a partition only up to its first offset never acked: mark the stretch done
+                    # (Consumer._add_gap of faust-streaming 0.15.3, pinned)
+                    add_gap = app.consumer._add_gap  # type: ignore[attr-defined]
+                    await add_gap(message.tp, expect, message.offset - 1)
+                    out.extend(back)
+            out.append(_Message(message))
+            expect = message.offset + 1
+        if again:
+            positions.redelivered += again
+            log.warning("%s[%d]: %d records handed over again below the state's position; dropped, their rows "
+                        "are out already", spec.topics.source, partition, again)
+        return out
+
     # One actor per partition: state, output and dead letters of an event go to that event's partition,
     # in the transaction that commits its source offset.
     @app.agent(source, name="compute", isolated_partitions=True)
@@ -306,13 +422,14 @@ def build_app(config: EngineConfig, metrics: StageMetrics | None = None):
         async for batch in stream.take_events(config.batch_size, within=config.batch_wait_s):
             partition = batch[0].message.partition
             tid = transactional_id(partition)
+            await restored(partition)
             async with gate, _all_or_exit(partition):
                 sink = _Collect()
                 for key in repairs.take(partition, store.home):  # first: a state this batch changes comes after
                     await send(changelog, key, store[key], partition, None, None, transactional_id=tid)
                 live: dict[bytes, EntityState] = {}  # states this batch changed, parsed once, written once
                 started = time.perf_counter()
-                messages = [_Message(e.message) for e in batch]
+                messages = await unseen(batch, partition)
                 for msg, ev in door.admit(messages, sink):
                     key = ev.key.encode()
                     state = live.get(key)
@@ -335,6 +452,10 @@ def build_app(config: EngineConfig, metrics: StageMetrics | None = None):
                 for key, state in live.items():
                     store[key] = value = logic.dumps(state)
                     await send(changelog, key, value, partition, None, None, transactional_id=tid)
+                if messages:  # the state now covers the batch: in its transaction, with its offsets
+                    key, value = position_key(partition), str(messages[-1].offset() + 1).encode()
+                    store[key] = value
+                    await send(changelog, key, value, partition, None, None, transactional_id=tid)
                 for topic, letter_key, letter_value, headers in sink.items:
                     await send(topic, letter_key, letter_value, partition, None, headers, transactional_id=tid)
                 for event in batch:  # acked inside the gate, so the next commit covers the whole batch
@@ -351,7 +472,8 @@ def build_app(config: EngineConfig, metrics: StageMetrics | None = None):
         counts = door.counts
         heartbeat.beat(counts.valid + counts.invalid + counts.duplicates, force=True, engine="faust",
                        valid=counts.valid - refused[0], dlq=counts.invalid + refused[0],
-                       duplicates=counts.duplicates, changelog_refused=repairs.refused)
+                       duplicates=counts.duplicates, changelog_refused=repairs.refused,
+                       redelivered=positions.redelivered, read_back=positions.recovered)
         if metrics is not None:
             metrics.total(metrics.records_out.labels(spec.name, STAGE, spec.topics.features),
                           counts.valid - refused[0])
