@@ -190,7 +190,9 @@ class _Positions:
         if self._consumer is None:
             self._consumer = Consumer(self.kafka.client(**{
                 "group.id": f"eddy-faust-gaps-{os.getpid()}", "enable.auto.commit": False,
-                "isolation.level": "read_committed", "enable.partition.eof": True}))
+                "isolation.level": "read_committed", "enable.partition.eof": True,
+                # a stretch the topic's retention has deleted since: from the oldest record left, not the end
+                "auto.offset.reset": "earliest"}))
         consumer = self._consumer
         consumer.assign([TopicPartition(self.topic, partition, start)])
         out: list = []
