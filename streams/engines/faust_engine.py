@@ -128,29 +128,10 @@ class _CommitGate:
         commit = consumer.commit
 
         async def gated_commit(*args, **kwargs):
-            return await self.exclusive(lambda: _bounded(commit(*args, **kwargs)))
+            return await self.exclusive(lambda: commit(*args, **kwargs))
 
         consumer.commit = gated_commit
         consumer._eddy_gated = True
-
-
-COMMIT_TIMEOUT_S = 60.0  # as the native engine's transaction calls (streams/guards.py)
-
-
-async def _bounded(commit):
-    """Faust's commit, or the end of the process once it has taken COMMIT_TIMEOUT_S.
-
-    Once, after a restart under load, the first commit's transaction call hung for 5.4 minutes, and no
-    batch could run meanwhile (a commit holds the gate). Ending the process is safe at any point of a
-    commit: its transaction either went through or is aborted when the restarted worker takes the same
-    transactional ids, and the table's positions commit with the offsets, so nothing is lost or doubled."""
-    try:
-        return await asyncio.wait_for(commit, COMMIT_TIMEOUT_S)
-    except TimeoutError:
-        log.critical("a commit has taken over %.0f s (a transaction call hung): exiting, to resume from the last "
-                     "committed offsets", COMMIT_TIMEOUT_S)
-        logging.shutdown()
-        os._exit(70)
 
 
 @contextlib.asynccontextmanager
