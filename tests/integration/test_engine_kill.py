@@ -61,7 +61,7 @@ def test_kill_9_of_the_engine_mid_stream_changes_no_row(tmp_path, engine, stages
 
         # The supervisor brings it back by itself, and it resumes where the group committed.
         wait_for(lambda: status(env)["parts"][part]["restarts"] >= 1, 60, "the supervisor to restart it")
-        # Faust's first commit after a restart has once stalled for 5.4 min under load (docs/reliability.md)
+        # a Faust restart under a live stream has taken minutes to drain its lag (docs/reliability.md)
         wait_for(lambda: features_lag() == 0, 480 if engine == "faust" else 300, "the restarted worker to catch up")
         assert status(env)["parts"][part]["last_reason"] == "killed by SIGKILL"
 
