@@ -25,6 +25,7 @@ from features.windows import EntityState, FeatureLogic
 from streams.dedupe import Deduper
 from streams.dlq import dead_letter
 from streams.engines.config import STAGE, EngineConfig
+from streams.engines.native_state import replay_source
 from streams.featurize import Featurizer, arrival_ms
 from streams.frontdoor import FrontDoor
 from streams.kafka import KafkaConfig, wait_for_broker
@@ -167,15 +168,15 @@ class _Positions:
       the seek that ends a restore and at the end of a quiet partition): it is acked and dropped, its row
       is out already;
     - a record above it follows a stretch Faust skipped (its read offset had moved past it), or transaction
-      markers: the stretch is read back from the source with a consumer of our own, read_committed, and
-      processed before it, in the same transaction."""
+      markers: the stretch is read back from the source (read_committed, as the native engine replays its
+      source) and processed before it, in the same transaction."""
 
-    def __init__(self, kafka: KafkaConfig, topic: str) -> None:
+    def __init__(self, kafka: KafkaConfig, topic: str, group: str) -> None:
         self.kafka = kafka
         self.topic = topic
+        self.group = group  # the stage's own, which its ACL allows (assign() only: no group forms)
         self.redelivered = 0  # records dropped because the position already covered them
         self.recovered = 0  # skipped records read back from Kafka
-        self._consumer: Any = None  # a confluent_kafka.Consumer, made at the first stretch to read back
 
     @staticmethod
     def of(store, partition: int) -> int | None:
@@ -183,32 +184,11 @@ class _Positions:
         return None if value is None else int(value)
 
     def skipped(self, partition: int, start: int, end: int) -> list:
-        """The committed source records of `partition` in [start, end), read from Kafka (blocking: run it in
-        a thread). Transaction markers fill the rest of such a stretch and come back as nothing."""
-        from confluent_kafka import Consumer, TopicPartition
-
-        if self._consumer is None:
-            self._consumer = Consumer(self.kafka.client(**{
-                "group.id": f"eddy-faust-gaps-{os.getpid()}", "enable.auto.commit": False,
-                "isolation.level": "read_committed", "enable.partition.eof": True,
-                # a stretch the topic's retention has deleted since: from the oldest record left, not the end
-                "auto.offset.reset": "earliest"}))
-        consumer = self._consumer
-        consumer.assign([TopicPartition(self.topic, partition, start)])
+        """The committed source records of `partition` in [start, end), read back as the native engine
+        replays its source (blocking: run it in a thread). Transaction markers come back as nothing."""
         out: list = []
-        deadline = time.monotonic() + 120
-        try:
-            while time.monotonic() < deadline:
-                for msg in consumer.consume(1000, 1.0):
-                    if msg.error() is not None:  # partition EOF: the batch's own record is not committed yet
-                        continue
-                    if msg.offset() >= end:
-                        return out
-                    out.append(msg)
-            raise TimeoutError(f"{self.topic}[{partition}]: offsets {start} to {end} could not be read back "
-                               "within 120 s")
-        finally:
-            consumer.unassign()
+        replay_source(self.kafka, self.topic, {partition: (start, end)}, out.extend, self.group, timeout_s=120)
+        return out
 
 
 class _Repairs:
@@ -364,7 +344,7 @@ def build_app(config: EngineConfig, metrics: StageMetrics | None = None):
     refused = [0]  # valid records the apply step refused (dead-lettered)
     refusals: Tally[str] = Tally()  # ... by reason class
 
-    positions = _Positions(config.kafka, spec.topics.source)
+    positions = _Positions(config.kafka, spec.topics.source, config.app_id)
 
     async def restored(partition: int) -> None:
         """Until the table's restore has ended and the streams are sought to their committed offsets (Faust
